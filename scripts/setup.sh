@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Idempotent set-up: system packages (apt), the project's venv, and guest kernels in ~/.cache/vmsight.
+# Usage: scripts/setup.sh [--no-kernels]
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+need_apt=()
+for pkg in qemu-system-x86 busybox-static cpio bc flex bison libelf-dev libssl-dev make gcc xz-utils zstd; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need_apt+=("$pkg")
+done
+if ((${#need_apt[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing system packages: ${need_apt[*]}; run as root (apt-get install) or install them yourself" >&2
+    exit 1
+  fi
+  echo "setup: installing ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+py=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+fi
+stamp=.venv/.vmsight-deps
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+
+if [ "${1:-}" != "--no-kernels" ]; then
+  .venv/bin/python -m vmsight.qemu.kernels fetch debian-6.1 debian-6.12
+fi

@@ -1,0 +1,139 @@
+"""Guest-physical memory backends.
+
+Every backend implements :class:`PhysicalMemory` and refuses any byte outside the RAM layout, so MMIO
+(which QEMU really accesses, with side effects) and holes are never touched. Fastest first:
+
+* :class:`MappedRam`: mmap of the guest's shared RAM file (``memory-backend-file,share=on``): a live,
+  coherent view, zero-copy ``view()``.
+* :class:`ProcMemRam`: ``/proc/<qemu-pid>/mem`` at the host virtual address of each RAM block (root).
+* gdbstub physical mode (``vmsight.memory.gdbphys``), slow, always available when a stub is.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from typing import Protocol, runtime_checkable
+
+from vmsight.errors import PermissionDenied, PhysicalAddressError
+from vmsight.qemu.layout import RamLayout, RamRange
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class PhysicalMemory(Protocol):
+    """Read/write guest-physical memory. ``name`` says which backend this is."""
+
+    name: str
+    layout: RamLayout
+
+    def read_gpa(self, gpa: int, size: int) -> bytes: ...
+
+    def write_gpa(self, gpa: int, data: bytes) -> None: ...
+
+
+class BufferRam:
+    """Guest RAM held in a host buffer, indexed by RAM-block offset. Base of the mapped-file backend;
+    also used on its own by unit tests (a ``bytearray`` holding hand-built page tables)."""
+
+    name = "buffer"
+
+    def __init__(self, buf: bytearray | mmap.mmap | memoryview, layout: RamLayout | None = None) -> None:
+        self._buf = memoryview(buf)
+        if self._buf.ndim != 1 or self._buf.itemsize != 1:
+            self._buf = self._buf.cast("B")
+        self.layout = layout or RamLayout([RamRange(0, len(self._buf), 0, "buffer")])
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """Zero-copy view of [gpa, gpa+size); the range must sit inside one RAM range."""
+        r = self.layout.find(gpa)
+        if r is None or gpa + size > r.end:
+            raise PhysicalAddressError(gpa, size, "not inside one contiguous RAM range")
+        off = r.offset + (gpa - r.gpa)
+        return self._buf[off:off + size]
+
+    def read_gpa(self, gpa: int, size: int) -> bytes:
+        r = self.layout.find(gpa)
+        if r is not None and gpa + size <= r.end:  # fast path: one range
+            off = r.offset + (gpa - r.gpa)
+            return self._buf[off:off + size].tobytes()
+        return b"".join(self._buf[rr.offset + p - rr.gpa: rr.offset + p - rr.gpa + n].tobytes()
+                        for rr, p, n in self.layout.pieces(gpa, size))
+
+    def read_u64(self, gpa: int) -> int:
+        r = self.layout.find(gpa)
+        if r is None or gpa + 8 > r.end:
+            raise PhysicalAddressError(gpa, 8)
+        off = r.offset + (gpa - r.gpa)
+        return int.from_bytes(self._buf[off:off + 8], "little")
+
+    def write_gpa(self, gpa: int, data: bytes) -> None:
+        pos = 0
+        for rr, p, n in self.layout.pieces(gpa, len(data)):
+            off = rr.offset + p - rr.gpa
+            self._buf[off:off + n] = data[pos:pos + n]
+            pos += n
+
+
+class MappedRam(BufferRam):
+    """The guest's RAM file (``/dev/shm/...`` or a memfd) mapped shared into this process.
+
+    All RAM ranges must belong to the one block the file backs; the file offset is the block offset."""
+
+    name = "mapped-ram-file"
+
+    def __init__(self, path: str, layout: RamLayout, writable: bool = True) -> None:
+        try:
+            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        except PermissionError as e:
+            raise PermissionDenied(f"cannot open guest RAM file {path}: {e.strerror}; run as root "
+                                   "or as the user that started QEMU") from e
+        try:
+            size = os.fstat(fd).st_size
+            need = max((r.offset + r.size for r in layout), default=0)
+            if size < need:
+                raise PhysicalAddressError(0, need, f"beyond the RAM file {path} ({size:#x} bytes)")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+        finally:
+            os.close(fd)
+        super().__init__(self._mmap, layout)
+        self.path = path
+
+    def close(self) -> None:
+        self._buf.release()
+        self._mmap.close()
+
+
+class ProcMemRam:
+    """``/proc/<qemu-pid>/mem`` at each RAM block's host virtual address (from HMP ``gpa2hva``)."""
+
+    name = "proc-pid-mem"
+
+    def __init__(self, qemu_pid: int, layout: RamLayout, hva_of_range: dict[int, int]) -> None:
+        """``hva_of_range`` maps each range's gpa to the host virtual address of its first byte."""
+        self.layout = layout
+        self._hva = hva_of_range
+        path = f"/proc/{qemu_pid}/mem"
+        try:
+            self._fd = os.open(path, os.O_RDWR)
+        except PermissionError as e:
+            raise PermissionDenied(f"cannot open {path}: {e.strerror}; run as root (ptrace access to QEMU "
+                                   "is needed) or give QEMU a shared RAM file") from e
+
+    def _hva_of(self, rr: RamRange, gpa: int) -> int:
+        return self._hva[rr.gpa] + (gpa - rr.gpa)
+
+    def read_gpa(self, gpa: int, size: int) -> bytes:
+        return b"".join(os.pread(self._fd, n, self._hva_of(rr, p)) for rr, p, n in self.layout.pieces(gpa, size))
+
+    def write_gpa(self, gpa: int, data: bytes) -> None:
+        pos = 0
+        for rr, p, n in self.layout.pieces(gpa, len(data)):
+            os.pwrite(self._fd, data[pos:pos + n], self._hva_of(rr, p))
+            pos += n
+
+    def close(self) -> None:
+        os.close(self._fd)
