@@ -95,11 +95,9 @@ class RamLayout:
 def parse_mtree(text: str) -> RamLayout:
     """Parse ``info mtree -f`` output; only the ``memory`` (system) address space view counts."""
     ranges: list[RamRange] = []
+    roms: list[RamRange] = []
     in_system = False
     for line in text.splitlines():
-        if line.startswith("FlatView") or line.startswith("AS \""):
-            # A flat view lists the address spaces it serves: ' AS "memory", root: system'.
-            pass
         if line.startswith(" AS \"") or line.startswith("AS \""):
             if '"memory"' in line or '"cpu-memory-0"' in line:
                 in_system = True
@@ -112,12 +110,16 @@ def parse_mtree(text: str) -> RamLayout:
         if not in_system:
             continue
         m = _MTREE_LINE.match(line)
-        if not m or m.group("kind").strip() != "ram":
+        if not m or m.group("kind").strip() not in ("ram", "rom"):
             continue
         start, end = int(m.group("start"), 16), int(m.group("end"), 16)
         offset = int(m.group("offset"), 16) if m.group("offset") else 0
-        ranges.append(RamRange(start, end - start + 1, offset, m.group("name")))
-    return RamLayout(_merge(ranges))
+        r = RamRange(start, end - start + 1, offset, m.group("name"))
+        (ranges if m.group("kind").strip() == "ram" else roms).append(r)
+    # Shadowed BIOS areas are "rom" views of the RAM block itself: plain memory, no device behind them.
+    # Separate ROM blocks (pc.bios) are left out.
+    blocks = {r.block for r in ranges}
+    return RamLayout(_merge(ranges + [r for r in roms if r.block in blocks]))
 
 
 def _merge(ranges: list[RamRange]) -> list[RamRange]:

@@ -1,0 +1,367 @@
+"""The target object: a running QEMU VM attached through QMP, its gdbstub and its RAM.
+
+``attach(target)`` accepts a ``vmsight vm launch`` directory or a QMP socket path. It finds the QEMU
+process, parses the RAM layout and picks the fastest physical-memory backend it can use, saying which
+(``VM.backend``). The VM keeps running unless the caller pauses it (``with vm.paused(): ...``);
+translation caches are dropped whenever it resumes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmsight.errors import GdbStubError, PermissionDenied, TargetError, VmsightError
+from vmsight.memory.gdbphys import GdbPhysRam
+from vmsight.memory.paging import Translation, la57_from_cr4, translate
+from vmsight.memory.physical import MappedRam, PhysicalMemory, ProcMemRam
+from vmsight.memory.virtual import AddressSpace
+from vmsight.qemu.layout import RamLayout, parse_mtree
+from vmsight.qemu.qmp import Qmp
+from vmsight.qemu.rsp import GdbStub
+
+log = logging.getLogger(__name__)
+
+# Registers vmsight exposes by default (gdbstub names); x87/SSE state is available via registers(all=True).
+CORE_REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12",
+                  "r13", "r14", "r15", "rip", "eflags", "cs", "ss", "ds", "es", "fs", "gs", "fs_base",
+                  "gs_base", "k_gs_base", "cr0", "cr2", "cr3", "cr4", "cr8", "efer")
+
+
+@dataclass(frozen=True)
+class Vcpu:
+    index: int          # QEMU cpu-index
+    thread_id: int      # host thread id of the vCPU
+    gdb_thread: str     # gdbstub thread id, e.g. "p1.2"
+
+
+class VM:
+    """An attached VM. Create with :func:`attach`."""
+
+    def __init__(self, qmp: Qmp, *, gdb_address: str | None, ram_file: str | None, directory: str | None,
+                 backend: str = "auto", writable: bool = True) -> None:
+        self.qmp = qmp
+        self.directory = directory
+        self._gdb_address = gdb_address
+        self._gdb: GdbStub | None = None
+        self._lock = threading.RLock()
+        self._pause_depth = 0
+        self._resume_on_exit = False
+        self._spaces: dict[tuple[int, bool], AddressSpace] = {}
+        cpus = qmp.execute("query-cpus-fast")
+        if not cpus:
+            raise TargetError("QMP reports no vCPUs")
+        self.pid = _tgid(int(cpus[0]["thread-id"]))
+        self._cpus = cpus
+        self.layout: RamLayout = parse_mtree(qmp.hmp("info mtree -f"))
+        if not len(self.layout):
+            raise TargetError("no RAM found in `info mtree -f`")
+        self.phys: PhysicalMemory = self._pick_backend(backend, ram_file, writable)
+        self.backend = self.phys.name
+        log.info("attached to QEMU pid %d: %d MiB RAM in %d ranges, backend %s", self.pid,
+                 self.layout.total_bytes >> 20, len(self.layout), self.backend)
+
+    # --- backends ------------------------------------------------------------------------------------
+
+    def _pick_backend(self, backend: str, ram_file: str | None, writable: bool) -> PhysicalMemory:
+        why: list[str] = []
+        if backend in ("auto", "mapped-ram-file"):
+            path = ram_file or self._shared_ram_file()
+            if path:
+                try:
+                    return MappedRam(path, self.layout, writable=writable)
+                except VmsightError as e:
+                    why.append(str(e))
+            else:
+                why.append("no shared memory-backend-file (add -object memory-backend-file,...,share=on "
+                           "-machine memory-backend=ID)")
+        if backend in ("auto", "proc-pid-mem"):
+            try:
+                hvas = {r.gpa: self._gpa2hva(r.gpa) for r in self.layout}
+                return ProcMemRam(self.pid, self.layout, hvas)
+            except VmsightError as e:
+                why.append(str(e))
+        if backend in ("auto", "gdbstub-physical"):
+            return GdbPhysRam(self.stopped_stub, self.layout)
+        raise TargetError(f"physical-memory backend {backend!r} is not available: {'; '.join(why)}")
+
+    def _shared_ram_file(self) -> str | None:
+        blocks = {r.block for r in self.layout}
+        if len(blocks) != 1:
+            return None
+        block = blocks.pop()
+        try:
+            if not self.qmp.execute("qom-get", path=f"/objects/{block}", property="share"):
+                return None
+            path = str(self.qmp.execute("qom-get", path=f"/objects/{block}", property="mem-path"))
+        except VmsightError:
+            return None
+        return path if os.path.exists(path) else None
+
+    def _gpa2hva(self, gpa: int) -> int:
+        out = self.qmp.hmp(f"gpa2hva {gpa:#x}")
+        m = re.search(r"is (0x[0-9a-f]+)", out)
+        if not m:
+            raise TargetError(f"gpa2hva {gpa:#x} failed: {out.strip()}")
+        return int(m.group(1), 16)
+
+    # --- run control ---------------------------------------------------------------------------------
+
+    def status(self) -> str:
+        return self.qmp.status()
+
+    def pause(self) -> None:
+        with self._lock:
+            if self.status() == "running":
+                self.qmp.execute("stop")
+                self._drain_gdb_stop()
+
+    def resume(self) -> None:
+        with self._lock:
+            self.invalidate()
+            if self.status() != "running":
+                self.qmp.execute("cont")
+
+    @contextmanager
+    def paused(self) -> Iterator[VM]:
+        """Keep the VM stopped inside the block; resume afterwards only if it was running before."""
+        with self._lock:
+            if self._pause_depth == 0:
+                self._resume_on_exit = self.status() == "running"
+                if self._resume_on_exit:
+                    self.qmp.execute("stop")
+                    self._drain_gdb_stop()
+            self._pause_depth += 1
+            try:
+                yield self
+            finally:
+                self._pause_depth -= 1
+                if self._pause_depth == 0 and self._resume_on_exit:
+                    self.invalidate()
+                    self.qmp.execute("cont")
+
+    def _drain_gdb_stop(self) -> None:
+        # A QMP stop pushes a T02 stop reply to a connected gdb client; consume it so replies stay in step.
+        if self._gdb is not None:
+            try:
+                self._gdb.wait_stop(0.05)
+            except TimeoutError:
+                pass
+
+    @property
+    def gdb(self) -> GdbStub:
+        """The gdbstub connection (made on first use; a stub is added through HMP when QEMU had no -gdb)."""
+        with self._lock:
+            if self._gdb is None:
+                with self.paused():  # connecting to a running VM would stop it behind our back
+                    self._gdb = self._connect_gdb()
+            return self._gdb
+
+    def _connect_gdb(self) -> GdbStub:
+        addr = self._gdb_address
+        if addr is None or (not addr.startswith("tcp:") and not os.path.exists(addr)):
+            base = self.directory or f"/tmp/vmsight-{self.pid}"
+            os.makedirs(base, exist_ok=True)
+            addr = os.path.join(base, "gdb-runtime.sock")
+            out = self.qmp.hmp(f"gdbserver unix:{addr},server=on,wait=off")
+            if "duplicate" in out or "ould not" in out:
+                raise GdbStubError(f"cannot add a gdbstub at runtime ({out.strip()}); QEMU was started with "
+                                   "-gdb: pass its socket (vm.json 'gdb', or attach(..., gdb=PATH))")
+            self._gdb_address = addr
+        return GdbStub(addr)
+
+    @contextmanager
+    def stopped_stub(self) -> Iterator[GdbStub]:
+        with self.paused():
+            yield self.gdb
+
+    def close(self) -> None:
+        """Detach from the gdbstub (VM left as it was) and close QMP. Idempotent."""
+        with self._lock:
+            if self._gdb is not None:
+                was_running = self.status() == "running"
+                if was_running:  # a packet to a running VM would stop it: stop first, D;1 resumes
+                    self.qmp.execute("stop")
+                    self._drain_gdb_stop()
+                try:
+                    self._gdb.detach()
+                except VmsightError:
+                    self._gdb.close()
+                self._gdb = None
+                if not was_running and self.status() == "running":
+                    self.qmp.execute("stop")  # detach resumes; keep a paused VM paused
+            close = getattr(self.phys, "close", None)
+            if close:
+                close()
+            self.qmp.close()
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- vCPUs and registers -------------------------------------------------------------------------
+
+    def vcpus(self) -> list[Vcpu]:
+        return [Vcpu(int(c["cpu-index"]), int(c["thread-id"]), f"p1.{int(c['cpu-index']) + 1:x}")
+                for c in self._cpus]
+
+    def _vcpu(self, index: int) -> Vcpu:
+        for v in self.vcpus():
+            if v.index == index:
+                return v
+        raise VmsightError(f"no vCPU {index}: this VM has vCPUs {[v.index for v in self.vcpus()]}")
+
+    def registers(self, vcpu: int = 0, *, all: bool = False) -> dict[str, int]:  # noqa: A002
+        """Registers of one vCPU (gdbstub ``g``; the VM is paused for the read)."""
+        v = self._vcpu(vcpu)
+        with self.stopped_stub() as stub:
+            stub.select_thread(v.gdb_thread)
+            regs = stub.read_all_registers()
+        return regs if all else {k: regs[k] for k in CORE_REGISTERS if k in regs}
+
+    def set_register(self, vcpu: int, name: str, value: int) -> None:
+        """Write one register (explicit request only: vmsight never writes registers on its own)."""
+        v = self._vcpu(vcpu)
+        with self.stopped_stub() as stub:
+            stub.select_thread(v.gdb_thread)
+            stub.write_register(name, value)
+        self.invalidate()
+
+    def hmp_registers(self, vcpu: int = 0) -> dict[str, int]:
+        """Registers the gdbstub does not expose (GDTR, IDTR, LDTR, TR, DR0-7) and the rest, from HMP."""
+        self._vcpu(vcpu)
+        return parse_info_registers(self.qmp.hmp("info registers -a"), vcpu)
+
+    # --- memory --------------------------------------------------------------------------------------
+
+    def read_gpa(self, gpa: int, size: int) -> bytes:
+        return self.phys.read_gpa(gpa, size)
+
+    def write_gpa(self, gpa: int, data: bytes) -> None:
+        """Write guest-physical memory (explicit request only)."""
+        self.phys.write_gpa(gpa, data)
+
+    def address_space(self, dtb: int, *, la57: bool | None = None) -> AddressSpace:
+        """The address space rooted at ``dtb`` (a CR3 value; PCID/no-flush bits are masked)."""
+        if la57 is None:
+            la57 = self.la57
+        key = (dtb, la57)
+        sp = self._spaces.get(key)
+        if sp is None:
+            sp = self._spaces[key] = AddressSpace(self.phys, dtb, la57=la57)
+        return sp
+
+    @property
+    def la57(self) -> bool:
+        if not hasattr(self, "_la57"):
+            self._la57 = la57_from_cr4(self.registers(0)["cr4"])
+        return self._la57
+
+    def current_dtb(self, vcpu: int = 0) -> int:
+        return self.registers(vcpu)["cr3"]
+
+    def translate(self, gva: int, dtb: int | None = None) -> Translation:
+        return translate(self.phys, self.current_dtb() if dtb is None else dtb, gva, la57=self.la57)
+
+    def read_gva(self, gva: int, size: int, dtb: int | None = None) -> bytes:
+        return self.address_space(self.current_dtb() if dtb is None else dtb).read(gva, size)
+
+    def write_gva(self, gva: int, data: bytes, dtb: int | None = None) -> None:
+        """Write guest-virtual memory (explicit request only)."""
+        self.address_space(self.current_dtb() if dtb is None else dtb).write(gva, data)
+
+    def invalidate(self) -> None:
+        """Drop translation caches (done automatically on resume)."""
+        for sp in self._spaces.values():
+            sp.invalidate()
+
+
+_REG = re.compile(r"\b([A-Z][A-Z0-9]*)\s*=\s*([0-9a-fA-F]+)")
+_SEG = re.compile(r"^(ES|CS|SS|DS|FS|GS|LDT|TR)\s*=\s*([0-9a-f]+) ([0-9a-f]+) ([0-9a-f]+) ([0-9a-f]+)", re.M)
+_TBL = re.compile(r"^(GDT|IDT)\s*=\s*([0-9a-f]+) ([0-9a-f]+)", re.M)
+
+
+def parse_info_registers(text: str, vcpu: int) -> dict[str, int]:
+    """Parse one CPU's block of HMP ``info registers -a`` into lower-case names (gdbstub naming where
+    both exist: eflags, cs, fs_base, ...)."""
+    blocks = re.split(r"^CPU#(\d+)\s*$", text, flags=re.M)
+    body = None
+    for i in range(1, len(blocks) - 1, 2):
+        if int(blocks[i]) == vcpu:
+            body = blocks[i + 1]
+    if body is None:
+        body = text if vcpu == 0 and "CPU#" not in text else None
+    if body is None:
+        raise VmsightError(f"HMP `info registers -a` has no CPU#{vcpu}")
+    out: dict[str, int] = {}
+    for line in body.splitlines():
+        if _SEG.match(line) or _TBL.match(line) or line.startswith(("XMM", "FPR")):
+            continue  # vector/x87 state: use registers(all=True) from the gdbstub
+        for name, val in _REG.findall(line):
+            out[{"RFL": "eflags"}.get(name, name.lower())] = int(val, 16)
+    for m in _SEG.finditer(body):
+        n = m.group(1).lower()
+        if n in ("ldt", "tr"):
+            out[n] = int(m.group(2), 16)
+            out[f"{n}_base"] = int(m.group(3), 16)
+        else:
+            out[n] = int(m.group(2), 16)
+            out[f"{n}_base_hmp"] = int(m.group(3), 16)
+    for m in _TBL.finditer(body):
+        out[f"{m.group(1).lower()}r_base"] = int(m.group(2), 16)
+        out[f"{m.group(1).lower()}r_limit"] = int(m.group(3), 16)
+    return out
+
+
+def _tgid(tid: int) -> int:
+    try:
+        for line in Path(f"/proc/{tid}/status").read_text().splitlines():
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    raise TargetError(f"vCPU thread {tid} is not visible in /proc: QEMU runs on another host or in another "
+                      "pid namespace; attach from QEMU's host")
+
+
+def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, backend: str = "auto",
+           writable: bool = True) -> VM:
+    """Attach to a VM: ``target`` is a ``vmsight vm launch`` directory or a QMP socket path."""
+    directory = None
+    p = Path(target)
+    if p.is_dir():
+        info_path = p / "vm.json"
+        if not info_path.is_file():
+            raise TargetError(f"{target} is a directory without vm.json: pass a `vmsight vm launch` directory "
+                              "or a QMP socket")
+        info: dict[str, Any] = json.loads(info_path.read_text())
+        directory = str(p)
+        qmp_path = str(info["qmp"])
+        gdb = gdb or info.get("gdb")
+        ram_file = ram_file or info.get("ram_file")
+    elif p.exists() and stat.S_ISSOCK(p.stat().st_mode):
+        qmp_path = str(p)
+    elif not p.exists():
+        raise TargetError(f"{target} does not exist: pass a `vmsight vm launch` directory or a QMP socket")
+    else:
+        raise TargetError(f"{target} is neither a directory nor a socket")
+    qmp = Qmp(qmp_path)
+    try:
+        return VM(qmp, gdb_address=gdb, ram_file=ram_file, directory=directory, backend=backend,
+                  writable=writable)
+    except BaseException:
+        qmp.close()
+        raise
+
+
+__all__ = ["VM", "Vcpu", "attach", "parse_info_registers", "PermissionDenied"]
