@@ -1,0 +1,56 @@
+"""Shared fixtures: real QEMU guests (session-scoped: one boot per kernel per configuration).
+
+Tests that need something this machine lacks skip with a reason; with VMSIGHT_REQUIRE_ALL=1 (CI) such a
+skip becomes a failure, so a missing install step cannot hide behind a green run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmsight.qemu.kernels import cached_kernel
+from vmsight.qemu.launch import LaunchConfig, VmInstance, launch
+from vmsight.vm import VM, attach
+
+KERNELS = ("debian-6.1", "debian-6.12")
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip (or fail under VMSIGHT_REQUIRE_ALL=1) unless ``condition``."""
+    if condition:
+        return
+    if os.environ.get("VMSIGHT_REQUIRE_ALL") == "1":
+        pytest.fail(f"required capability missing: {reason}")
+    pytest.skip(reason)
+
+
+def _boot(tmp_path_factory: pytest.TempPathFactory, kernel: str, **kw: object) -> Iterator[VmInstance]:
+    need(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 not installed (scripts/setup.sh)")
+    need(cached_kernel(kernel) is not None, f"kernel {kernel} not cached (scripts/setup.sh fetches it)")
+    d = tmp_path_factory.mktemp(f"vm-{kernel}")
+    cfg = LaunchConfig(kernel=kernel, smp=2, **kw)  # type: ignore[arg-type]
+    with launch(cfg, d) as inst:
+        yield inst
+
+
+@pytest.fixture(scope="session", params=KERNELS)
+def guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmInstance]:
+    """A running guest (2 vCPUs, KASLR on) per Debian kernel; the guest agent gives ground truth."""
+    yield from _boot(tmp_path_factory, request.param)
+
+
+@pytest.fixture()
+def vm(guest: VmInstance) -> Iterator[VM]:
+    """vmsight attached to ``guest``; detached (VM left running) after the test."""
+    with attach(guest.dir) as v:
+        yield v
+    assert guest.alive()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
