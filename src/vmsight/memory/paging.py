@@ -1,0 +1,585 @@
+"""x86-64 guest page-table walking (4-level and 5-level paging), table-driven.
+
+A walk reports every entry it read (:class:`PagingEntry`), so callers see the accessed (bit 5) and dirty
+(bit 6) bits that idle tracking needs. Page tables live in untrusted guest memory: every walk is bounded
+by construction (at most 5 levels for :func:`translate`, a table budget for :func:`walk_range`), and an
+entry that points outside guest RAM raises :class:`BadPageTable` instead of reading somewhere else.
+
+Levels are numbered like the SDM: 5 = PML5, 4 = PML4, 3 = PDPT, 2 = PD, 1 = PT.
+
+Linux-specific decoding of non-present entries (x86-64, since the L1TF mitigations, v4.19 and stable):
+
+* swap entry (``arch/x86/include/asm/pgtable_64.h``): type in bits 59-63, the *inverted* offset in bits
+  9-58 (commit 2f22b4cd4576 "x86/speculation/l1tf: Protect swap entries against L1TF"), bit 1 soft-dirty,
+  bit 2 uffd-wp, bit 3 anon-exclusive. Migration, hwpoison, device-private and PTE-marker entries use the
+  same format with a type >= MAX_SWAPFILES (config dependent), so they surface as :class:`PageSwapped` too.
+* PROT_NONE (``_PAGE_PROTNONE``, bit 8 with P clear): present to Linux, not to the MMU; its PFN is inverted
+  (commit 6b28baca9b1f "x86/speculation/l1tf: Protect PROT_NONE PTEs against speculation").
+* ``pte_none`` ignores A and D (``_PAGE_KNL_ERRATUM_MASK``: Knights Landing sets them on non-present PTEs).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from vmsight.errors import (
+    CorruptData,
+    NonCanonicalAddress,
+    PageSwapped,
+    PhysicalAddressError,
+    TranslationFault,
+)
+from vmsight.memory.physical import PhysicalMemory
+
+log = logging.getLogger(__name__)
+
+# --- entry bits (names follow arch/x86/include/asm/pgtable_types.h) ---------------------------------------
+PAGE_PRESENT = 1 << 0
+PAGE_RW = 1 << 1
+PAGE_USER = 1 << 2
+PAGE_PWT = 1 << 3
+PAGE_PCD = 1 << 4
+PAGE_ACCESSED = 1 << 5
+PAGE_DIRTY = 1 << 6
+PAGE_PSE = 1 << 7            # PS at PDPT/PD; at a PTE the same bit is PAT
+PAGE_GLOBAL = 1 << 8
+PAGE_PROTNONE = PAGE_GLOBAL  # only meaningful when P is clear
+PAGE_NX = 1 << 63
+PAGE_KNL_ERRATUM_MASK = PAGE_DIRTY | PAGE_ACCESSED
+
+PTE_ADDR_MASK = 0x000FFFFFFFFFF000       # next table / 4 KiB frame (bits 12-51)
+PMD_PAGE_MASK = 0x000FFFFFFFE00000       # 2 MiB frame
+PUD_PAGE_MASK = 0x000FFFFFC0000000       # 1 GiB frame
+PAGE_SIZE_4K = 1 << 12
+PAGE_SIZE_2M = 1 << 21
+PAGE_SIZE_1G = 1 << 30
+_U64 = (1 << 64) - 1
+
+# Reserved low bits of large-page entries (bit 12 is PAT there): the MMU faults with RSVD if they are set.
+_RSVD_2M = 0x1FE000                      # bits 13-20
+_RSVD_1G = 0x3FFFE000                    # bits 13-29
+
+# --- swap entries (arch/x86/include/asm/pgtable_64.h, post-L1TF) ------------------------------------------
+SWP_TYPE_BITS = 5
+SWP_OFFSET_FIRST_BIT = 9                 # _PAGE_BIT_PROTNONE + 1
+SWP_OFFSET_SHIFT = SWP_OFFSET_FIRST_BIT + SWP_TYPE_BITS
+PAGE_SWP_SOFT_DIRTY = PAGE_RW
+PAGE_SWP_UFFD_WP = PAGE_USER
+PAGE_SWP_EXCLUSIVE = PAGE_PWT
+
+CR4_LA57 = 1 << 12
+CR3_NOFLUSH = 1 << 63
+CR3_PTI_USER = 1 << 12                   # PTI: the user PGD is the kernel PGD + 4 KiB
+
+# (level, shift of the index) from the top; table-driven so 4- and 5-level share one loop.
+_LEVELS_4: tuple[tuple[int, int], ...] = ((4, 39), (3, 30), (2, 21), (1, 12))
+_LEVELS_5: tuple[tuple[int, int], ...] = ((5, 48), *_LEVELS_4)
+_LEVEL_NAMES = {5: "PML5", 4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
+
+
+def swp_type(pte: int) -> int:
+    """``__swp_type``: the swap type (bits 59-63) of a non-present, non-PROT_NONE entry."""
+    return (pte & _U64) >> (64 - SWP_TYPE_BITS)
+
+
+def swp_offset(pte: int) -> int:
+    """``__swp_offset``: ``~pte << SWP_TYPE_BITS >> SWP_OFFSET_SHIFT`` on an unsigned 64-bit value."""
+    return ((~pte << SWP_TYPE_BITS) & _U64) >> SWP_OFFSET_SHIFT
+
+
+def pte_none(pte: int) -> bool:
+    """Linux ``pte_none``: zero apart from the A/D bits some CPUs set on non-present entries."""
+    return not (pte & ~PAGE_KNL_ERRATUM_MASK)
+
+
+def dtb_from_cr3(cr3: int) -> int:
+    """Top-level table gpa from a CR3 value: drops PCID/PWT/PCD (bits 0-11), the no-flush bit 63 and LAM
+    bits 61-62."""
+    return cr3 & PTE_ADDR_MASK
+
+
+def kernel_pgd(cr3: int) -> int:
+    """PTI: the kernel half of the 8 KiB PGD pair, whichever half CR3 currently holds."""
+    return cr3 & ~0x1FFF & PTE_ADDR_MASK
+
+
+def user_pgd(cr3: int) -> int:
+    """PTI: the user PGD (kernel PGD + 4 KiB); kernel addresses are mostly unmapped in it."""
+    return kernel_pgd(cr3) + PAGE_SIZE_4K
+
+
+def la57_from_cr4(cr4: int) -> bool:
+    """True when CR4.LA57 (bit 12) selects 5-level paging."""
+    return bool(cr4 & CR4_LA57)
+
+
+def is_canonical(gva: int, *, la57: bool = False) -> bool:
+    bits = 57 if la57 else 48
+    top = gva >> (bits - 1)
+    return top == 0 or top == (1 << (65 - bits)) - 1
+
+
+# --- errors specific to the walk ----------------------------------------------------------------------
+
+class BadPageTable(TranslationFault):
+    """A page-table entry is malformed: it points to a table outside guest RAM, or has reserved bits set.
+    ``level`` is the level of the offending entry (``top + 1`` when CR3/dtb itself points outside RAM,
+    then ``entry`` is the dtb); ``table_gpa`` is where the next table would have been."""
+
+    def __init__(self, gva: int, level: int, entry: int, table_gpa: int, reason: str) -> None:
+        super().__init__(gva, level, entry, reason)
+        self.table_gpa = table_gpa
+
+
+class PageProtNone(TranslationFault):
+    """The entry is PROT_NONE (``mprotect(PROT_NONE)`` or a NUMA-hinting fault): Linux treats the page as
+    present and resident, the MMU does not. ``gpa`` is the frame the entry still holds (``-1`` if its
+    frame is not in guest RAM with either the L1TF-inverted or the plain encoding)."""
+
+    prot_none = True
+
+    def __init__(self, gva: int, level: int, entry: int, gpa: int) -> None:
+        super().__init__(gva, level, entry, f"is PROT_NONE (present to Linux, frame {gpa:#x}, not to the MMU)")
+        self.gpa = gpa
+
+
+# --- results ------------------------------------------------------------------------------------------
+
+class PagingEntry(NamedTuple):
+    """One page-table entry read during a walk: ``value`` was read at ``entry_gpa`` at ``level``."""
+
+    level: int
+    entry_gpa: int
+    value: int
+
+    @property
+    def present(self) -> bool:
+        return bool(self.value & PAGE_PRESENT)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.value & PAGE_RW)
+
+    @property
+    def user(self) -> bool:
+        return bool(self.value & PAGE_USER)
+
+    @property
+    def accessed(self) -> bool:
+        return bool(self.value & PAGE_ACCESSED)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.value & PAGE_DIRTY)
+
+    @property
+    def ps(self) -> bool:
+        """PS (bit 7): a 1 GiB page at level 3, a 2 MiB page at level 2. At level 1 the bit is PAT."""
+        return self.level in (2, 3) and bool(self.value & PAGE_PSE)
+
+    @property
+    def global_(self) -> bool:
+        return bool(self.value & PAGE_GLOBAL)
+
+    @property
+    def nx(self) -> bool:
+        return bool(self.value & PAGE_NX)
+
+    @property
+    def prot_none(self) -> bool:
+        return not self.value & PAGE_PRESENT and bool(self.value & PAGE_PROTNONE) and self.level <= 2
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.level == 1 or self.ps
+
+    @property
+    def page_size(self) -> int:
+        """Size of what this entry maps if it is a leaf."""
+        if self.level == 1 or not self.ps:
+            return PAGE_SIZE_4K
+        return PAGE_SIZE_2M if self.level == 2 else PAGE_SIZE_1G
+
+    @property
+    def frame_gpa(self) -> int:
+        """The next table's gpa, or the page frame for a leaf (large-page masks applied)."""
+        if self.ps:
+            return self.value & (PMD_PAGE_MASK if self.level == 2 else PUD_PAGE_MASK)
+        return self.value & PTE_ADDR_MASK
+
+    @property
+    def name(self) -> str:
+        return _LEVEL_NAMES.get(self.level, f"L{self.level}")
+
+
+class Translation(NamedTuple):
+    """``gva`` maps to ``gpa`` inside a page of ``page_size`` bytes; ``entries`` is the walk, top first."""
+
+    gva: int
+    gpa: int
+    page_size: int
+    entries: tuple[PagingEntry, ...]
+
+    @property
+    def leaf(self) -> PagingEntry:
+        return self.entries[-1]
+
+    @property
+    def page_gpa(self) -> int:
+        return self.gpa & ~(self.page_size - 1)
+
+    @property
+    def writable(self) -> bool:
+        """Writable at every level (CR0.WP semantics for user and kernel)."""
+        return all(e.value & PAGE_RW for e in self.entries)
+
+    @property
+    def user(self) -> bool:
+        return all(e.value & PAGE_USER for e in self.entries)
+
+    @property
+    def nx(self) -> bool:
+        return any(e.value & PAGE_NX for e in self.entries)
+
+    @property
+    def accessed(self) -> bool:
+        return bool(self.entries[-1].value & PAGE_ACCESSED)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.entries[-1].value & PAGE_DIRTY)
+
+    @property
+    def global_(self) -> bool:
+        return bool(self.entries[-1].value & PAGE_GLOBAL)
+
+
+class LeafMapping(NamedTuple):
+    """One leaf found by :func:`walk_range`. ``gva`` is the page's first address (it may lie below the range
+    start for a large page), ``gpa`` its frame, or ``-1`` for a non-present entry (swap, migration) whose
+    frame is unknown. ``pte_value`` was read at ``pte_gpa`` (a PTE, or a PMD/PUD for large pages)."""
+
+    gva: int
+    gpa: int
+    page_size: int
+    pte_value: int
+    pte_gpa: int
+
+    @property
+    def present(self) -> bool:
+        return bool(self.pte_value & PAGE_PRESENT)
+
+    @property
+    def accessed(self) -> bool:
+        return bool(self.pte_value & PAGE_PRESENT) and bool(self.pte_value & PAGE_ACCESSED)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.pte_value & PAGE_PRESENT) and bool(self.pte_value & PAGE_DIRTY)
+
+    @property
+    def writable(self) -> bool:
+        """The leaf's RW bit (upper levels are not considered here)."""
+        return bool(self.pte_value & PAGE_RW)
+
+    @property
+    def prot_none(self) -> bool:
+        return not self.pte_value & PAGE_PRESENT and bool(self.pte_value & PAGE_PROTNONE)
+
+    @property
+    def swapped(self) -> bool:
+        """A Linux swap-format entry (swap, or migration/hwpoison/device/marker with a high type)."""
+        v = self.pte_value
+        return not v & PAGE_PRESENT and not v & PAGE_PROTNONE and not pte_none(v) and not (
+            self.page_size != PAGE_SIZE_4K and v & PAGE_PSE)
+
+    @property
+    def swap_type(self) -> int:
+        return swp_type(self.pte_value)
+
+    @property
+    def swap_offset(self) -> int:
+        return swp_offset(self.pte_value)
+
+
+# --- single-address walk ------------------------------------------------------------------------------
+
+def _reader(mem: PhysicalMemory) -> Callable[[int], int]:
+    """``mem.read_u64`` when the backend has it (the hot path), else an 8-byte ``read_gpa``."""
+    ru64: Callable[[int], int] | None = getattr(mem, "read_u64", None)
+    if ru64 is not None:
+        return ru64
+    read_gpa = mem.read_gpa
+
+    def read_u64(gpa: int) -> int:
+        return int.from_bytes(read_gpa(gpa, 8), "little")
+
+    return read_u64
+
+
+def _in_ram(mem: PhysicalMemory, gpa: int) -> bool:
+    return mem.layout.find(gpa) is not None
+
+
+def _prot_none_gpa(mem: PhysicalMemory, value: int, mask: int) -> int:
+    """Frame of a PROT_NONE entry: inverted since L1TF (commit 6b28baca9b1f); plain on older kernels."""
+    inverted = ~value & mask
+    if _in_ram(mem, inverted):
+        return inverted
+    plain = value & mask
+    return plain if _in_ram(mem, plain) else -1
+
+
+def _not_present(mem: PhysicalMemory, gva: int, level: int, value: int) -> TranslationFault:
+    """The exception for a non-present entry at ``level``, decoded the Linux way for PTEs and PMDs."""
+    if level <= 2 and not pte_none(value):
+        if value & PAGE_PROTNONE:
+            mask = PTE_ADDR_MASK if level == 1 else PMD_PAGE_MASK
+            return PageProtNone(gva, level, value, _prot_none_gpa(mem, value, mask))
+        if level == 2 and value & PAGE_PSE:
+            # pmdp_invalidate() clears P on a huge PMD while it is split or changed.
+            return TranslationFault(gva, level, value, "not present (huge page being invalidated)")
+        # A PMD holds swap-format entries only for THP migration (bit 7 is kept clear in them).
+        return PageSwapped(gva, level, value, swp_type(value), swp_offset(value))
+    return TranslationFault(gva, level, value)
+
+
+def _walk(mem: PhysicalMemory, dtb: int, gva: int, la57: bool) -> tuple[int, int, list[tuple[int, int, int]]]:
+    """Walk for ``gva``; returns (gpa, page_size, [(level, entry_gpa, value), ...]). Raises on any fault."""
+    if la57:
+        levels, bits = _LEVELS_5, 57
+    else:
+        levels, bits = _LEVELS_4, 48
+    top = gva >> (bits - 1)
+    if top != 0 and top != (1 << (65 - bits)) - 1:
+        raise NonCanonicalAddress(gva, bits)
+    ru64 = _reader(mem)
+    table = dtb & PTE_ADDR_MASK
+    parent_level, parent = levels[0][0] + 1, dtb & _U64
+    walked: list[tuple[int, int, int]] = []
+    for level, shift in levels:
+        entry_gpa = table | (((gva >> shift) & 0x1FF) << 3)
+        try:
+            value = ru64(entry_gpa)
+        except PhysicalAddressError:
+            raise BadPageTable(gva, parent_level, parent, table,
+                               f"points to a level-{level} table at gpa {table:#x} outside guest RAM") from None
+        walked.append((level, entry_gpa, value))
+        if not value & PAGE_PRESENT:
+            raise _not_present(mem, gva, level, value)
+        if value & PAGE_PSE and level != 1:
+            if level == 2:
+                if value & _RSVD_2M:
+                    raise BadPageTable(gva, level, value, -1, "is a 2 MiB page with reserved bits 13-20 set")
+                return (value & PMD_PAGE_MASK) | (gva & (PAGE_SIZE_2M - 1)), PAGE_SIZE_2M, walked
+            if level == 3:
+                if value & _RSVD_1G:
+                    raise BadPageTable(gva, level, value, -1, "is a 1 GiB page with reserved bits 13-29 set")
+                return (value & PUD_PAGE_MASK) | (gva & (PAGE_SIZE_1G - 1)), PAGE_SIZE_1G, walked
+            raise BadPageTable(gva, level, value, -1, f"has the reserved PS bit set at level {level}")
+        parent_level, parent = level, value
+        table = value & PTE_ADDR_MASK
+    return table | (gva & 0xFFF), PAGE_SIZE_4K, walked
+
+
+def translate(mem: PhysicalMemory, dtb: int, gva: int, *, la57: bool = False) -> Translation:
+    """Translate ``gva`` through the page tables whose top level is at ``dtb`` (a CR3 value is fine:
+    PCID and bit 63 are masked).
+
+    Raises :class:`~vmsight.errors.NonCanonicalAddress`, :class:`~vmsight.errors.TranslationFault`
+    (entry not present; ``.level``/``.entry`` say where), :class:`~vmsight.errors.PageSwapped` (Linux swap
+    entry), :class:`PageProtNone`, :class:`BadPageTable` (table outside RAM, reserved bits)."""
+    gpa, size, walked = _walk(mem, dtb, gva, la57)
+    return Translation(gva, gpa, size, tuple(map(PagingEntry._make, walked)))
+
+
+def gva_to_gpa(mem: PhysicalMemory, dtb: int, gva: int, *, la57: bool = False) -> int:
+    """Like :func:`translate` but returns only the gpa (no entry objects built)."""
+    return _walk(mem, dtb, gva, la57)[0]
+
+
+# --- bulk walk ----------------------------------------------------------------------------------------
+
+class _Budget:
+    __slots__ = ("left", "limit", "dtb")
+
+    def __init__(self, limit: int, dtb: int) -> None:
+        self.left = limit
+        self.limit = limit
+        self.dtb = dtb
+
+
+def walk_range(mem: PhysicalMemory, dtb: int, start_gva: int, end_gva: int, *, la57: bool = False,
+               include_nonpresent: bool = False, max_tables: int = 1 << 16,
+               strict: bool = False) -> Iterator[LeafMapping]:
+    """Yield a :class:`LeafMapping` for every present page overlapping [start_gva, end_gva), in address
+    order. Non-present upper-level entries skip their whole span; each table is read as one 4 KiB block.
+
+    ``include_nonpresent``: also yield non-present but non-none PTEs/PMDs (swap, migration, PROT_NONE);
+    their ``gpa`` is -1, or the frame for PROT_NONE. The non-canonical hole is skipped.
+
+    Untrusted tables: at most ``max_tables`` tables are read (then :class:`~vmsight.errors.CorruptData`);
+    an entry pointing outside RAM or with reserved bits is skipped with a warning, or raises
+    :class:`BadPageTable` when ``strict``. The guest may change tables during the walk: pause it for a
+    consistent picture."""
+    if la57:
+        bits, top = 57, 5
+    else:
+        bits, top = 48, 4
+    half = 1 << (bits - 1)
+    upper = (1 << 64) - half                      # first canonical upper-half gva
+    dtb &= _U64
+    budget = _Budget(max_tables, dtb)
+    for seg_lo, seg_hi, gva_bias in ((0, half, 0), (upper, 1 << 64, upper - half)):
+        lo, hi = max(start_gva, seg_lo), min(end_gva, seg_hi)
+        if lo >= hi:
+            continue
+        # Linear (un-sign-extended) index space: lin = gva - gva_bias.
+        yield from _walk_table(mem, dtb & PTE_ADDR_MASK, top, 0, lo - gva_bias, hi - gva_bias, gva_bias,
+                               include_nonpresent, budget, strict, top + 1, dtb)
+
+
+def _bad(strict: bool, gva: int, level: int, entry: int, table_gpa: int, reason: str) -> None:
+    if strict:
+        raise BadPageTable(gva, level, entry, table_gpa, reason)
+    log.warning("skipping gva %#x: level-%d entry %#018x %s", gva, level, entry, reason)
+
+
+def _walk_table(mem: PhysicalMemory, table_gpa: int, level: int, base: int, lo: int, hi: int, bias: int,
+                nonpresent: bool, budget: _Budget, strict: bool, parent_level: int,
+                parent: int) -> Iterator[LeafMapping]:
+    """Entries of the level-``level`` table at ``table_gpa`` covering linear [lo, hi); ``base`` is the
+    linear address of its entry 0. Recursion depth is at most the number of levels."""
+    if budget.left <= 0:
+        raise CorruptData(f"page-table walk read more than {budget.limit} tables (dtb {budget.dtb:#x})",
+                          table_gpa)
+    budget.left -= 1
+    try:
+        raw = mem.read_gpa(table_gpa, PAGE_SIZE_4K)
+    except PhysicalAddressError:
+        _bad(strict, base + bias, parent_level, parent, table_gpa,
+             f"points to a level-{level} table at gpa {table_gpa:#x} outside guest RAM")
+        return
+    shift = 12 + 9 * (level - 1)
+    span = 1 << shift
+    i0 = max(0, (lo - base) >> shift)
+    i1 = min(512, ((hi - 1 - base) >> shift) + 1)
+    if i0 >= i1:
+        return
+    arr = np.frombuffer(raw, dtype="<u8")[i0:i1]
+    if nonpresent and level <= 2:
+        idx = np.flatnonzero(arr & np.uint64(~PAGE_KNL_ERRATUM_MASK & _U64))
+    else:
+        idx = np.flatnonzero(arr & np.uint64(PAGE_PRESENT))
+    if not len(idx):
+        return
+    values = arr[idx].tolist()
+    if level == 1:
+        # Hot loop: one LeafMapping per 4 KiB page.
+        first_gva = base + bias + (i0 << 12)
+        first_egpa = table_gpa + (i0 << 3)
+        for i, v in zip(idx.tolist(), values, strict=True):
+            if v & PAGE_PRESENT:
+                gpa = v & PTE_ADDR_MASK
+            elif v & PAGE_PROTNONE:
+                gpa = _prot_none_gpa(mem, v, PTE_ADDR_MASK)
+            else:
+                gpa = -1
+            yield LeafMapping(first_gva + (i << 12), gpa, PAGE_SIZE_4K, v, first_egpa + (i << 3))
+        return
+    for i, v in zip(idx.tolist(), values, strict=True):
+        j = i0 + i
+        lin = base + j * span
+        entry_gpa = table_gpa + (j << 3)
+        if not v & PAGE_PRESENT:               # only reached with nonpresent at level 2
+            gpa = _prot_none_gpa(mem, v, PMD_PAGE_MASK) if v & PAGE_PROTNONE else -1
+            yield LeafMapping(lin + bias, gpa, span, v, entry_gpa)
+            continue
+        if v & PAGE_PSE:
+            if level == 2 and not v & _RSVD_2M:
+                yield LeafMapping(lin + bias, v & PMD_PAGE_MASK, span, v, entry_gpa)
+            elif level == 3 and not v & _RSVD_1G:
+                yield LeafMapping(lin + bias, v & PUD_PAGE_MASK, span, v, entry_gpa)
+            else:
+                _bad(strict, lin + bias, level, v, -1, f"has reserved bits set (PS at level {level})")
+            continue
+        yield from _walk_table(mem, v & PTE_ADDR_MASK, level - 1, lin, max(lo, lin), min(hi, lin + span),
+                               bias, nonpresent, budget, strict, level, v)
+
+
+# --- accessed-bit harvesting --------------------------------------------------------------------------
+
+def clear_accessed(mem: PhysicalMemory, pte_gpas: Sequence[int], expected: Sequence[int] | None = None,
+                   *, max_retries: int = 8) -> list[bool]:
+    """Test-and-clear the Accessed bit (5) of the leaf entries at ``pte_gpas``; returns, per entry, whether
+    it was present with A set and was cleared (``ptep_test_and_clear_young`` semantics, without the flush).
+
+    Not atomic: Python has no atomic and-not on guest RAM, so while the guest runs, a D bit (or any other
+    change) the MMU writes between our compare and our store is lost. The store is a compare-then-write of
+    the whole entry, retried when the entry changed since it was read; this narrows the window to a few
+    hundred ns but does not close it: pause the guest for exact results (and because a PTE page could be
+    freed and reused between the walk and this call). Pass ``expected`` (the ``pte_value`` from
+    :func:`walk_range`) to leave alone entries whose frame or flags changed apart from A/D since.
+
+    Entries that are not present (swap, PROT_NONE) are never written. On the guest's own TLB: a cleared
+    bit is set again only when the vCPU re-walks the tables (see FIELD-NOTES, "Accessed bits under TCG")."""
+    if expected is not None and len(expected) != len(pte_gpas):
+        raise ValueError("expected must have one value per pte gpa")
+    view = getattr(mem, "view", None) if sys.byteorder == "little" else None
+    tables: dict[int, memoryview] = {}
+    keep = ~(PAGE_ACCESSED | PAGE_DIRTY) & _U64
+    out: list[bool] = []
+    try:
+        for n, pte_gpa in enumerate(pte_gpas):
+            want = None if expected is None else expected[n] & keep
+            cleared = False
+            if view is not None and not pte_gpa & 7:
+                # Aligned 8-byte item stores through a 'Q' view: never torn, unlike a byte-wise copy.
+                page = pte_gpa & ~0xFFF
+                q = tables.get(page)
+                if q is None:
+                    q = tables[page] = view(page, PAGE_SIZE_4K).cast("Q")
+                i = (pte_gpa & 0xFFF) >> 3
+                for _ in range(max_retries):
+                    old = q[i]
+                    if not old & PAGE_PRESENT or not old & PAGE_ACCESSED or (
+                            want is not None and old & keep != want):
+                        break
+                    if q[i] == old:               # compare ...
+                        q[i] = old & ~PAGE_ACCESSED  # ... then store
+                        cleared = True
+                        break
+                else:
+                    log.warning("pte at gpa %#x kept changing; A bit left set", pte_gpa)
+            else:
+                cleared = _clear_accessed_slow(mem, pte_gpa, want, keep, max_retries)
+            out.append(cleared)
+    finally:
+        for q in tables.values():
+            q.release()
+    return out
+
+
+def _clear_accessed_slow(mem: PhysicalMemory, pte_gpa: int, want: int | None, keep: int, retries: int) -> bool:
+    ru64 = _reader(mem)
+    for _ in range(retries):
+        old = ru64(pte_gpa)
+        if not old & PAGE_PRESENT or not old & PAGE_ACCESSED or (want is not None and old & keep != want):
+            return False
+        if ru64(pte_gpa) == old:
+            mem.write_gpa(pte_gpa, (old & ~PAGE_ACCESSED).to_bytes(8, "little"))
+            return True
+    log.warning("pte at gpa %#x kept changing; A bit left set", pte_gpa)
+    return False
+
+
+__all__ = [
+    "BadPageTable", "LeafMapping", "PageProtNone", "PagingEntry", "Translation", "clear_accessed",
+    "dtb_from_cr3", "gva_to_gpa", "is_canonical", "kernel_pgd", "la57_from_cr4", "pte_none", "swp_offset",
+    "swp_type", "translate", "user_pgd", "walk_range",
+]
