@@ -20,6 +20,8 @@ from vmsight.errors import VmsightError
 COMMANDS: list[str] = [
     "vmsight.cli.demo",
     "vmsight.cli.vm",
+    "vmsight.cli.vm_exec",
+    "vmsight.cli.vm_stop",
     "vmsight.cli.regs",
     "vmsight.cli.read_phys",
     "vmsight.cli.read_virt",

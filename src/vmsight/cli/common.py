@@ -1,0 +1,30 @@
+"""Helpers shared by CLI commands: target attach, JSON output, hexdump."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from vmsight.cli.main import require_vm
+from vmsight.vm import VM, attach
+
+
+def open_vm(args: argparse.Namespace) -> VM:
+    return attach(require_vm(args))
+
+
+def emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=None if isinstance(obj, dict) and len(obj) < 4 else 2)
+    sys.stdout.write("\n")
+
+
+def hexdump(data: bytes, base: int) -> str:
+    lines = []
+    for i in range(0, len(data), 16):
+        chunk = data[i:i + 16]
+        hx = " ".join(f"{b:02x}" for b in chunk)
+        asc = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append(f"{base + i:016x}  {hx:<47}  |{asc}|")
+    return "\n".join(lines)

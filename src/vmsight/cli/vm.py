@@ -1,0 +1,41 @@
+"""``vmsight vm launch|exec|stop``: throwaway test/demo guests."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vmsight.qemu.launch import LaunchConfig, launch
+
+NAME = "vm launch"
+HELP = "start a guest and return when its agent answers"
+GROUP_HELP = "launch, run commands in, and stop test guests"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", default="debian-6.12", help="debian-6.1 | debian-6.12 | path to a bzImage")
+    p.add_argument("--initrd", help="initramfs (default: vmsight's busybox agent initramfs)")
+    p.add_argument("--memory", default="256M")
+    p.add_argument("--smp", type=int, default=1)
+    p.add_argument("--append", default="", help="extra kernel command line")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--host-root", action="store_true", help="share the host's / read-only over 9p")
+    p.add_argument("--dir", required=True, help="directory for vm.json, sockets and logs")
+    p.add_argument("--detach", action="store_true", help="leave the VM running after this command returns")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = LaunchConfig(kernel=args.kernel, initrd=args.initrd, memory=args.memory, smp=args.smp,
+                       append=args.append, accel=args.accel, host_root=args.host_root)
+    vm = launch(cfg, args.dir, detach=args.detach)
+    print(f"VM running: pid {vm.pid}, {vm.accel}, kernel {vm.kernel}; --vm {vm.dir}", file=sys.stderr)
+    if args.detach:
+        return 0
+    try:
+        print("press Ctrl-C to stop it", file=sys.stderr)
+        vm._proc.wait() if vm._proc else None  # noqa: SLF001
+    except KeyboardInterrupt:
+        pass
+    finally:
+        vm.stop()
+    return 0
