@@ -1,0 +1,148 @@
+"""What every idle backend shares: the interface, pagemap scanning, and building snapshot segments."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from vmsight.idle.abi import (
+    PAGEMAP_ENTRY,
+    PM_FILE,
+    PM_MMAP_EXCLUSIVE,
+    PM_PRESENT,
+    PM_SOFT_DIRTY,
+    PM_SWAP,
+    U64,
+    WORD_BITS,
+    has,
+    pagemap_pfn,
+    pagemap_swap,
+)
+from vmsight.idle.errors import ProcessGone
+from vmsight.idle.kfiles import KernelFiles
+from vmsight.idle.procfs import Process
+from vmsight.idle.result import STATE_DTYPE, IdleSegment, PageState
+
+log = logging.getLogger(__name__)
+
+VfnRange = tuple[int, int]      # [start_vfn, end_vfn)
+PAGEMAP_CHUNK = 1 << 16         # entries per pagemap pread (512 KiB)
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """Why a backend cannot run: ``option`` names the kernel option or capability to fix it."""
+
+    reason: str
+    option: str = ""
+    permission: bool = False
+
+
+class Backend:
+    """Interface of an idle backend. ``granularity``: "page", "region" or "vma"."""
+
+    name = "?"
+    granularity = "page"
+    approximate = False
+    option = ""
+
+    @classmethod
+    def probe(cls, proc: KernelFiles, sysfs: KernelFiles, pid: int) -> Unavailable | None:
+        """None if the backend can run here, else why not. Must not write anything."""
+        raise NotImplementedError
+
+    def __init__(self, process: Process, proc: KernelFiles, sysfs: KernelFiles) -> None:
+        self.process = process
+        self.proc = proc
+        self.sysfs = sysfs
+        self.warnings: list[str] = []
+
+    def lock_name(self) -> str:
+        return self.name
+
+    def mark(self, ranges: list[VfnRange]) -> None:
+        raise NotImplementedError
+
+    def read(self, ranges: list[VfnRange]) -> tuple[list[IdleSegment], dict[str, object]]:
+        """Per-page data for ``ranges`` and backend extras (``usage``, ``regions``, ``warnings``...)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def read_pagemap(proc: KernelFiles, process: Process, start_vfn: int, end_vfn: int) -> U64:
+    """Pagemap entries of [start_vfn, end_vfn). A short read means the mm is gone (the process exited):
+    raises ProcessGone."""
+    rel = f"{process.pid}/pagemap"
+    n = end_vfn - start_vfn
+    out = np.empty(n, np.uint64)
+    done = 0
+    while done < n:
+        count = min(PAGEMAP_CHUNK, n - done)
+        try:
+            data = proc.pread(rel, (start_vfn + done) * PAGEMAP_ENTRY, count * PAGEMAP_ENTRY)
+        except FileNotFoundError:
+            data = b""
+        if len(data) != count * PAGEMAP_ENTRY:
+            process.check_alive("pagemap read")
+            raise ProcessGone(process.pid, f"pagemap read at vfn {start_vfn + done:#x} (short read)")
+        out[done:done + count] = np.frombuffer(data, dtype=np.uint64)
+        done += count
+    return out
+
+
+def base_state(entries: U64) -> np.ndarray:
+    """PageState bits that pagemap alone tells (PRESENT, SWAPPED, FILE, EXCLUSIVE, SOFT_DIRTY)."""
+    st = np.zeros(len(entries), STATE_DTYPE)
+    present = has(entries, PM_PRESENT)
+    st |= np.where(present, np.uint16(PageState.PRESENT), np.uint16(0)).astype(STATE_DTYPE)
+    st |= np.where(has(entries, PM_SWAP) & ~present, np.uint16(PageState.SWAPPED), np.uint16(0)).astype(STATE_DTYPE)
+    st |= np.where(has(entries, PM_FILE), np.uint16(PageState.FILE), np.uint16(0)).astype(STATE_DTYPE)
+    st |= np.where(has(entries, PM_MMAP_EXCLUSIVE), np.uint16(PageState.EXCLUSIVE), np.uint16(0)).astype(STATE_DTYPE)
+    st |= np.where(has(entries, PM_SOFT_DIRTY), np.uint16(PageState.SOFT_DIRTY), np.uint16(0)).astype(STATE_DTYPE)
+    return st
+
+
+def segments_for(ranges: list[VfnRange]) -> list[IdleSegment]:
+    """Empty word-aligned segments covering ``ranges`` (ranges that share or touch a word share a segment)."""
+    spans: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        a = lo // WORD_BITS * WORD_BITS
+        b = -(-hi // WORD_BITS) * WORD_BITS
+        if spans and a <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], b)
+        else:
+            spans.append([a, b])
+    return [IdleSegment.empty(a, b - a) for a, b in spans]
+
+
+def fill(segments: list[IdleSegment], lo: int, hi: int, state: np.ndarray, idle: np.ndarray,
+         entries: U64 | None = None, pfn: U64 | None = None) -> None:
+    """Write per-page data of [lo, hi) into the segment holding it."""
+    for s in segments:
+        if s.start_vfn <= lo and hi <= s.end_vfn:
+            a, b = lo - s.start_vfn, hi - s.start_vfn
+            s.state[a:b] = state
+            bits = s.idle_pages()
+            bits[a:b] = idle
+            s.set_idle(bits)
+            if entries is not None:
+                stype, soff = pagemap_swap(entries)
+                s.swap_type[a:b] = stype
+                s.swap_offset[a:b] = soff
+            if pfn is not None:
+                s.pfn[a:b] = pfn
+            return
+    raise ValueError(f"no segment holds vfn range {lo:#x}-{hi:#x}")
+
+
+def now_ns() -> int:
+    return time.monotonic_ns()
+
+
+__all__ = ["Backend", "Unavailable", "VfnRange", "read_pagemap", "base_state", "segments_for", "fill",
+           "pagemap_pfn", "now_ns"]
