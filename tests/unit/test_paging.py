@@ -351,7 +351,7 @@ def test_backend_without_read_u64() -> None:
 
     pt = PageTables()
     pt.map(USER_GVA, 0x5000)
-    assert translate(Plain(pt.mem), pt.root, USER_GVA + 4).gpa == 0x5004  # type: ignore[arg-type]
+    assert translate(Plain(pt.mem), pt.root, USER_GVA + 4).gpa == 0x5004
 
 
 # --- walk_range ---------------------------------------------------------------------------------------
@@ -469,7 +469,7 @@ def test_clear_accessed(fast: bool) -> None:
     g_2m = pt.map(0x20_0000, 0x40_0000, MB2, flags=P | RW | A)
     mem = pt.mem if fast else _NoView(pt.mem)
     before = {g: pt.get(g) for g in (g_ad, g_a, g_idle, g_swap, g_2m)}
-    res = clear_accessed(mem, [g_ad, g_a, g_idle, g_swap, g_2m])  # type: ignore[arg-type]
+    res = clear_accessed(mem, [g_ad, g_a, g_idle, g_swap, g_2m])
     assert res == [True, True, False, False, True]
     assert pt.get(g_ad) == before[g_ad] & ~A and pt.get(g_ad) & D      # D survives
     assert pt.get(g_a) == before[g_a] & ~A
@@ -488,7 +488,7 @@ def test_clear_accessed_respects_expected(fast: bool) -> None:
     pt.put(g2, 0x9000 | P | RW | US | A)      # remapped since the walk: must be left alone
     pt.put(g1, pt.get(g1) | D)                 # only D changed: still the same mapping
     mem = pt.mem if fast else _NoView(pt.mem)
-    assert clear_accessed(mem, [g1, g2], seen) == [True, False]  # type: ignore[arg-type]
+    assert clear_accessed(mem, [g1, g2], seen) == [True, False]
     assert pt.get(g1) & D and not pt.get(g1) & A
     assert pt.get(g2) & A
 
@@ -509,7 +509,7 @@ def test_clear_accessed_retries_when_entry_changes() -> None:
                 return data
             return self.inner.read_gpa(gpa, size)
 
-    assert clear_accessed(Racy(pt.mem), [g]) == [True]  # type: ignore[arg-type]
+    assert clear_accessed(Racy(pt.mem), [g]) == [True]
     assert pt.get(g) & D and not pt.get(g) & A
     assert Racy.reads >= 3
 

@@ -21,7 +21,9 @@ Linux-specific decoding of non-present entries (x86-64, since the L1TF mitigatio
 from __future__ import annotations
 
 import logging
+import struct
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -34,7 +36,7 @@ from vmsight.errors import (
     PhysicalAddressError,
     TranslationFault,
 )
-from vmsight.memory.physical import PhysicalMemory
+from vmsight.memory.physical import BufferRam, PhysicalMemory
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ CR3_PTI_USER = 1 << 12                   # PTI: the user PGD is the kernel PGD +
 # (level, shift of the index) from the top; table-driven so 4- and 5-level share one loop.
 _LEVELS_4: tuple[tuple[int, int], ...] = ((4, 39), (3, 30), (2, 21), (1, 12))
 _LEVELS_5: tuple[tuple[int, int], ...] = ((5, 48), *_LEVELS_4)
+_IDX_SHIFTS_4 = tuple((level, shift - 3) for level, shift in _LEVELS_4)
+_IDX_SHIFTS_5 = tuple((level, shift - 3) for level, shift in _LEVELS_5)
 _LEVEL_NAMES = {5: "PML5", 4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
 
 
@@ -309,17 +313,80 @@ class LeafMapping(NamedTuple):
 
 # --- single-address walk ------------------------------------------------------------------------------
 
-def _reader(mem: PhysicalMemory) -> Callable[[int], int]:
-    """``mem.read_u64`` when the backend has it (the hot path), else an 8-byte ``read_gpa``."""
-    ru64: Callable[[int], int] | None = getattr(mem, "read_u64", None)
-    if ru64 is not None:
-        return ru64
+_Q = struct.Struct("<Q")
+_READERS: weakref.WeakKeyDictionary[object, tuple[Callable[[int], int], Callable[[int, int], bytes]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def fast_readers(mem: PhysicalMemory) -> tuple[Callable[[int], int], Callable[[int, int], bytes]]:
+    """``(read_u64(gpa), read(gpa, size))`` for ``mem``, as fast as the backend allows; cached per backend.
+
+    For a :class:`~vmsight.memory.physical.BufferRam` (and :class:`MappedRam`) that does not override its
+    readers, reads go straight to its buffer with ``struct.unpack_from``/slices: no lasting buffer export
+    (``MappedRam.close()`` still works) and no ``RamLayout.find`` per access. Anything not inside one RAM
+    range falls back to the backend's own methods, so errors and range-spanning reads are unchanged.
+    Other backends: their ``read_u64`` if they have one, else 8-byte ``read_gpa``."""
+    try:
+        return _READERS[mem]
+    except (KeyError, TypeError):
+        pass
+    readers = _make_readers(mem)
+    try:
+        _READERS[mem] = readers
+    except TypeError:  # not weak-referenceable: build each time
+        pass
+    return readers
+
+
+def _make_readers(mem: PhysicalMemory) -> tuple[Callable[[int], int], Callable[[int, int], bytes]]:
     read_gpa = mem.read_gpa
+    slow_u64: Callable[[int], int] | None = getattr(mem, "read_u64", None)
+    if slow_u64 is None:
+        def slow_u64(gpa: int) -> int:
+            return int.from_bytes(read_gpa(gpa, 8), "little")
 
-    def read_u64(gpa: int) -> int:
-        return int.from_bytes(read_gpa(gpa, 8), "little")
+    cls = type(mem)
+    buf = getattr(mem, "_buf", None)
+    if not (isinstance(mem, BufferRam) and isinstance(buf, memoryview) and buf.format == "B"
+            and getattr(cls, "read_u64", None) is BufferRam.read_u64
+            and getattr(cls, "read_gpa", None) is BufferRam.read_gpa):
+        return slow_u64, read_gpa
+    # (first gpa, last gpa + 1, buffer offset - gpa) per RAM range, biggest first: usually one test.
+    ranges = sorted(((r.gpa, r.end, r.offset - r.gpa) for r in mem.layout), key=lambda t: t[0] - t[1])
+    unpack_from = _Q.unpack_from
+    fallback_u64 = slow_u64
 
-    return read_u64
+    if len(ranges) == 1:
+        (lo, end, delta), = ranges
+        hi = end - 8
+
+        def read_u64(gpa: int) -> int:
+            if lo <= gpa <= hi:
+                return unpack_from(buf, gpa + delta)[0]
+            return fallback_u64(gpa)
+
+        def read(gpa: int, size: int) -> bytes:
+            if lo <= gpa and gpa + size <= end and size >= 0:
+                o = gpa + delta
+                return buf[o:o + size].tobytes()
+            return read_gpa(gpa, size)
+
+        return read_u64, read
+
+    def read_u64_multi(gpa: int) -> int:
+        for lo, end, delta in ranges:
+            if lo <= gpa and gpa + 8 <= end:
+                return unpack_from(buf, gpa + delta)[0]
+        return fallback_u64(gpa)
+
+    def read_multi(gpa: int, size: int) -> bytes:
+        for lo, end, delta in ranges:
+            if lo <= gpa and gpa + size <= end and size >= 0:
+                o = gpa + delta
+                return buf[o:o + size].tobytes()
+        return read_gpa(gpa, size)
+
+    return read_u64_multi, read_multi
 
 
 def _in_ram(mem: PhysicalMemory, gpa: int) -> bool:
@@ -349,42 +416,51 @@ def _not_present(mem: PhysicalMemory, gva: int, level: int, value: int) -> Trans
     return TranslationFault(gva, level, value)
 
 
-def _walk(mem: PhysicalMemory, dtb: int, gva: int, la57: bool) -> tuple[int, int, list[tuple[int, int, int]]]:
-    """Walk for ``gva``; returns (gpa, page_size, [(level, entry_gpa, value), ...]). Raises on any fault."""
+def _walk(mem: PhysicalMemory, dtb: int, gva: int, la57: bool, ru64: Callable[[int], int] | None = None,
+          walked: list[tuple[int, int, int]] | None = None) -> tuple[int, int]:
+    """Walk for ``gva``; returns (gpa, page_size) and appends (level, entry_gpa, value) per level read to
+    ``walked`` if given. Raises on any fault. ``ru64`` is the entry reader (default: :func:`fast_readers`).
+
+    This is the cold path of every translation: literals instead of module constants, one shift per
+    level (``_IDX_SHIFTS`` pre-subtract 3 so the index comes out already scaled by 8)."""
     if la57:
-        levels, bits = _LEVELS_5, 57
+        levels, bits = _IDX_SHIFTS_5, 57
     else:
-        levels, bits = _LEVELS_4, 48
+        levels, bits = _IDX_SHIFTS_4, 48
     top = gva >> (bits - 1)
     if top != 0 and top != (1 << (65 - bits)) - 1:
         raise NonCanonicalAddress(gva, bits)
-    ru64 = _reader(mem)
-    table = dtb & PTE_ADDR_MASK
-    parent_level, parent = levels[0][0] + 1, dtb & _U64
-    walked: list[tuple[int, int, int]] = []
+    if ru64 is None:
+        ru64 = fast_readers(mem)[0]
+    value = dtb & 0xFFFFFFFFFFFFFFFF
+    table = value & 0x000FFFFFFFFFF000
     for level, shift in levels:
-        entry_gpa = table | (((gva >> shift) & 0x1FF) << 3)
+        entry_gpa = table | ((gva >> shift) & 0xFF8)
         try:
             value = ru64(entry_gpa)
-        except PhysicalAddressError:
-            raise BadPageTable(gva, parent_level, parent, table,
+        except PhysicalAddressError:   # ``value`` is still the entry (or dtb) that pointed here
+            raise BadPageTable(gva, level + 1, value, table,
                                f"points to a level-{level} table at gpa {table:#x} outside guest RAM") from None
-        walked.append((level, entry_gpa, value))
-        if not value & PAGE_PRESENT:
+        if walked is not None:
+            walked.append((level, entry_gpa, value))
+        if not value & 1:                                    # P
             raise _not_present(mem, gva, level, value)
-        if value & PAGE_PSE and level != 1:
-            if level == 2:
-                if value & _RSVD_2M:
-                    raise BadPageTable(gva, level, value, -1, "is a 2 MiB page with reserved bits 13-20 set")
-                return (value & PMD_PAGE_MASK) | (gva & (PAGE_SIZE_2M - 1)), PAGE_SIZE_2M, walked
-            if level == 3:
-                if value & _RSVD_1G:
-                    raise BadPageTable(gva, level, value, -1, "is a 1 GiB page with reserved bits 13-29 set")
-                return (value & PUD_PAGE_MASK) | (gva & (PAGE_SIZE_1G - 1)), PAGE_SIZE_1G, walked
-            raise BadPageTable(gva, level, value, -1, f"has the reserved PS bit set at level {level}")
-        parent_level, parent = level, value
-        table = value & PTE_ADDR_MASK
-    return table | (gva & 0xFFF), PAGE_SIZE_4K, walked
+        if value & 0x80 and level != 1:                      # PS (at a PTE, bit 7 is PAT)
+            return _large_leaf(gva, level, value)
+        table = value & 0x000FFFFFFFFFF000
+    return table | (gva & 0xFFF), 0x1000
+
+
+def _large_leaf(gva: int, level: int, value: int) -> tuple[int, int]:
+    if level == 2:
+        if value & _RSVD_2M:
+            raise BadPageTable(gva, level, value, -1, "is a 2 MiB page with reserved bits 13-20 set")
+        return (value & PMD_PAGE_MASK) | (gva & (PAGE_SIZE_2M - 1)), PAGE_SIZE_2M
+    if level == 3:
+        if value & _RSVD_1G:
+            raise BadPageTable(gva, level, value, -1, "is a 1 GiB page with reserved bits 13-29 set")
+        return (value & PUD_PAGE_MASK) | (gva & (PAGE_SIZE_1G - 1)), PAGE_SIZE_1G
+    raise BadPageTable(gva, level, value, -1, f"has the reserved PS bit set at level {level}")
 
 
 def translate(mem: PhysicalMemory, dtb: int, gva: int, *, la57: bool = False) -> Translation:
@@ -394,7 +470,8 @@ def translate(mem: PhysicalMemory, dtb: int, gva: int, *, la57: bool = False) ->
     Raises :class:`~vmsight.errors.NonCanonicalAddress`, :class:`~vmsight.errors.TranslationFault`
     (entry not present; ``.level``/``.entry`` say where), :class:`~vmsight.errors.PageSwapped` (Linux swap
     entry), :class:`PageProtNone`, :class:`BadPageTable` (table outside RAM, reserved bits)."""
-    gpa, size, walked = _walk(mem, dtb, gva, la57)
+    walked: list[tuple[int, int, int]] = []
+    gpa, size = _walk(mem, dtb, gva, la57, None, walked)
     return Translation(gva, gpa, size, tuple(map(PagingEntry._make, walked)))
 
 
@@ -566,7 +643,7 @@ def clear_accessed(mem: PhysicalMemory, pte_gpas: Sequence[int], expected: Seque
 
 
 def _clear_accessed_slow(mem: PhysicalMemory, pte_gpa: int, want: int | None, keep: int, retries: int) -> bool:
-    ru64 = _reader(mem)
+    ru64 = fast_readers(mem)[0]
     for _ in range(retries):
         old = ru64(pte_gpa)
         if not old & PAGE_PRESENT or not old & PAGE_ACCESSED or (want is not None and old & keep != want):
@@ -580,6 +657,6 @@ def _clear_accessed_slow(mem: PhysicalMemory, pte_gpa: int, want: int | None, ke
 
 __all__ = [
     "BadPageTable", "LeafMapping", "PageProtNone", "PagingEntry", "Translation", "clear_accessed",
-    "dtb_from_cr3", "gva_to_gpa", "is_canonical", "kernel_pgd", "la57_from_cr4", "pte_none", "swp_offset",
+    "dtb_from_cr3", "fast_readers", "gva_to_gpa", "is_canonical", "kernel_pgd", "la57_from_cr4", "pte_none", "swp_offset",
     "swp_type", "translate", "user_pgd", "walk_range",
 ]

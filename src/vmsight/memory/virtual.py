@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from vmsight.memory.paging import PAGE_SIZE_1G, PAGE_SIZE_2M, Translation, _reader, _walk, translate
+from vmsight.memory.paging import PAGE_SIZE_1G, PAGE_SIZE_2M, Translation, _walk, fast_readers, translate
 from vmsight.memory.physical import PhysicalMemory
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,9 @@ class AddressSpace:
         self.dtb = dtb
         self.la57 = la57
         self.max_cached = max_cached
-        self._ru64: Callable[[int], int] = _reader(mem)
-        self._read_gpa = mem.read_gpa
+        readers = fast_readers(mem)
+        self._ru64: Callable[[int], int] = readers[0]
+        self._read_gpa: Callable[[int, int], bytes] = readers[1]
         # vfn (gva >> 12) -> gpa of the 4 KiB frame; large pages also by gva >> 21 / gva >> 30.
         self._tlb: dict[int, int] = {}
         self._tlb_2m: dict[int, int] = {}
@@ -43,6 +44,11 @@ class AddressSpace:
 
     def __repr__(self) -> str:
         return f"AddressSpace(dtb={self.dtb:#x}, la57={self.la57}, backend={self.mem.name!r})"
+
+    @property
+    def cached_pages(self) -> int:
+        """Number of 4 KiB translations currently cached."""
+        return len(self._tlb)
 
     # --- translation -------------------------------------------------------------------------------
 
@@ -81,7 +87,7 @@ class AddressSpace:
             if base is not None:
                 frame = base | (gva & (PAGE_SIZE_1G - _PAGE))
             else:
-                gpa, size, _ = _walk(self.mem, self.dtb, gva, self.la57)
+                gpa, size = _walk(self.mem, self.dtb, gva, self.la57, self._ru64)
                 return self._remember(gva, gpa, size)
         if len(self._tlb) >= self.max_cached:
             self._tlb = {}
