@@ -171,10 +171,17 @@ class VM:
             base = self.directory or f"/tmp/vmsight-{self.pid}"
             os.makedirs(base, exist_ok=True)
             addr = os.path.join(base, "gdb-runtime.sock")
+            if os.path.exists(addr):  # added by an earlier attach: QEMU allows only one runtime stub
+                try:
+                    stub = GdbStub(addr)
+                    self._gdb_address = addr
+                    return stub
+                except TargetError:
+                    os.unlink(addr)  # stale, from a QEMU that is gone
             out = self.qmp.hmp(f"gdbserver unix:{addr},server=on,wait=off")
             if "duplicate" in out or "ould not" in out:
-                raise GdbStubError(f"cannot add a gdbstub at runtime ({out.strip()}); QEMU was started with "
-                                   "-gdb: pass its socket (vm.json 'gdb', or attach(..., gdb=PATH))")
+                raise GdbStubError(f"cannot add a gdbstub at runtime ({out.strip()}); QEMU already has one "
+                                   "(-gdb or an earlier `gdbserver`): pass its socket (attach(..., gdb=PATH))")
             self._gdb_address = addr
         return GdbStub(addr)
 
@@ -339,12 +346,24 @@ def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, 
     """Attach to a VM: ``target`` is a ``vmsight vm launch`` directory or a QMP socket path."""
     directory = None
     p = Path(target)
+    try:
+        p.stat()
+        if p.is_dir():
+            os.listdir(p)
+    except PermissionError:
+        raise PermissionDenied(f"permission denied on {target}: run as root or as the user that started "
+                               "the VM") from None
+    except FileNotFoundError:
+        pass
     if p.is_dir():
         info_path = p / "vm.json"
         if not info_path.is_file():
             raise TargetError(f"{target} is a directory without vm.json: pass a `vmsight vm launch` directory "
                               "or a QMP socket")
-        info: dict[str, Any] = json.loads(info_path.read_text())
+        try:
+            info: dict[str, Any] = json.loads(info_path.read_text())
+        except PermissionError:
+            raise PermissionDenied(f"cannot read {info_path}: run as root or as the VM's user") from None
         directory = str(p)
         qmp_path = str(info["qmp"])
         gdb = gdb or info.get("gdb")

@@ -16,6 +16,8 @@ import mmap
 import os
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from vmsight.errors import PermissionDenied, PhysicalAddressError
 from vmsight.qemu.layout import RamLayout, RamRange
 
@@ -61,6 +63,15 @@ class BufferRam:
             return self._buf[off:off + size].tobytes()
         return b"".join(self._buf[rr.offset + p - rr.gpa: rr.offset + p - rr.gpa + n].tobytes()
                         for rr, p, n in self.layout.pieces(gpa, size))
+
+    def read_into(self, gpa: int, out: memoryview | bytearray) -> None:
+        """Copy [gpa, gpa+len(out)) into ``out`` (no allocation: bulk reads run at memcpy speed)."""
+        dst = np.frombuffer(out, dtype=np.uint8)
+        pos = 0
+        for rr, p, n in self.layout.pieces(gpa, len(dst)):
+            off = rr.offset + p - rr.gpa
+            np.copyto(dst[pos:pos + n], np.frombuffer(self._buf[off:off + n], dtype=np.uint8))
+            pos += n
 
     def read_u64(self, gpa: int) -> int:
         r = self.layout.find(gpa)

@@ -1,0 +1,142 @@
+"""Bad input gets a clear error naming the fix, a non-zero exit code, and the VM keeps running."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import need
+from vmsight.errors import GdbStubError
+from vmsight.qemu.launch import LaunchConfig, VmInstance, launch
+from vmsight.qemu.rsp import GdbStub
+from vmsight.vm import attach
+
+pytestmark = pytest.mark.guest
+VMSIGHT = [sys.executable, "-m", "vmsight.cli.main"]
+
+
+def cli(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = VMSIGHT + list(args)
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")})
+
+
+def test_dead_socket(tmp_path: Path) -> None:
+    path = tmp_path / "qmp.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # a stale socket file: nobody listens
+    r = cli("--vm", str(path), "regs")
+    assert r.returncode == 2
+    assert "connection refused" in r.stderr and "not running" in r.stderr
+    r = cli("--vm", str(tmp_path / "missing.sock"), "regs")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+@pytest.fixture()
+def silent_server(tmp_path: Path) -> Iterator[Path]:
+    """A unix socket that accepts and talks nonsense: not QEMU."""
+    path = tmp_path / "other.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except TimeoutError:
+                continue
+            c.sendall(b"HELLO I AM NOT QEMU\r\n")
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield path
+    stop.set()
+    t.join()
+    srv.close()
+
+
+def test_non_qemu_socket(silent_server: Path) -> None:
+    r = cli("--vm", str(silent_server), "regs")
+    assert r.returncode == 2
+    assert "QMP" in r.stderr, r.stderr
+
+
+def test_second_gdb_client(guest: VmInstance) -> None:
+    with attach(guest.dir) as vm:
+        with vm.stopped_stub():
+            assert guest.gdb
+            with pytest.raises(GdbStubError, match="another debugger"):
+                GdbStub(guest.gdb, timeout=1.0)
+    # The refused client queued a connection; QEMU accepts it once we leave and pauses the VM.
+    # Our next attach must still find and leave a running VM.
+    with attach(guest.dir) as vm:
+        vm.resume()
+        assert vm.status() == "running"
+    assert guest.agent.run("true", timeout=20).rc == 0
+
+
+def test_non_root(guest: VmInstance) -> None:
+    need(os.geteuid() == 0 and shutil.which("setpriv") is not None, "needs root and setpriv to drop privileges")
+    r = cli("--vm", guest.dir, "regs", user="65534")
+    assert r.returncode == 2
+    assert "permission denied" in r.stderr.lower() and "root" in r.stderr
+    assert guest.agent.run("true", timeout=20).rc == 0
+
+
+def test_gpa_outside_ram_and_unmapped_gva(guest: VmInstance) -> None:
+    r = cli("--vm", guest.dir, "read-phys", "0xfec00000", "16")
+    assert r.returncode == 2 and "not guest RAM" in r.stderr
+    r = cli("--vm", guest.dir, "read-virt", "0x1000", "8")
+    assert r.returncode == 2 and "cannot translate gva 0x1000" in r.stderr
+    r = cli("--vm", guest.dir, "--json", "translate", "0x1000")
+    assert r.returncode == 2 and '"fault"' in r.stdout
+    with attach(guest.dir) as vm:
+        assert vm.status() == "running"
+
+
+def test_cli_json_and_hex(guest: VmInstance) -> None:
+    import json
+
+    r = cli("--vm", guest.dir, "--json", "regs", "--vcpu", "1")
+    assert r.returncode == 0, r.stderr
+    regs = json.loads(r.stdout)["1"]
+    assert regs["cr3"] and regs["rip"] >= 0xFFFF800000000000
+    r = cli("--vm", guest.dir, "--json", "translate", hex(regs["rip"]))
+    t = json.loads(r.stdout)
+    assert [e["level"] for e in t["entries"]][0] == 4 and t["gpa"] > 0
+    r = cli("--vm", guest.dir, "--json", "read-phys", hex(t["gpa"] & ~0xF), "0x10")
+    assert len(bytes.fromhex(json.loads(r.stdout)["hex"])) == 16
+
+
+@pytest.fixture(scope="module")
+def plain_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmInstance]:
+    """A guest started without -gdb and read through /proc/<qemu>/mem instead of the RAM file."""
+    need(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 not installed")
+    with launch(LaunchConfig(kernel="debian-6.1", gdb=False), tmp_path_factory.mktemp("plain")) as inst:
+        yield inst
+
+
+def test_runtime_gdbserver_and_procmem(plain_guest: VmInstance) -> None:
+    with attach(plain_guest.dir, backend="proc-pid-mem") as vm:
+        assert vm.backend == "proc-pid-mem"
+        regs = vm.registers(0)  # needs a stub: added through HMP gdbserver
+        assert Path(vm.directory or "", "gdb-runtime.sock").exists()
+        with vm.paused():
+            t = vm.translate(regs["rip"], regs["cr3"])
+            assert vm.read_gpa(t.gpa, 16) == vm.read_gva(regs["rip"], 16, regs["cr3"])
+    with attach(plain_guest.dir) as vm:
+        assert vm.status() == "running"
+        assert vm.registers(0)["cr3"]  # reconnects to the runtime stub
