@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+from pathlib import Path
+
 import pytest
 
 from tests.unit.pagetables import KB4, MB2, PageTables, swp_entry
-from vmsight.errors import PageSwapped, TranslationFault
-from vmsight.memory.paging import translate
+from vmsight.errors import PageSwapped, PhysicalAddressError, TranslationFault
+from vmsight.memory.paging import clear_accessed, fast_readers, translate, walk_range
+from vmsight.memory.physical import BufferRam, MappedRam
 from vmsight.memory.virtual import AddressSpace
+from vmsight.qemu.layout import RamLayout, RamRange
 
 GVA = 0x5555_0000_0000
 
@@ -161,3 +167,73 @@ def test_5_level_address_space() -> None:
     assert space.read(gva + 0x10, 4) == b"la57"
     with pytest.raises(TranslationFault):
         AddressSpace(pt.mem, pt.root).read(gva, 4)        # non-canonical in 4-level mode
+
+
+# --- the direct-buffer readers behind the hot path ------------------------------------------------------
+
+def test_mapped_ram_still_closes_after_use(tmp_path: Path) -> None:
+    """The fast readers must not keep a buffer export alive, or MappedRam.close() (mmap.close) fails."""
+    size = 16 << 20
+    path = tmp_path / "ram"
+    path.write_bytes(bytes(size))
+    layout = RamLayout([RamRange(0, size, 0, "ram")])
+    mem = MappedRam(str(path), layout)
+    pt = PageTables()
+    pt.map(GVA, 0x30_0000)
+    pt.map(GVA + KB4, 0x20_0000)
+    mem.write_gpa(0, bytes(pt.buf))                      # copy the built tables into the mapped file
+    mem.write_gpa(0x30_0000 + KB4 - 4, b"abcd")
+    mem.write_gpa(0x20_0000, b"efgh")
+    space = AddressSpace(mem, pt.root)
+    assert space.read(GVA + KB4 - 4, 8) == b"abcdefgh"
+    assert space.read_u64(GVA + KB4 - 4) == int.from_bytes(b"abcdefgh", "little")
+    leaves = list(walk_range(mem, pt.root, 0, 1 << 47))
+    assert [m.gva for m in leaves] == [GVA, GVA + KB4]
+    assert clear_accessed(mem, [m.pte_gpa for m in leaves]) == [True, True]
+    mem.close()                                          # raises BufferError if anything still exports
+    assert path.read_bytes()[pt.entry_gpa(1, GVA)] & 0x20 == 0   # cleared A bit reached the file
+
+
+def test_multi_range_layout_reads_and_spans() -> None:
+    # RAM [0, 8 MiB) and [12 MiB, 16 MiB) (buffer offset 8 MiB); a read spanning the hole must fail,
+    # reads inside either range must be right.
+    layout = RamLayout([RamRange(0, 8 << 20, 0, "lo"), RamRange(12 << 20, 4 << 20, 8 << 20, "hi")])
+    pt = PageTables(12 << 20, layout=layout, table_top=8 << 20)
+    pt.map(GVA, 0x7F_F000)                   # last page of the low range
+    pt.map(GVA + KB4, 0xC0_0000)             # first page of the high range
+    pt.map(GVA + 2 * KB4, 0x90_0000)         # in the hole
+    pt.mem.write_gpa(0x7F_FFFC, b"lowx")
+    pt.mem.write_gpa(0xC0_0000, b"high")
+    space = AddressSpace(pt.mem, pt.root)
+    assert space.read(GVA + KB4 - 4, 8) == b"lowxhigh"
+    assert space.read_u64(GVA + KB4 - 4) == int.from_bytes(b"lowxhigh", "little")
+    with pytest.raises(PhysicalAddressError):
+        space.read(GVA + 2 * KB4, 4)
+    ru64, read = fast_readers(pt.mem)
+    assert read(0x7F_FFFC, 4) == b"lowx" and read(0xC0_0000, 4) == b"high"
+    with pytest.raises(PhysicalAddressError):
+        ru64(0x7F_FFFC)                      # 8 bytes would run into the hole
+    with pytest.raises(PhysicalAddressError):
+        read(0xBF_FFFE, 4)
+
+
+def test_fast_readers_honour_overrides_and_do_not_keep_backend_alive() -> None:
+    class Counting(BufferRam):
+        calls = 0
+
+        def read_u64(self, gpa: int) -> int:
+            Counting.calls += 1
+            return super().read_u64(gpa)
+
+    pt = PageTables()
+    pt.map(GVA, 0x30_0000)
+    mem = Counting(pt.buf)
+    assert translate(mem, pt.root, GVA).gpa == 0x30_0000
+    assert Counting.calls == 4                  # an overriding backend is used as it is, not bypassed
+
+    plain = BufferRam(bytearray(1 << 20))
+    ref = weakref.ref(plain)
+    fast_readers(plain)
+    del plain
+    gc.collect()
+    assert ref() is None

@@ -319,18 +319,21 @@ _READERS: weakref.WeakKeyDictionary[object, tuple[Callable[[int], int], Callable
 
 
 def fast_readers(mem: PhysicalMemory) -> tuple[Callable[[int], int], Callable[[int, int], bytes]]:
-    """``(read_u64(gpa), read(gpa, size))`` for ``mem``, as fast as the backend allows; cached per backend.
+    """``(read_u64(gpa), read(gpa, size))`` for ``mem``, as fast as the backend allows.
 
     For a :class:`~vmsight.memory.physical.BufferRam` (and :class:`MappedRam`) that does not override its
     readers, reads go straight to its buffer with ``struct.unpack_from``/slices: no lasting buffer export
     (``MappedRam.close()`` still works) and no ``RamLayout.find`` per access. Anything not inside one RAM
     range falls back to the backend's own methods, so errors and range-spanning reads are unchanged.
-    Other backends: their ``read_u64`` if they have one, else 8-byte ``read_gpa``."""
+    These are cached per backend (weakly: the readers hold only a weak reference to ``mem``).
+    Other backends: their ``read_u64`` if they have one, else 8-byte ``read_gpa`` (not cached)."""
     try:
         return _READERS[mem]
     except (KeyError, TypeError):
         pass
-    readers = _make_readers(mem)
+    readers = _direct_readers(mem)
+    if readers is None:
+        return _backend_readers(mem)
     try:
         _READERS[mem] = readers
     except TypeError:  # not weak-referenceable: build each time
@@ -338,23 +341,31 @@ def fast_readers(mem: PhysicalMemory) -> tuple[Callable[[int], int], Callable[[i
     return readers
 
 
-def _make_readers(mem: PhysicalMemory) -> tuple[Callable[[int], int], Callable[[int, int], bytes]]:
+def _backend_readers(mem: PhysicalMemory) -> tuple[Callable[[int], int], Callable[[int, int], bytes]]:
     read_gpa = mem.read_gpa
-    slow_u64: Callable[[int], int] | None = getattr(mem, "read_u64", None)
-    if slow_u64 is None:
-        def slow_u64(gpa: int) -> int:
+    ru64: Callable[[int], int] | None = getattr(mem, "read_u64", None)
+    if ru64 is None:
+        def ru64(gpa: int) -> int:
             return int.from_bytes(read_gpa(gpa, 8), "little")
+    return ru64, read_gpa
 
-    cls = type(mem)
+
+def _direct_readers(mem: PhysicalMemory) -> tuple[Callable[[int], int], Callable[[int, int], bytes]] | None:
     buf = getattr(mem, "_buf", None)
     if not (isinstance(mem, BufferRam) and isinstance(buf, memoryview) and buf.format == "B"
-            and getattr(cls, "read_u64", None) is BufferRam.read_u64
-            and getattr(cls, "read_gpa", None) is BufferRam.read_gpa):
-        return slow_u64, read_gpa
-    # (first gpa, last gpa + 1, buffer offset - gpa) per RAM range, biggest first: usually one test.
+            and getattr(type(mem), "read_u64", None) is BufferRam.read_u64
+            and getattr(type(mem), "read_gpa", None) is BufferRam.read_gpa):
+        return None
+    # (first gpa, end gpa, buffer offset - gpa) per RAM range, biggest first.
     ranges = sorted(((r.gpa, r.end, r.offset - r.gpa) for r in mem.layout), key=lambda t: t[0] - t[1])
     unpack_from = _Q.unpack_from
-    fallback_u64 = slow_u64
+    mem_ref = weakref.ref(mem)
+
+    def backend() -> BufferRam:
+        m = mem_ref()
+        if m is None:
+            raise ValueError("the physical-memory backend is gone")
+        return m
 
     if len(ranges) == 1:
         (lo, end, delta), = ranges
@@ -363,13 +374,13 @@ def _make_readers(mem: PhysicalMemory) -> tuple[Callable[[int], int], Callable[[
         def read_u64(gpa: int) -> int:
             if lo <= gpa <= hi:
                 return unpack_from(buf, gpa + delta)[0]
-            return fallback_u64(gpa)
+            return backend().read_u64(gpa)
 
         def read(gpa: int, size: int) -> bytes:
             if lo <= gpa and gpa + size <= end and size >= 0:
                 o = gpa + delta
                 return buf[o:o + size].tobytes()
-            return read_gpa(gpa, size)
+            return backend().read_gpa(gpa, size)
 
         return read_u64, read
 
@@ -377,14 +388,14 @@ def _make_readers(mem: PhysicalMemory) -> tuple[Callable[[int], int], Callable[[
         for lo, end, delta in ranges:
             if lo <= gpa and gpa + 8 <= end:
                 return unpack_from(buf, gpa + delta)[0]
-        return fallback_u64(gpa)
+        return backend().read_u64(gpa)
 
     def read_multi(gpa: int, size: int) -> bytes:
         for lo, end, delta in ranges:
             if lo <= gpa and gpa + size <= end and size >= 0:
                 o = gpa + delta
                 return buf[o:o + size].tobytes()
-        return read_gpa(gpa, size)
+        return backend().read_gpa(gpa, size)
 
     return read_u64_multi, read_multi
 
