@@ -33,10 +33,10 @@ def run(args: argparse.Namespace) -> int:
             dtb = resolve_dtb(vm, args)
             try:
                 t = vm.translate(args.gva, dtb)
-            except TranslationFault as e:
+            except TranslationFault as fault:
                 if args.json:
-                    emit_json({"gva": args.gva, "dtb": dtb, "fault": {"level": e.level, "entry": e.entry,
-                                                                      "reason": e.reason}})
+                    emit_json({"gva": args.gva, "dtb": dtb, "fault": {"level": fault.level, "entry": fault.entry,
+                                                                      "reason": fault.reason}})
                 raise
     if args.json:
         emit_json({"gva": t.gva, "dtb": dtb, "gpa": t.gpa, "page_size": t.page_size,

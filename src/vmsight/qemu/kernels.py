@@ -26,7 +26,7 @@ KERNEL_NAMES = ("debian-6.1", "debian-6.12")
 
 def _run(cmd: list[str], **kw: object) -> str:
     try:
-        return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout  # type: ignore[call-overload, no-any-return]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout  # type: ignore[call-overload]
     except FileNotFoundError as e:
         raise VmsightError(f"{cmd[0]} not found: run scripts/setup.sh (or install apt/dpkg tools)") from e
     except subprocess.CalledProcessError as e:

@@ -60,7 +60,7 @@ class Qmp:
         try:
             return self._run(self._client.execute(name, arguments or None), self.timeout)
         except ExecuteError as e:
-            raise QmpError(f"QMP {name} failed: {e.error.desc}") from None
+            raise QmpError(f"QMP {name} failed: {e}") from None
         except TimeoutError:
             raise QmpError(f"QMP {name} did not answer within {self.timeout:.0f} s") from None
         except Exception as e:  # disconnects surface as various qemu.qmp errors
