@@ -104,7 +104,7 @@ def pfn_bitmap_words(pfns: U64) -> tuple[npt.NDArray[np.int64], U64]:
     return uw, vals
 
 
-def test_bits(word_index: npt.NDArray[np.int64], word_values: U64, pfns: U64) -> BoolArray:
+def bits_at(word_index: npt.NDArray[np.int64], word_values: U64, pfns: U64) -> BoolArray:
     """For each pfn, its bit in a sparse bitmap given as sorted ``word_index`` -> ``word_values``
     (missing words read 0)."""
     if len(pfns) == 0:

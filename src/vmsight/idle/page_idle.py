@@ -37,7 +37,7 @@ from vmsight.idle.abi import (
     has,
     pagemap_pfn,
     pfn_bitmap_words,
-    test_bits,
+    bits_at,
     word_runs,
 )
 from vmsight.idle.backend import (
@@ -148,7 +148,7 @@ class PageIdleBackend(Backend):
             got = np.frombuffer(data, dtype=np.uint64)
             idx_parts.append(np.arange(first, first + len(got), dtype=np.int64))
             val_parts.append(got)
-        return test_bits(np.concatenate(idx_parts), np.concatenate(val_parts), pfns)
+        return bits_at(np.concatenate(idx_parts), np.concatenate(val_parts), pfns)
 
     # --- scanning -----------------------------------------------------------------------------------------
     def _scan(self, lo: int, hi: int) -> _Scan:

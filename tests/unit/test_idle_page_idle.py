@@ -1,0 +1,241 @@
+"""page_idle backend on synthetic /proc + a page_idle bitmap model: exact bitmap traffic and results."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.unit.test_idle_fakes import (
+    LRU,
+    FakePageIdleSys,
+    FakeProc,
+    lock_dir,
+    present,
+    swapped,
+    thp_flags,
+)
+from vmsight.idle import (
+    AccessDenied,
+    BackendUnavailable,
+    IdleTracker,
+    KernelThread,
+    PageState,
+    PidReused,
+    ProcessGone,
+)
+from vmsight.idle.abi import KPF_ZERO_PAGE
+
+BASE = 0x10000000          # gva of the synthetic mapping
+VFN0 = BASE >> 12          # a multiple of 64
+N = 256                    # pages
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("VMSIGHT_LOCK_DIR", lock_dir(tmp_path))
+    proc = FakeProc(tmp_path / "proc")
+    proc.set_maps([(BASE, BASE + N * 4096, "rw-p", ""), (BASE + N * 4096, BASE + (N + 64) * 4096, "r--p", "/lib/x.so")])
+    # vfn i -> pfn 0x1000 + 3*i (scattered frames), all on the LRU
+    pfns = {VFN0 + i: 0x1000 + 3 * i for i in range(N)}
+    proc.set_pagemap({v: present(p) for v, p in pfns.items()})
+    kflags = {p: LRU for p in pfns.values()}
+    proc.set_kpageflags(kflags)
+    sysfs = FakePageIdleSys(tmp_path / "sys", kflags)
+    return proc, sysfs, pfns, kflags
+
+
+def tracker(proc: FakeProc, sysfs: FakePageIdleSys, tmp: Path | None = None) -> IdleTracker:
+    return IdleTracker(proc.pid, "page_idle", proc=proc, sysfs=sysfs)
+
+
+def test_mark_writes_exactly_the_pfn_words(env) -> None:  # type: ignore[no-untyped-def]
+    proc, sysfs, pfns, _ = env
+    with tracker(proc, sysfs) as t:
+        t.mark_idle([(BASE, BASE + N * 4096)])
+    written: dict[int, int] = {}
+    for off, data in sysfs.writes:
+        for i, (w,) in enumerate(struct.iter_unpack("<Q", data)):
+            if w:
+                written[off + 8 * i] = written.get(off + 8 * i, 0) | w
+    expect: dict[int, int] = {}
+    for p in pfns.values():
+        expect[p // 64 * 8] = expect.get(p // 64 * 8, 0) | (1 << (p % 64))
+    assert written == expect
+    assert all(len(d) <= 4096 and off % 8 == 0 for off, d in sysfs.writes)
+    assert sysfs.idle == set(pfns.values())
+
+
+def test_read_reports_exactly_the_accessed_pages(env) -> None:  # type: ignore[no-untyped-def]
+    proc, sysfs, pfns, _ = env
+    touched = {0, 1, 63, 64, 100, 255}
+    with tracker(proc, sysfs) as t:
+        t.mark_idle([(BASE, BASE + N * 4096)])
+        for i in touched:
+            sysfs.access(pfns[VFN0 + i])
+        snap = t.read()
+    assert snap.backend == "page_idle" and snap.granularity == "page" and not snap.approximate
+    accessed = set((snap.pages(PageState.TRACKED, idle=False) - VFN0).tolist())
+    assert accessed == touched
+    assert snap.count(PageState.TRACKED, idle=True) == N - len(touched)
+    # ABI layout: word vfn // 64, bit vfn % 64, set = idle
+    words = snap.words(VFN0, VFN0 + N)
+    assert len(words) == N // 64
+    for i in range(N):
+        assert bool(int(words[i // 64]) >> (i % 64) & 1) == (i not in touched)
+    assert snap.is_idle(BASE + 2 * 4096) and not snap.is_idle(BASE + 100 * 4096)
+    u = [x for x in snap.usage if x.vma.start_gva == BASE][0]
+    assert u.accessed_bytes == len(touched) * 4096 and u.idle_bytes == (N - len(touched)) * 4096
+
+
+def test_bitmap_calls_are_at_most_4k(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMSIGHT_LOCK_DIR", lock_dir(tmp_path))
+    proc = FakeProc(tmp_path / "proc")
+    n = 4096 * 8 + 64   # dense frames spanning > 512 words
+    proc.set_maps([(BASE, BASE + n * 4096, "rw-p", "")])
+    proc.set_pagemap({VFN0 + i: present(0x100 + i) for i in range(n)})
+    kflags = {0x100 + i: LRU for i in range(n)}
+    proc.set_kpageflags(kflags, max_pfn=1 << 17)
+    sysfs = FakePageIdleSys(tmp_path / "sys", kflags, max_pfn=1 << 17)
+    with IdleTracker(proc.pid, "page_idle", proc=proc, sysfs=sysfs) as t:
+        t.mark_idle()
+        snap = t.read()
+    assert len(sysfs.writes) >= 2 and max(len(d) for _, d in sysfs.writes) == 4096
+    assert max(s for _, s in sysfs.reads) <= 4096
+    assert snap.count(PageState.TRACKED, idle=True) == n
+
+
+def test_thp_tail_pages_take_the_head_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMSIGHT_LOCK_DIR", lock_dir(tmp_path))
+    proc = FakeProc(tmp_path / "proc")
+    base = 0x40000000
+    v0 = base >> 12
+    proc.set_maps([(base, base + (2 << 20), "rw-p", "")])
+    head = 0x2000                                       # 512-aligned
+    proc.set_pagemap({v0 + i: present(head + i) for i in range(512)})
+    kflags = thp_flags(head)
+    proc.set_kpageflags(kflags)
+    sysfs = FakePageIdleSys(tmp_path / "sys", kflags)
+    with IdleTracker(proc.pid, "page_idle", proc=proc, sysfs=sysfs) as t:
+        t.mark_idle()
+        # only the head's bit is written (the kernel ignores tail PFNs)
+        assert [(o, struct.unpack("<Q", d[:8])[0]) for o, d in sysfs.writes] == [(head // 64 * 8, 1)]
+        snap1 = t.read()
+        assert snap1.count(PageState.TRACKED, idle=True) == 512
+        assert snap1.count(PageState.HUGE) == 512
+        t.mark_idle()
+        sysfs.access(head)                              # one byte anywhere in the THP touches the folio
+        snap2 = t.read()
+    assert snap2.count(PageState.TRACKED, idle=False) == 512
+
+
+def test_tail_whose_head_is_not_mapped_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMSIGHT_LOCK_DIR", lock_dir(tmp_path))
+    proc = FakeProc(tmp_path / "proc")
+    proc.set_maps([(BASE, BASE + 64 * 4096, "rw-p", "")])
+    head = 0x4000
+    proc.set_pagemap({VFN0 + i: present(head + 256 + i) for i in range(64)})  # the middle of a folio
+    kflags = thp_flags(head)
+    proc.set_kpageflags(kflags)
+    sysfs = FakePageIdleSys(tmp_path / "sys", kflags)
+    with IdleTracker(proc.pid, "page_idle", proc=proc, sysfs=sysfs) as t:
+        t.mark_idle()
+        assert sysfs.idle == {head}
+        assert t.read().count(PageState.TRACKED, idle=True) == 64
+
+
+def test_pfn_change_swap_and_new_pages(env) -> None:  # type: ignore[no-untyped-def]
+    proc, sysfs, pfns, kflags = env
+    entries = {v: present(p) for v, p in pfns.items()}
+    entries[VFN0 + 5] = swapped(1, 0x77)                  # swapped before the mark, stays swapped
+    del entries[VFN0 + 6]                                 # not present at mark
+    proc.set_pagemap(entries)
+    with tracker(proc, sysfs) as t:
+        t.mark_idle([(BASE, BASE + N * 4096)])
+        after = dict(entries)
+        after[VFN0 + 7] = present(0x9000)                 # migrated: frame changed
+        kflags[0x9000] = LRU
+        after[VFN0 + 8] = swapped(1, 0x99)                # reclaimed to swap during the interval
+        after[VFN0 + 6] = present(0x9001)                 # faulted in during the interval
+        kflags[0x9001] = LRU
+        proc.set_pagemap(after)
+        snap = t.read()
+    g = lambda i: snap.state_of(BASE + i * 4096)  # noqa: E731
+    assert PageState.SWAPPED in g(5) and PageState.TRACKED in g(5) and snap.is_idle(BASE + 5 * 4096)
+    seg = snap.segments[0]
+    assert int(seg.swap_type[VFN0 + 5 - seg.start_vfn]) == 1 and int(seg.swap_offset[VFN0 + 5 - seg.start_vfn]) == 0x77
+    assert PageState.CHANGED in g(7) and PageState.TRACKED not in g(7) and not snap.is_idle(BASE + 7 * 4096)
+    assert PageState.SWAPPED in g(8) and snap.is_idle(BASE + 8 * 4096)
+    assert PageState.NEW in g(6) and PageState.TRACKED in g(6) and not snap.is_idle(BASE + 6 * 4096)
+    assert snap.swapped_bytes == 2 * 4096
+
+
+def test_non_lru_and_zero_pages_are_not_judged(env) -> None:  # type: ignore[no-untyped-def]
+    proc, sysfs, pfns, kflags = env
+    kflags[pfns[VFN0 + 3]] = 0                             # isolated / in a per-CPU batch: not on the LRU
+    kflags[pfns[VFN0 + 4]] = 1 << KPF_ZERO_PAGE
+    proc.set_kpageflags(kflags)
+    with tracker(proc, sysfs) as t:
+        t.mark_idle()
+        snap = t.read()
+    for i in (3, 4):
+        st = snap.state_of(BASE + i * 4096)
+        assert PageState.PRESENT in st and PageState.TRACKED not in st and not snap.is_idle(BASE + i * 4096)
+    assert PageState.ZERO_PAGE in snap.state_of(BASE + 4 * 4096)
+
+
+def test_hidden_pfns_are_a_permission_error(env) -> None:  # type: ignore[no-untyped-def]
+    proc, sysfs, pfns, _ = env
+    proc.set_pagemap({v: present(0) for v in pfns})      # what non-root sees: present, PFN 0
+    with tracker(proc, sysfs) as t, pytest.raises(AccessDenied, match="CAP_SYS_ADMIN"):
+        t.mark_idle()
+
+
+def test_refuses_without_page_idle_naming_the_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMSIGHT_LOCK_DIR", lock_dir(tmp_path))
+    proc = FakeProc(tmp_path / "proc")
+    proc.set_maps([(BASE, BASE + 4096, "rw-p", "")])
+    from vmsight.idle.kfiles import KernelFiles
+    (tmp_path / "emptysys").mkdir()
+    with pytest.raises(BackendUnavailable, match="CONFIG_IDLE_PAGE_TRACKING") as ei:
+        IdleTracker(proc.pid, "page_idle", proc=proc, sysfs=KernelFiles(str(tmp_path / "emptysys")))
+    assert ei.value.option == "CONFIG_IDLE_PAGE_TRACKING"
+
+
+def test_kernel_thread_and_reuse_and_exit(env) -> None:  # type: ignore[no-untyped-def]
+    proc, sysfs, _, _ = env
+    proc.set_stat(flags=0x00208040, comm="kworker/0:1")
+    with pytest.raises(KernelThread):
+        tracker(proc, sysfs)
+    proc.set_stat()
+    t = tracker(proc, sysfs)
+    t.mark_idle()
+    proc.set_stat(start=9999)                            # a new process got the pid
+    with pytest.raises(PidReused):
+        t.read()
+    t.close()
+    proc.set_stat()
+    t = tracker(proc, sysfs)
+    t.mark_idle()
+    proc.set_pagemap({})                                  # the mm is gone: pagemap reads EOF
+    with pytest.raises(ProcessGone):
+        t.read()
+    t.close()
+
+
+def test_words_match_an_independent_encoding(env) -> None:  # type: ignore[no-untyped-def]
+    proc, sysfs, pfns, _ = env
+    rng = np.random.default_rng(7)
+    touched = set(rng.choice(N, 40, replace=False).tolist())
+    with tracker(proc, sysfs) as t:
+        t.mark_idle()
+        for i in touched:
+            sysfs.access(pfns[VFN0 + i])
+        snap = t.read()
+    expect = bytearray(N // 8)
+    for i in range(N):
+        if i not in touched:
+            expect[i // 8] |= 1 << (i % 8)   # little-endian u64 words == byte-wise bit order
+    assert snap.words(VFN0, VFN0 + N).astype("<u8").tobytes() == bytes(expect)
