@@ -83,12 +83,13 @@ def test_4k_page_reports_every_level(la57: bool, gva: int) -> None:
     assert gva_to_gpa(pt.mem, pt.root, gva + 0xFFF, la57=la57) == 0x0023_4FFF
 
 
-def test_2m_page() -> None:
-    pt = PageTables()
+@pytest.mark.parametrize("la57", [False, True])
+def test_2m_page(la57: bool) -> None:
+    pt = PageTables(la57=la57)
     pmd_gpa = pt.map(0x4020_0000, 0x0060_0000, MB2, flags=P | RW | A)
-    t = translate(pt.mem, pt.root, 0x4020_0000 + 0x1A_BCDE)
+    t = translate(pt.mem, pt.root, 0x4020_0000 + 0x1A_BCDE, la57=la57)
     assert (t.gpa, t.page_size) == (0x0060_0000 + 0x1A_BCDE, MB2)
-    assert [e.level for e in t.entries] == [4, 3, 2]
+    assert [e.level for e in t.entries] == ([5, 4, 3, 2] if la57 else [4, 3, 2])
     assert t.leaf.entry_gpa == pmd_gpa and t.leaf.ps and t.leaf.is_leaf and t.leaf.page_size == MB2
     assert t.leaf.frame_gpa == 0x0060_0000
     assert not t.user  # U clear at the leaf
@@ -100,12 +101,14 @@ def test_2m_page_pat_bit_12_is_not_address() -> None:
     assert translate(pt.mem, pt.root, 0x4000_0010).gpa == 0x0060_0010
 
 
-def test_1g_page() -> None:
-    pt = PageTables()
-    pt.map(0x80_0000_0000, 0x1_4000_0000, GB1, flags=P | RW | US | A | G)
-    t = translate(pt.mem, pt.root, 0x80_0000_0000 + 0x2345_6789)
+@pytest.mark.parametrize("la57", [False, True])
+def test_1g_page(la57: bool) -> None:
+    pt = PageTables(la57=la57)
+    gva = 0xFF11_0080_0000_0000 if la57 else 0x80_0000_0000
+    pt.map(gva, 0x1_4000_0000, GB1, flags=P | RW | US | A | G)
+    t = translate(pt.mem, pt.root, gva + 0x2345_6789, la57=la57)
     assert (t.gpa, t.page_size) == (0x1_4000_0000 + 0x2345_6789, GB1)
-    assert [e.level for e in t.entries] == [4, 3]
+    assert [e.level for e in t.entries] == ([5, 4, 3] if la57 else [4, 3])
     assert t.leaf.name == "PDPT" and t.global_ and t.leaf.frame_gpa == 0x1_4000_0000
 
 
@@ -530,6 +533,7 @@ _entry = st.one_of(
 )
 
 
+@pytest.mark.timeout(300)   # "never hangs": every walk is bounded, so this is far more than needed
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     fill=st.lists(_entry, min_size=_PAGES, max_size=_PAGES),   # each page starts as 512 copies of one entry

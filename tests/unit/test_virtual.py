@@ -137,6 +137,24 @@ def test_cache_of_large_pages_is_invalidated_too() -> None:
     assert space.read(0x4000_0000 + 0x12_3000, 4) == b"BBBB"
 
 
+def test_invalidate_during_a_walk_wins() -> None:
+    """A walk that races with invalidate() (another thread resuming the guest) must not refill the
+    fresh cache with a translation read before the invalidation."""
+    pt = PageTables()
+    pt.map(GVA, 0x30_0000)
+    space: AddressSpace | None = None
+
+    class Racing(BufferRam):
+        def read_u64(self, gpa: int) -> int:
+            assert space is not None
+            space.invalidate()                  # "resume" happens in the middle of the walk
+            return super().read_u64(gpa)
+
+    space = AddressSpace(Racing(pt.buf), pt.root)
+    assert space.gva_to_gpa(GVA) == 0x30_0000
+    assert space.cached_pages == 0
+
+
 def test_translate_method_returns_entries_and_fills_cache() -> None:
     pt = PageTables()
     pte = pt.map(GVA, 0x30_0000)

@@ -66,8 +66,9 @@ class AddressSpace:
     def translate(self, gva: int) -> Translation:
         """Full, uncached walk with every entry (see :func:`vmsight.memory.paging.translate`); refreshes
         the cache for this page."""
+        caches = self._tlb, self._tlb_2m, self._tlb_1g
         t = translate(self.mem, self.dtb, gva, la57=self.la57)
-        self._remember(gva, t.gpa, t.page_size)
+        self._remember(caches, gva, t.gpa, t.page_size)
         return t
 
     def gva_to_gpa(self, gva: int) -> int:
@@ -78,31 +79,37 @@ class AddressSpace:
         return frame | (gva & _OFF)
 
     def _fill(self, gva: int) -> int:
-        """Cache miss: large-page entries first, then a walk. Returns the 4 KiB frame gpa of ``gva``."""
-        base = self._tlb_2m.get(gva >> 21)
+        """Cache miss: large-page entries first, then a walk. Returns the 4 KiB frame gpa of ``gva``.
+        The caches are captured before the walk: if :meth:`invalidate` runs meanwhile (another thread
+        resuming the guest), the result lands in the discarded dicts, never in the fresh ones."""
+        caches = tlb, tlb_2m, tlb_1g = self._tlb, self._tlb_2m, self._tlb_1g
+        base = tlb_2m.get(gva >> 21)
         if base is not None:
             frame = base | (gva & (PAGE_SIZE_2M - _PAGE))
         else:
-            base = self._tlb_1g.get(gva >> 30)
-            if base is not None:
-                frame = base | (gva & (PAGE_SIZE_1G - _PAGE))
-            else:
+            base = tlb_1g.get(gva >> 30)
+            if base is None:
                 gpa, size = _walk(self.mem, self.dtb, gva, self.la57, self._ru64)
-                return self._remember(gva, gpa, size)
-        if len(self._tlb) >= self.max_cached:
-            self._tlb = {}
-        self._tlb[gva >> 12] = frame
+                return self._remember(caches, gva, gpa, size)
+            frame = base | (gva & (PAGE_SIZE_1G - _PAGE))
+        if len(tlb) >= self.max_cached:
+            tlb.clear()
+        tlb[gva >> 12] = frame
         return frame
 
-    def _remember(self, gva: int, gpa: int, size: int) -> int:
-        if len(self._tlb) >= self.max_cached:
-            self._tlb = {}
+    def _remember(self, caches: tuple[dict[int, int], dict[int, int], dict[int, int]], gva: int, gpa: int,
+                  size: int) -> int:
+        tlb, tlb_2m, tlb_1g = caches
+        if len(tlb) >= self.max_cached:
+            tlb.clear()
+            tlb_2m.clear()
+            tlb_1g.clear()
         if size == PAGE_SIZE_2M:
-            self._tlb_2m[gva >> 21] = gpa & ~(PAGE_SIZE_2M - 1)
+            tlb_2m[gva >> 21] = gpa & ~(PAGE_SIZE_2M - 1)
         elif size == PAGE_SIZE_1G:
-            self._tlb_1g[gva >> 30] = gpa & ~(PAGE_SIZE_1G - 1)
+            tlb_1g[gva >> 30] = gpa & ~(PAGE_SIZE_1G - 1)
         frame = gpa & ~_OFF
-        self._tlb[gva >> 12] = frame
+        tlb[gva >> 12] = frame
         return frame
 
     # --- reads and writes --------------------------------------------------------------------------
