@@ -13,8 +13,10 @@ Linux-specific decoding of non-present entries (x86-64, since the L1TF mitigatio
   9-58 (commit 2f22b4cd4576 "x86/speculation/l1tf: Protect swap entries against L1TF"), bit 1 soft-dirty,
   bit 2 uffd-wp, bit 3 anon-exclusive. Migration, hwpoison, device-private and PTE-marker entries use the
   same format with a type >= MAX_SWAPFILES (config dependent), so they surface as :class:`PageSwapped` too.
+  Kernels older than the L1TF fixes (type in bits 9-13, plain offset above) decode to wrong numbers.
 * PROT_NONE (``_PAGE_PROTNONE``, bit 8 with P clear): present to Linux, not to the MMU; its PFN is inverted
-  (commit 6b28baca9b1f "x86/speculation/l1tf: Protect PROT_NONE PTEs against speculation").
+  (L1TF series, "x86/speculation/l1tf: Protect PROT_NONE PTEs against speculation";
+  ``arch/x86/include/asm/pgtable-invert.h``: every non-zero entry without P has its PFN inverted).
 * ``pte_none`` ignores A and D (``_PAGE_KNL_ERRATUM_MASK``: Knights Landing sets them on non-present PTEs).
 """
 
@@ -405,7 +407,8 @@ def _in_ram(mem: PhysicalMemory, gpa: int) -> bool:
 
 
 def _prot_none_gpa(mem: PhysicalMemory, value: int, mask: int) -> int:
-    """Frame of a PROT_NONE entry: inverted since L1TF (commit 6b28baca9b1f); plain on older kernels."""
+    """Frame of a PROT_NONE entry: inverted since L1TF (pgtable-invert.h), plain on older kernels; the
+    encoding whose frame lies in RAM wins."""
     inverted = ~value & mask
     if _in_ram(mem, inverted):
         return inverted
@@ -494,12 +497,15 @@ def gva_to_gpa(mem: PhysicalMemory, dtb: int, gva: int, *, la57: bool = False) -
 # --- bulk walk ----------------------------------------------------------------------------------------
 
 class _Budget:
-    __slots__ = ("left", "limit", "dtb")
+    """Per-walk state: tables left to read, and the reader for whole tables."""
 
-    def __init__(self, limit: int, dtb: int) -> None:
+    __slots__ = ("left", "limit", "dtb", "read")
+
+    def __init__(self, limit: int, dtb: int, read: Callable[[int, int], bytes]) -> None:
         self.left = limit
         self.limit = limit
         self.dtb = dtb
+        self.read = read
 
 
 def walk_range(mem: PhysicalMemory, dtb: int, start_gva: int, end_gva: int, *, la57: bool = False,
@@ -522,7 +528,7 @@ def walk_range(mem: PhysicalMemory, dtb: int, start_gva: int, end_gva: int, *, l
     half = 1 << (bits - 1)
     upper = (1 << 64) - half                      # first canonical upper-half gva
     dtb &= _U64
-    budget = _Budget(max_tables, dtb)
+    budget = _Budget(max_tables, dtb, fast_readers(mem)[1])
     for seg_lo, seg_hi, gva_bias in ((0, half, 0), (upper, 1 << 64, upper - half)):
         lo, hi = max(start_gva, seg_lo), min(end_gva, seg_hi)
         if lo >= hi:
@@ -548,7 +554,7 @@ def _walk_table(mem: PhysicalMemory, table_gpa: int, level: int, base: int, lo: 
                           table_gpa)
     budget.left -= 1
     try:
-        raw = mem.read_gpa(table_gpa, PAGE_SIZE_4K)
+        raw = budget.read(table_gpa, PAGE_SIZE_4K)
     except PhysicalAddressError:
         _bad(strict, base + bias, parent_level, parent, table_gpa,
              f"points to a level-{level} table at gpa {table_gpa:#x} outside guest RAM")
@@ -614,7 +620,8 @@ def clear_accessed(mem: PhysicalMemory, pte_gpas: Sequence[int], expected: Seque
     freed and reused between the walk and this call). Pass ``expected`` (the ``pte_value`` from
     :func:`walk_range`) to leave alone entries whose frame or flags changed apart from A/D since.
 
-    Entries that are not present (swap, PROT_NONE) are never written. On the guest's own TLB: a cleared
+    Entries that are not present (swap, PROT_NONE) are never written. A gpa outside RAM raises
+    :class:`~vmsight.errors.PhysicalAddressError`. On the guest's own TLB: a cleared
     bit is set again only when the vCPU re-walks the tables (see FIELD-NOTES, "Accessed bits under TCG")."""
     if expected is not None and len(expected) != len(pte_gpas):
         raise ValueError("expected must have one value per pte gpa")
