@@ -31,6 +31,7 @@ from vmsight.errors import (
     CorruptData,
     NonCanonicalAddress,
     PageSwapped,
+    PermissionDenied,
     PhysicalAddressError,
     TranslationFault,
     VmsightError,
@@ -568,3 +569,11 @@ def test_random_tables_only_raise_vmsight_errors(fill: list[int], entries: dict[
         clear_accessed(mem, [m.pte_gpa for m in found[:100]])
     except VmsightError:
         pass
+
+
+def test_clear_accessed_on_read_only_ram_is_a_clear_error() -> None:
+    pt = PageTables()
+    g = pt.map(0x1000, 0x5000, flags=P | RW | A)
+    ro = BufferRam(memoryview(bytes(pt.buf)))      # read-only buffer, same contents
+    with pytest.raises(PermissionDenied):
+        clear_accessed(ro, [g])

@@ -35,6 +35,7 @@ from vmsight.errors import (
     CorruptData,
     NonCanonicalAddress,
     PageSwapped,
+    PermissionDenied,
     PhysicalAddressError,
     TranslationFault,
 )
@@ -639,6 +640,9 @@ def clear_accessed(mem: PhysicalMemory, pte_gpas: Sequence[int], expected: Seque
                 q = tables.get(page)
                 if q is None:
                     q = tables[page] = view(page, PAGE_SIZE_4K).cast("Q")
+                    if q.readonly:
+                        raise PermissionDenied(f"cannot clear accessed bits: guest RAM ({mem.name}) is "
+                                               "mapped read-only; attach with write access")
                 i = (pte_gpa & 0xFFF) >> 3
                 for _ in range(max_retries):
                     old = q[i]
