@@ -31,5 +31,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 
 if [ "${1:-}" != "--no-kernels" ]; then
-  .venv/bin/python -m vmsight.qemu.kernels fetch debian-6.1 debian-6.12
+  # Package names are resolved through apt; on a machine whose lists are stale or empty, update once and retry.
+  if ! .venv/bin/python -m vmsight.qemu.kernels fetch debian-6.1 debian-6.12; then
+    [ "$(id -u)" -eq 0 ] && apt-get update -qq
+    .venv/bin/python -m vmsight.qemu.kernels fetch debian-6.1 debian-6.12
+  fi
 fi

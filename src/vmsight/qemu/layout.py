@@ -6,6 +6,7 @@ say the range is backed by RAM block ``pc.ram`` at that offset."""
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,8 +56,6 @@ class RamLayout:
 
     def find(self, gpa: int) -> RamRange | None:
         """The range containing ``gpa``, or None."""
-        import bisect
-
         i = bisect.bisect_right(self._starts, gpa) - 1
         if i >= 0 and gpa < self.ranges[i].end:
             return self.ranges[i]
