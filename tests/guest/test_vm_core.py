@@ -134,3 +134,26 @@ def test_agent_ground_truth(guest: VmInstance) -> None:
     assert (r.rc, r.stdout, r.stderr) == (7, b"out\n", b"err\n")
     big = guest.agent.run("head -c 200000 /dev/zero | tr '\\0' x").check()
     assert big.stdout == b"x" * 200000
+
+
+def test_set_register_explicit_and_restored(vm: VM) -> None:
+    with vm.paused():
+        before = vm.registers(1)
+        other = vm.registers(0)["rbx"]
+        try:
+            vm.set_register(1, "rbx", 0x1122334455667788)
+            assert vm.hmp_registers(1)["rbx"] == 0x1122334455667788  # seen by QEMU itself
+            assert vm.registers(1)["rbx"] == 0x1122334455667788
+            assert vm.registers(0)["rbx"] == other  # only the chosen vCPU changed
+        finally:
+            vm.set_register(1, "rbx", before["rbx"])
+        assert vm.hmp_registers(1)["rbx"] == before["rbx"]
+
+
+def test_translation_cache_dropped_on_resume(vm: VM) -> None:
+    with vm.paused():
+        regs = vm.registers(0)
+        space = vm.address_space(regs["cr3"])
+        space.read(regs["rip"], 8)
+        assert space.cached_pages > 0
+    assert space.cached_pages == 0, "resuming must drop translations (the guest may change its page tables)"
