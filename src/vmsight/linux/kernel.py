@@ -566,17 +566,17 @@ class Kernel:
     def types(self) -> Any:
         """Typed-object factory over this kernel (:mod:`vmsight.linux.types`)."""
         if self._types is None:
-            from vmsight.linux import types as ktypes
+            from vmsight.linux.types import make_program
 
-            self._types = ktypes.make_program(self)
+            self._types = make_program(self)
         return self._types
 
     def object(self, name: str, type_name: str | None = None, gva: int | None = None) -> Any:
         """A typed view of a kernel variable (``object("init_task")``) or, with ``type_name`` and ``gva``,
         of the object of that type at ``gva`` (``object("", "struct task_struct", gva)``)."""
-        from vmsight.linux import types as ktypes
+        from vmsight.linux.types import kernel_object
 
-        return ktypes.kernel_object(self, name, type_name, gva)
+        return kernel_object(self, name, type_name, gva)
 
     # --- per-cpu and a few globals ---
 

@@ -1,0 +1,30 @@
+"""``vmsight --vm X lsmod``: loaded guest kernel modules (name, base, size)."""
+
+from __future__ import annotations
+
+import argparse
+
+from vmsight.cli.common import emit_json, open_vm
+from vmsight.linux import kernel_of
+from vmsight.linux.modules import lsmod
+
+NAME = "lsmod"
+HELP = "list the guest's loaded kernel modules"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    with open_vm(args) as vm:
+        k = kernel_of(vm)
+        with vm.paused():
+            mods = lsmod(k)
+    if args.json:
+        emit_json(mods)
+        return 0
+    print(f"{'Module':<24} {'Size':>8}  {'Base':<18} State")
+    for m in mods:
+        print(f"{m['name']:<24} {m['size']:>8}  {m['base']:#018x} {m['state']}")
+    return 0

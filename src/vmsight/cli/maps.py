@@ -1,0 +1,29 @@
+"""``vmsight --vm X maps PID``: a guest process's memory map, like /proc/PID/maps."""
+
+from __future__ import annotations
+
+import argparse
+
+from vmsight.cli.common import emit_json, open_vm
+from vmsight.linux import kernel_of
+from vmsight.linux.mm import task_vmas
+
+NAME = "maps"
+HELP = "show a guest process's memory mappings (VMAs), like /proc/PID/maps"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pid", type=int)
+
+
+def run(args: argparse.Namespace) -> int:
+    with open_vm(args) as vm:
+        k = kernel_of(vm)
+        with vm.paused():
+            vmas = task_vmas(k, args.pid)
+    if args.json:
+        emit_json([v.as_dict() for v in vmas])
+        return 0
+    for v in vmas:
+        print(v.maps_line())
+    return 0
