@@ -94,6 +94,7 @@ class VM:
         raise TargetError(f"physical-memory backend {backend!r} is not available: {'; '.join(why)}")
 
     def _shared_ram_file(self) -> str | None:
+        """Path of a shared file or memfd that holds all guest RAM, or None."""
         blocks = {r.block for r in self.layout}
         if len(blocks) != 1:
             return None
@@ -101,10 +102,29 @@ class VM:
         try:
             if not self.qmp.execute("qom-get", path=f"/objects/{block}", property="share"):
                 return None
+            kind = self.qmp.execute("qom-get", path=f"/objects/{block}", property="type")
+            if kind == "memory-backend-memfd":
+                return self._memfd_path(int(self.qmp.execute("qom-get", path=f"/objects/{block}",
+                                                             property="size")))
             path = str(self.qmp.execute("qom-get", path=f"/objects/{block}", property="mem-path"))
         except VmsightError:
             return None
         return path if os.path.exists(path) else None
+
+    def _memfd_path(self, size: int) -> str | None:
+        """A shared memfd backend is reachable as /proc/<qemu>/fd/N (QEMU names it after the backend type)."""
+        hits = []
+        try:
+            for fd in os.listdir(f"/proc/{self.pid}/fd"):
+                p = f"/proc/{self.pid}/fd/{fd}"
+                try:
+                    if os.readlink(p).startswith("/memfd:memory-backend-memfd") and os.stat(p).st_size == size:
+                        hits.append(p)
+                except OSError:
+                    continue
+        except PermissionError:
+            return None
+        return hits[0] if len(hits) == 1 else None  # ambiguous with several memfd backends of one size
 
     def _gpa2hva(self, gpa: int) -> int:
         out = self.qmp.hmp(f"gpa2hva {gpa:#x}")

@@ -140,3 +140,19 @@ def test_runtime_gdbserver_and_procmem(plain_guest: VmInstance) -> None:
     with attach(plain_guest.dir) as vm:
         assert vm.status() == "running"
         assert vm.registers(0)["cr3"]  # reconnects to the runtime stub
+
+
+@pytest.mark.parametrize("ram_backend,expected", [("memfd", "mapped-ram-file"), ("anonymous", "proc-pid-mem")])
+def test_backend_choice_follows_qemu_options(tmp_path: Path, ram_backend: str, expected: str) -> None:
+    """With a shared memfd vmsight maps it through /proc/<qemu>/fd; with QEMU's default anonymous RAM it
+    falls back to /proc/<qemu>/mem. Both read the same bytes as the gdbstub."""
+    need(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 not installed")
+    from vmsight.memory.gdbphys import GdbPhysRam
+
+    with launch(LaunchConfig(kernel="debian-6.1", ram_backend=ram_backend), tmp_path) as inst:
+        with attach(inst.dir) as vm, vm.paused():
+            assert vm.backend == expected
+            regs = vm.registers(0)
+            t = vm.translate(regs["rip"], regs["cr3"])
+            assert vm.read_gpa(t.gpa, 64) == GdbPhysRam(vm.stopped_stub, vm.layout).read_gpa(t.gpa, 64)
+            assert any(vm.read_gpa(t.gpa & ~0xFFF, 4096))

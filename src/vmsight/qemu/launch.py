@@ -52,6 +52,7 @@ class LaunchConfig:
     accel: str = "auto"              # auto | kvm | tcg
     host_root: bool = False          # share the host's / read-only over 9p (tag "host")
     gdb: bool = True                 # -gdb socket (run control); without it one can be added at runtime
+    ram_backend: str = "file"        # file (shared /dev/shm file) | memfd (shared memfd) | anonymous (QEMU default)
     extra_args: list[str] = field(default_factory=list)
     boot_timeout: float = 180.0
 
@@ -65,7 +66,7 @@ class VmInstance:
     qmp: str
     gdb: str | None
     agent_socket: str
-    ram_file: str
+    ram_file: str | None
     ram_size: int
     console_log: str
     kernel: str
@@ -112,9 +113,9 @@ class VmInstance:
             deadline = time.monotonic() + timeout
             while self.alive() and time.monotonic() < deadline:
                 time.sleep(0.02)
-        for p in (self.ram_file,):
+        if self.ram_file:
             try:
-                os.unlink(p)
+                os.unlink(self.ram_file)
             except FileNotFoundError:
                 pass
         _live.discard(self)
@@ -153,19 +154,24 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def qemu_command(cfg: LaunchConfig, *, kernel: Path, initrd: Path, accel: str, ram_file: str,
+def qemu_command(cfg: LaunchConfig, *, kernel: Path, initrd: Path, accel: str, ram_file: str | None,
                  ram_size: int, socks: dict[str, str], console_log: str) -> list[str]:
     append = "console=ttyS0 panic=-1 " + ("vmsight.hostroot " if cfg.host_root else "") + cfg.append
     cmd = [QEMU, "-name", "vmsight", "-nodefaults", "-display", "none", "-no-reboot",
-           "-machine", "pc,memory-backend=mem", "-accel", accel,
+           "-machine", "pc" if cfg.ram_backend == "anonymous" else "pc,memory-backend=mem", "-accel", accel,
            "-m", str(ram_size >> 20) + "M",
-           "-object", f"memory-backend-file,id=mem,size={ram_size},mem-path={ram_file},share=on",
            "-smp", f"{cfg.smp},sockets={cfg.smp},cores=1,threads=1",
            "-kernel", str(kernel), "-initrd", str(initrd), "-append", append.strip(),
            "-chardev", f"file,id=con,path={console_log}", "-serial", "chardev:con",
            "-chardev", f"socket,id=agent,path={socks['agent']},server=on,wait=off", "-serial", "chardev:agent",
            "-qmp", f"unix:{socks['qmp']},server=on,wait=off",
            "-device", "pvpanic"]
+    if cfg.ram_backend == "file":
+        cmd += ["-object", f"memory-backend-file,id=mem,size={ram_size},mem-path={ram_file},share=on"]
+    elif cfg.ram_backend == "memfd":
+        cmd += ["-object", f"memory-backend-memfd,id=mem,size={ram_size},share=on"]
+    elif cfg.ram_backend != "anonymous":
+        raise VmsightError(f"unknown ram_backend {cfg.ram_backend!r}: file, memfd or anonymous")
     if accel == "kvm":
         cmd += ["-cpu", "host"]
     if cfg.gdb:
@@ -197,7 +203,7 @@ def launch(cfg: LaunchConfig, directory: str | os.PathLike[str], *, detach: bool
     socks = {k: str(sockdir / f"{k}.sock") for k in ("qmp", "gdb", "agent")}
     for s in socks.values():
         Path(s).unlink(missing_ok=True)
-    ram_file = f"/dev/shm/vmsight-{tag}.ram"
+    ram_file = f"/dev/shm/vmsight-{tag}.ram" if cfg.ram_backend == "file" else None
     console_log = str(d / "console.log")
     cmd = qemu_command(cfg, kernel=kernel, initrd=initrd, accel=accel, ram_file=ram_file,
                        ram_size=ram_size, socks=socks, console_log=console_log)
