@@ -123,42 +123,56 @@ def _align8(x: int, anchor: int) -> int:
 # --- token table --------------------------------------------------------------------------------------
 
 def _token_table_at_digits(v: _View, digits_off: int) -> TokenTable | None:
-    """Validate a token-table candidate whose token '0' (index 0x30) starts at digits_off."""
-    lo = max(0, digits_off - 0x30 * (MAX_TOKEN_LEN + 1) - 1)
-    back = v.mv[lo:digits_off].tobytes()
-    pos = len(back)  # start of token 0x30 within `back`
-    for _ in range(0x30):
-        if pos == 0 or back[pos - 1] != 0:
-            return None
-        prev = back.rfind(b"\0", 0, pos - 1)
-        start = prev + 1
-        if prev < 0 and lo != 0:
-            return None  # longer than MAX_TOKEN_LEN
-        if start == pos - 1:
-            return None  # empty token: never emitted
-        pos = start
-    tt_off = lo + pos
-    fwd = v.mv[tt_off:min(v.size, tt_off + 256 * (MAX_TOKEN_LEN + 1) + 8 + 512)].tobytes()
-    tokens: list[bytes] = []
-    offs: list[int] = []
+    """Validate a token-table candidate whose token '0' (index 0x30) starts at digits_off.
+
+    Walking back to token 0 is ambiguous (the table before it need not end in NUL), so walk forward
+    over tokens 0x30..0xff to the end of the table; ``kallsyms_token_index`` follows (8-aligned) and
+    its entry 0x30 says how far back token 0 is. The whole index must then match the table."""
+    fwd = v.mv[digits_off:min(v.size, digits_off + 208 * (MAX_TOKEN_LEN + 1) + 8 + 512)].tobytes()
     p = 0
-    for _ in range(256):
+    for _ in range(256 - 0x30):
         e = fwd.find(b"\0", p, p + MAX_TOKEN_LEN + 1)
-        if e <= p:  # not found, or empty token
+        if e < 0:
             return None
-        offs.append(p)
-        tokens.append(fwd[p:e])
         p = e + 1
-    idx_rel = p + (-p) % 8
-    if idx_rel + 512 > len(fwd):
+    for pad in range(8):
+        idx_rel = p + pad
+        if idx_rel + 512 > len(fwd):
+            return None
+        if pad and fwd[idx_rel - 1] != 0:
+            return None  # alignment padding is zeros
+        back = struct.unpack_from("<H", fwd, idx_rel + 2 * 0x30)[0]
+        tt_off = digits_off - back
+        if tt_off < 0 or (digits_off + idx_rel - tt_off) % 8:
+            continue
+        tt = _token_table_at(v, tt_off, digits_off + idx_rel)
+        if tt is not None:
+            return tt
+    return None
+
+
+def _token_table_at(v: _View, tt_off: int, index_off: int) -> TokenTable | None:
+    """The token table at tt_off if the 256 u16 at index_off are exactly its token offsets."""
+    if index_off + 512 > v.size or index_off <= tt_off:
         return None
-    index = struct.unpack_from("<256H", fwd, idx_rel)
-    if list(index) != offs:
-        return None
+    table = v.mv[tt_off:index_off].tobytes()
+    index = struct.unpack_from("<256H", v.mv, index_off)
+    tokens: list[bytes] = []
+    p = 0
+    for i in range(256):
+        if index[i] != p:
+            return None
+        e = table.find(b"\0", p, p + MAX_TOKEN_LEN + 1)
+        if e < 0:
+            return None
+        tokens.append(table[p:e])
+        p = e + 1
+    if table[p:].strip(b"\0"):
+        return None  # only alignment padding may follow the 256th token
     for c in range(0x30, 0x3A):
         if tokens[c] != bytes([c]):
             return None
-    return TokenTable(tt_off, tt_off + idx_rel, tuple(tokens))
+    return TokenTable(tt_off, index_off, tuple(tokens))
 
 
 def find_token_tables(data: Buffer, start: int = 0, end: int | None = None) -> Iterator[TokenTable]:
@@ -382,7 +396,11 @@ def detect_layout(data: Buffer, tt: TokenTable) -> KallsymsLayout:
     """Which table order surrounds this token table. Raises UnsupportedKernel if none fits."""
     v = _View(data)
     for probe in (_layout_num_syms_first, _layout_offsets_first):
-        layout = probe(v, tt)
+        try:
+            layout = probe(v, tt)
+        except CorruptData as e:  # a candidate pointed outside the buffer: this order does not fit
+            log.debug("kallsyms %s: %s", probe.__name__, e)
+            layout = None
         if layout is not None:
             log.debug("kallsyms layout %s: %d symbols", layout.order, layout.num_syms)
             return layout
@@ -606,31 +624,56 @@ def find_kallsyms(data: Buffer, start: int = 0, end: int | None = None) -> Kalls
 def kallsyms_from_reader(read: ReadFn, token_table_gva: int, before: int = MAX_TABLES_SPAN,
                          after: int = 8 << 20, chunk: int = 1 << 16) -> Kallsyms:
     """Decode kallsyms through ``read(gva, size)`` around a known ``kallsyms_token_table`` gva. Reads
-    chunk by chunk outward from the token table and stops at the first unreadable chunk."""
-    base = token_table_gva - token_table_gva % chunk
-    lo_chunks: list[bytes] = []
-    gva = base - chunk
-    while gva >= base - before:
+    outward from the token table in `chunk`s (page by page once a chunk fails) and stops at the first
+    unreadable page."""
+    page = 4096
+    chunk = max(page, chunk - chunk % page)
+
+    def readable(gva: int, size: int) -> bytes | None:
         try:
-            lo_chunks.append(read(gva, chunk))
+            return read(gva, size)
         except VmsightError:
+            return None
+
+    base = token_table_gva - token_table_gva % page
+    lo_chunks: list[bytes] = []
+    gva = base
+    while gva > base - before:
+        n = min(chunk, gva - (base - before))
+        data = readable(gva - n, n)
+        if data is None:  # find the readable pages at the top of this chunk
+            while n > 0 and (data := readable(gva - page, page)) is not None:
+                lo_chunks.append(data)
+                gva -= page
+                n -= page
             break
-        gva -= chunk
+        lo_chunks.append(data)
+        gva -= n
     hi_chunks: list[bytes] = []
     gva = base
     while gva < base + after:
-        try:
-            hi_chunks.append(read(gva, chunk))
-        except VmsightError:
+        n = min(chunk, base + after - gva)
+        data = readable(gva, n)
+        if data is None:
+            while n > 0 and (data := readable(gva, page)) is not None:
+                hi_chunks.append(data)
+                gva += page
+                n -= page
             break
-        gva += chunk
+        hi_chunks.append(data)
+        gva += n
     if not hi_chunks:
         raise CorruptData("kallsyms_token_table is unreadable", token_table_gva)
     buf = b"".join(reversed(lo_chunks)) + b"".join(hi_chunks)
-    buf_gva = base - chunk * len(lo_chunks)
+    buf_gva = base - sum(len(c) for c in lo_chunks)
     tt_off = token_table_gva - buf_gva
-    tt = _token_table_at_digits(_View(buf), tt_off + _token_offset_of_digit0(buf, tt_off))
-    if tt is None or tt.offset != token_table_gva - buf_gva:
+    v = _View(buf)
+    try:
+        digits = tt_off + _token_offset_of_digit0(buf, tt_off)
+    except CorruptData:
+        digits = -1
+    tt = _token_table_at_digits(v, digits) if digits >= 0 else None
+    if tt is None or tt.offset != tt_off:
         raise CorruptData("no valid kallsyms_token_table at the given address", token_table_gva)
     return decode_kallsyms(buf, tt)
 
@@ -640,7 +683,7 @@ def _token_offset_of_digit0(buf: bytes, tt_off: int) -> int:
     p = tt_off
     for _ in range(0x30):
         e = buf.find(b"\0", p, p + MAX_TOKEN_LEN + 1)
-        if e <= p:
+        if e < 0:
             raise CorruptData("malformed kallsyms_token_table", tt_off)
         p = e + 1
     return p - tt_off
