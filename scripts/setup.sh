@@ -6,7 +6,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 need_apt=()
-for pkg in qemu-system-x86 busybox-static cpio bc flex bison libelf-dev libssl-dev make gcc xz-utils zstd; do
+for pkg in qemu-system-x86 busybox-static cpio bc flex bison libelf-dev libssl-dev make gcc libc6-dev xz-utils zstd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

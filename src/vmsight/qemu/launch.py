@@ -25,7 +25,7 @@ from typing import Any
 from vmsight.errors import TargetError, VmsightError
 from vmsight.qemu.accel import choose_accel
 from vmsight.qemu.agent import GuestAgent
-from vmsight.qemu.initramfs import build_initramfs
+from vmsight.qemu.initramfs import build_initramfs, with_extra_files
 from vmsight.qemu.kernels import kernel_path
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class LaunchConfig:
     host_root: bool = False          # share the host's / read-only over 9p (tag "host")
     gdb: bool = True                 # -gdb socket (run control); without it one can be added at runtime
     ram_backend: str = "file"        # file (shared /dev/shm file) | memfd (shared memfd) | anonymous (QEMU default)
+    guest_files: dict[str, str] = field(default_factory=dict)  # guest path -> host file, added to the initramfs
     extra_args: list[str] = field(default_factory=list)
     boot_timeout: float = 180.0
 
@@ -195,6 +196,8 @@ def launch(cfg: LaunchConfig, directory: str | os.PathLike[str], *, detach: bool
             raise VmsightError(f"{d} already holds a running VM (pid {prev.pid}): `vmsight vm stop --dir {d}` first")
     kernel = kernel_path(cfg.kernel)
     initrd = Path(cfg.initrd) if cfg.initrd else build_initramfs()
+    if cfg.guest_files:
+        initrd = with_extra_files(initrd, cfg.guest_files, d / "initrd.img")
     accel = choose_accel(cfg.accel)
     ram_size = parse_size(cfg.memory)
     tag = secrets.token_hex(4)
