@@ -132,7 +132,7 @@ def kernel_like() -> tuple[bytes, dict[str, int]]:
     ids["pgd_t"] = b.struct_("pgd_t", 8, [("pgd", ids["ulong"], 0, 0)])  # typedef struct { pgdval_t pgd; }
     ids["pgd_ptr"] = b.ptr(ids["pgd_t"])
     ids["mm_anon"] = b.struct_("", 0x80, [("mmap_base", ids["ulong"], 0x40 * 8, 0), ("pgd", ids["pgd_ptr"], 0x78 * 8, 0),
-                                          ("mm_users", ids["int"], 0x80 * 8 - 32, 0)])
+                                          ("mm_users", ids["int"], 0x70 * 8, 0)])
     ids["cpumask"] = b.array(ids["ulong"], ids["int"], 0)  # flexible array member
     ids["mm_struct"] = b.struct_("mm_struct", 0x80, [("", ids["mm_anon"], 0, 0), ("cpu_bitmap", ids["cpumask"], 0x80 * 8, 0)])
     ids["mm_ptr"] = b.ptr(ids["mm_struct"])
