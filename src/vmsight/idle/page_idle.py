@@ -34,10 +34,10 @@ from vmsight.idle.abi import (
     U64,
     WORD_BYTES,
     bit,
+    bits_at,
     has,
     pagemap_pfn,
     pfn_bitmap_words,
-    bits_at,
     word_runs,
 )
 from vmsight.idle.backend import (

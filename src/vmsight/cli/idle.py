@@ -1,0 +1,293 @@
+"""``vmsight idle``: per-process idle page tracking.
+
+  vmsight idle PID [--interval 1s] [--duration 30s] [--backend B] [--range R]...   live table / --json lines
+  vmsight idle record PID -o FILE [--interval 1s] [--duration 30s] ...              JSON lines with bitmaps
+  vmsight idle report FILE [--wss] [--heatmap out.png|-]                            summarise a recording
+  vmsight idle bitmap PID --start GVA --end GVA [--mark] [--wait 1s] [--raw]        proposed /proc/PID/page_idle
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from typing import Any
+
+from vmsight.errors import VmsightError
+
+NAME = "idle"
+HELP = "track which pages of a process are idle (working-set size, idle ages, per-VMA, heatmaps)"
+ACTIONS = ("record", "report", "bitmap")
+SHADES = " .:-=+*#%@"
+
+
+def parse_duration(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: use e.g. 500ms, 1s, 2m")
+    return float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+
+
+def _int0(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal, or hex with 0x)") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = __doc__
+    p.add_argument("words", nargs="+", metavar="PID | record PID | report FILE | bitmap PID",
+                   help="what to do (default: live view of PID)")
+    p.add_argument("--interval", type=parse_duration, default=1.0, help="sampling interval (default 1s)")
+    p.add_argument("--duration", type=parse_duration, default=None,
+                   help="stop after this long (default: until Ctrl-C; record: 30s)")
+    p.add_argument("--backend", default="auto", choices=["auto", "page_idle", "damon", "clear_refs"])
+    p.add_argument("--range", dest="ranges", action="append", default=None, metavar="NAME|START-END",
+                   help="only this VMA name ([heap], a file path) or gva range (repeatable; default all)")
+    p.add_argument("-o", "--output", help="record: output file (JSON lines)")
+    p.add_argument("--wss", action="store_true", help="report: working-set size per interval")
+    p.add_argument("--heatmap", metavar="PNG|-", help="report: address x time heatmap to a PNG (and the terminal); "
+                   "'-' = terminal only")
+    p.add_argument("--rows", type=int, default=32, help="heatmap rows (address bins)")
+    p.add_argument("--start", type=_int0, help="bitmap: first gva (rounded down to 64 pages)")
+    p.add_argument("--end", type=_int0, help="bitmap: end gva, exclusive (rounded up to 64 pages)")
+    p.add_argument("--mark", action="store_true", help="bitmap: mark the range idle first, wait, then read")
+    p.add_argument("--wait", type=parse_duration, default=1.0, help="bitmap --mark: time between mark and read")
+    p.add_argument("--raw", action="store_true", help="bitmap: write the binary words (native u64) to stdout")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON (lines) output")
+
+
+def run(args: argparse.Namespace) -> int:
+    words = args.words
+    action = words[0] if words[0] in ACTIONS else "live"
+    operands = words[1:] if action != "live" else words
+    if len(operands) != 1:
+        raise VmsightError(f"idle {action if action != 'live' else ''}: expected one "
+                           f"{'FILE' if action == 'report' else 'PID'}, got {operands or 'nothing'}")
+    if action == "report":
+        return _report(args, operands[0])
+    try:
+        pid = int(operands[0], 0)
+    except ValueError:
+        raise VmsightError(f"not a pid: {operands[0]!r}") from None
+    if action == "bitmap":
+        return _bitmap(args, pid)
+    return _track(args, pid, record=action == "record")
+
+
+def _ranges(args: argparse.Namespace) -> list[Any] | None:
+    if not args.ranges:
+        return None
+    out: list[Any] = []
+    for r in args.ranges:
+        m = re.fullmatch(r"(0x[0-9a-fA-F]+|\d+)-(0x[0-9a-fA-F]+|\d+)", r)
+        out.append((int(m.group(1), 0), int(m.group(2), 0)) if m else r)
+    return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f}"
+
+
+# --- live / record ------------------------------------------------------------------------------------------
+def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
+    from vmsight.idle import IdleTracker
+    from vmsight.idle.stats import header_record, run_intervals
+
+    as_json = getattr(args, "json", False)
+    duration = args.duration if args.duration is not None else (30.0 if record else None)
+    if record and not args.output:
+        raise VmsightError("idle record: -o FILE is required")
+    out = open(args.output, "w") if record else sys.stdout  # noqa: SIM115 - closed below
+    try:
+        with IdleTracker(pid, args.backend) as t:
+            head = header_record(pid, t.process.comm, t.backend_name, t.reason, t.granularity,
+                                 t.backend.approximate, args.interval * 1000)
+            if record or as_json:
+                out.write(json.dumps(head) + "\n")
+                out.flush()
+            else:
+                print(f"pid {pid} ({t.process.comm}): {t.reason}", file=sys.stderr)
+            live = None
+            if not record and not as_json and sys.stdout.isatty():
+                from rich.live import Live
+                live = Live(refresh_per_second=4)
+                live.start()
+
+            def on_interval(rec: dict[str, Any], snap: Any) -> None:
+                if record or as_json:
+                    out.write(json.dumps(rec) + "\n")
+                    out.flush()
+                    if record:
+                        print(f"\rinterval {rec['index']}: wss {_mib(rec['wss_bytes'])} MiB", end="",
+                              file=sys.stderr, flush=True)
+                elif live is not None:
+                    live.update(_table(head, rec))
+                else:
+                    print(_plain(rec))
+
+            try:
+                why = run_intervals(t, args.interval, duration, on_interval, ranges=_ranges(args),
+                                    with_bitmap=record)
+            except KeyboardInterrupt:
+                why = "interrupted"
+            finally:
+                if live is not None:
+                    live.stop()
+            if record or as_json:
+                out.write(json.dumps({"type": "end", "format_version": head["format_version"], "reason": why}) + "\n")
+            if record:
+                print(f"\nrecorded to {args.output} ({why})", file=sys.stderr)
+            elif why not in ("duration", "interrupted"):
+                print(f"stopped: {why}", file=sys.stderr)
+    finally:
+        if record:
+            out.close()
+    return 0
+
+
+def _plain(rec: dict[str, Any]) -> str:
+    h = rec["idle_age_hist_bytes"]
+    return (f"[{rec['index']:4d}] wss {_mib(rec['wss_bytes'])} MiB  idle {_mib(rec['idle_bytes'])} MiB  "
+            f"swapped {_mib(rec['swapped_bytes'])} MiB  idle>=k: "
+            + " ".join(f"{k}:{_mib(v)}" for k, v in h.items()))
+
+
+def _table(head: dict[str, Any], rec: dict[str, Any]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    title = Text(f"pid {head['pid']} ({head['comm']})  backend {head['backend']} ({head['granularity']}"
+                 f"{', approximate' if head['approximate'] else ''})  interval {rec['index']}  "
+                 f"{rec['elapsed_ms']:.0f} ms", style="bold")
+    summary = Text(f"WSS {_mib(rec['wss_bytes'])} MiB   idle {_mib(rec['idle_bytes'])} MiB   "
+                   f"resident {_mib(rec['present_bytes'])} MiB   swapped {_mib(rec['swapped_bytes'])} MiB   "
+                   f"untracked {_mib(rec['untracked_bytes'])} MiB")
+    hist = Table(title="idle for >= k intervals (MiB)", show_edge=False)
+    for k in rec["idle_age_hist_bytes"]:
+        hist.add_column(f">={k}", justify="right")
+    hist.add_row(*[_mib(v) for v in rec["idle_age_hist_bytes"].values()])
+    vt = Table(title="per VMA (MiB)", show_edge=False)
+    for c in ("mapping", "kind", "mapped", "resident", "accessed", "idle", "swapped"):
+        vt.add_column(c, justify="left" if c in ("mapping", "kind") else "right")
+    for g in rec["vmas"][:20]:
+        vt.add_row(g["label"][-48:] or "?", g["kind"], _mib(g["mapped_bytes"]), _mib(g["present_bytes"]),
+                   _mib(g["accessed_bytes"]), _mib(g["idle_bytes"]), _mib(g["swapped_bytes"]))
+    parts: list[Any] = [title, summary, hist, vt]
+    if rec.get("warnings"):
+        parts.append(Text("; ".join(sorted(set(rec["warnings"])))[:300], style="yellow"))
+    return Group(*parts)
+
+
+# --- report -------------------------------------------------------------------------------------------------
+def _report(args: argparse.Namespace, path: str) -> int:
+    from vmsight.idle.stats import heatmap_matrix, read_recording
+
+    try:
+        with open(path) as f:
+            rec = read_recording(f)
+    except (OSError, ValueError) as e:
+        raise VmsightError(f"cannot read recording {path}: {e}") from None
+    h, its = rec.header, rec.intervals
+    wss = [i["wss_bytes"] for i in its]
+    as_json = getattr(args, "json", False)
+    summary = {"format_version": h.get("format_version", 1), "pid": h.get("pid"), "comm": h.get("comm"),
+               "backend": h.get("backend"), "intervals": len(its), "interval_ms": h.get("interval_ms"),
+               "wss_mean_bytes": int(sum(wss) / len(wss)) if wss else 0, "wss_max_bytes": max(wss, default=0),
+               "wss_min_bytes": min(wss, default=0), "end": (rec.end or {}).get("reason")}
+    if as_json:
+        if args.wss:
+            summary["wss_bytes"] = wss
+        print(json.dumps(summary))
+    else:
+        print(f"pid {summary['pid']} ({summary['comm']}), backend {summary['backend']}, {len(its)} intervals of "
+              f"{summary['interval_ms']} ms; WSS mean {_mib(summary['wss_mean_bytes'])} MiB, "
+              f"min {_mib(summary['wss_min_bytes'])}, max {_mib(summary['wss_max_bytes'])}"
+              + (f"; ended: {summary['end']}" if summary["end"] else ""))
+        if args.wss:
+            top = max(wss, default=0) or 1
+            print(f"{'#':>4} {'elapsed_ms':>10} {'wss_MiB':>9} {'idle_MiB':>9} {'swapped_MiB':>11}")
+            for i in its:
+                bar = "#" * int(40 * i["wss_bytes"] / top)
+                print(f"{i['index']:>4} {i['elapsed_ms']:>10.0f} {_mib(i['wss_bytes']):>9} "
+                      f"{_mib(i['idle_bytes']):>9} {_mib(i['swapped_bytes']):>11} {bar}")
+    if args.heatmap:
+        mat, labels = heatmap_matrix(rec, args.rows)
+        if mat.size == 0:
+            raise VmsightError(f"{path} holds no bitmaps: record it with `vmsight idle record`")
+        if not as_json:
+            print(_term_heatmap(mat, labels))
+        if args.heatmap != "-":
+            _png_heatmap(mat, labels, h, args.heatmap)
+            print(f"heatmap written to {args.heatmap}", file=sys.stderr)
+    return 0
+
+
+def _term_heatmap(mat: Any, labels: list[tuple[int, int]]) -> str:
+    import numpy as np
+
+    lines = ["accessed fraction per address bin (rows) and interval (columns): ' ' none ... '@' all, '?' untracked"]
+    for r in range(mat.shape[0]):
+        cells = "".join("?" if np.isnan(v) else SHADES[min(len(SHADES) - 1, int(round(v * (len(SHADES) - 1))))]
+                        for v in mat[r])
+        lines.append(f"{labels[r][0]:#014x} |{cells}|")
+    return "\n".join(lines)
+
+
+def _png_heatmap(mat: Any, labels: list[tuple[int, int]], head: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6))
+    im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1, origin="lower")
+    ax.set_xlabel(f"interval ({head.get('interval_ms', '?')} ms each)")
+    ax.set_ylabel("virtual address (mapped ranges, gaps removed)")
+    step = max(1, len(labels) // 12)
+    ax.set_yticks(range(0, len(labels), step))
+    ax.set_yticklabels([f"{lo:#x}" for lo, _ in labels[::step]], fontsize=7)
+    ax.set_title(f"pid {head.get('pid')} ({head.get('comm')}) accessed fraction — {head.get('backend')}")
+    fig.colorbar(im, ax=ax, label="accessed fraction of tracked pages")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- bitmap -------------------------------------------------------------------------------------------------
+def _bitmap(args: argparse.Namespace, pid: int) -> int:
+    from vmsight.idle import IdleTracker
+
+    if args.start is None or args.end is None or args.start >= args.end:
+        raise VmsightError("idle bitmap: --start GVA and --end GVA are required, start < end")
+    start_vfn = (args.start >> 12) // 64 * 64          # the ABI's offsets are multiples of 8 bytes = 64 pages
+    end_page = -(-args.end // 4096)
+    end_vfn = -(-end_page // 64) * 64
+    with IdleTracker(pid, args.backend) as t:
+        rng = [(start_vfn << 12, end_vfn << 12)]
+        if args.mark:
+            t.mark_idle(rng)
+            time.sleep(args.wait)
+        snap = t.read(rng)
+    words = snap.words(start_vfn, end_vfn)
+    if args.raw:
+        sys.stdout.buffer.write(words.tobytes())
+        return 0
+    if getattr(args, "json", False):
+        print(json.dumps({"format_version": 1, "pid": pid, "backend": snap.backend, "start_vfn": start_vfn,
+                          "offset_bytes": start_vfn // 64 * 8, "words": [f"{int(w):#018x}" for w in words],
+                          "warnings": snap.warnings}))
+        return 0
+    print(f"# /proc/{pid}/page_idle (proposed ABI) via {snap.backend}: offset = vfn // 64 * 8, bit = vfn % 64, "
+          "1 = idle")
+    for i, w in enumerate(words):
+        vfn = start_vfn + 64 * i
+        print(f"{(vfn // 64) * 8:#014x}  {int(w):016x}  # gva {vfn << 12:#x}")
+    for w in sorted(set(snap.warnings)):
+        print(f"# warning: {w}", file=sys.stderr)
+    return 0
