@@ -452,7 +452,11 @@ def _decode_names(v: _View, layout: KallsymsLayout,
     expanded = table[np.cumsum(step)]
     # First expanded byte of each symbol is its type: read it, then overwrite it with NUL so one
     # split() yields every name (names never contain NUL).
-    begins = eoff[np.cumsum(ln) - ln]
+    first_tok = np.cumsum(ln) - ln
+    eoff_ext = np.append(eoff, len(expanded))
+    begins = eoff_ext[first_tok]
+    if len(begins) and int((eoff_ext[first_tok + ln] - begins).min()) < 1:
+        raise CorruptData("kallsyms name expands to nothing (empty tokens only)", layout.names_offset)
     types = expanded[begins].tobytes()
     expanded[begins] = 0
     names = expanded.tobytes().decode("latin-1").split("\0")[1:]
