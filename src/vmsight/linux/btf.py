@@ -190,7 +190,9 @@ class Btf:
         self.count: int = self._first_id - 1 + len(self._offs)
         self._cache: dict[int, BtfType] = {}
         self._str_cache: dict[int, str] = {}
-        self._by_name: dict[str, tuple[int, int]] | None = None
+        self._by_name: dict[str, int] | None = None
+        self._span_lo: list[int] = []
+        self._span_hi: list[int] = []
         self._ids_by_name = np.zeros(0, dtype=np.int64)
         self._extra_names: dict[str, list[int]] = {}
         self._members_cache: dict[int, dict[str, ResolvedMember]] = {}
@@ -365,9 +367,10 @@ class Btf:
 
     # --- names ------------------------------------------------------------------------------------
 
-    def _name_index(self) -> dict[str, tuple[int, int]]:
-        """name -> (lo, hi) span of ``self._ids_by_name``, built in bulk with numpy from the string
-        section (kernel BTF deduplicates strings; a name found at two offsets is merged)."""
+    def _name_index(self) -> dict[str, int]:
+        """name -> k, where ids ``_ids_by_name[_span_lo[k]:_span_hi[k]]`` carry that name. Built in bulk
+        with numpy from the string section (kernel BTF deduplicates strings; a name found at two
+        offsets is merged into ``_extra_names``)."""
         if self._by_name is None:
             strs = np.frombuffer(self._strs, dtype=np.uint8)
             nul = np.flatnonzero(strs == 0)
@@ -377,18 +380,20 @@ class Btf:
             sorted_offs = self._name_arr[order]
             first = np.flatnonzero(np.diff(sorted_offs, prepend=-1))
             uniq = sorted_offs[first]
-            spans_hi = np.append(first[1:], len(sorted_offs))
             pos = np.minimum(np.searchsorted(starts, uniq), len(starts) - 1)
             exact = starts[pos] == uniq
             names = [parts[p] if e else self.string(o)
                      for p, e, o in zip(pos.tolist(), exact.tolist(), uniq.tolist(), strict=True)]
             self._ids_by_name = (order + self._first_id).astype(np.int64)
-            idx = dict(zip(names, zip(first.tolist(), spans_hi.tolist(), strict=True), strict=True))
+            self._span_lo = first.tolist()
+            self._span_hi = first[1:].tolist() + [len(sorted_offs)]
+            idx = dict(zip(names, range(len(names))))  # ints, not tuples: no GC churn
             if len(idx) != len(names):  # the same name at two string offsets: merge the spans
                 merged: dict[str, list[int]] = {}
-                for name, lo, hi in zip(names, first.tolist(), spans_hi.tolist(), strict=True):
-                    merged.setdefault(name, []).extend(self._ids_by_name[lo:hi].tolist())
-                self._extra_names = {k: sorted(v) for k, v in merged.items() if len(v) > 0}
+                for k, name in enumerate(names):
+                    merged.setdefault(name, []).extend(
+                        self._ids_by_name[self._span_lo[k]:self._span_hi[k]].tolist())
+                self._extra_names = {k: sorted(v) for k, v in merged.items()}
             idx.pop("", None)
             self._by_name = idx
         return self._by_name
@@ -397,8 +402,8 @@ class Btf:
         idx = self._name_index()
         if name in self._extra_names:
             return list(self._extra_names[name])
-        span = idx.get(name)
-        return [] if span is None else self._ids_by_name[span[0]:span[1]].tolist()
+        k = idx.get(name)
+        return [] if k is None else self._ids_by_name[self._span_lo[k]:self._span_hi[k]].tolist()
 
     def find_all(self, name: str, kind: BtfKind | None = None) -> list[int]:
         """Ids of every type named `name` (optionally of one kind), this blob then its base."""

@@ -24,6 +24,7 @@ through :func:`kallsyms_from_reader`, on any ``read(gva, size) -> bytes``.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import operator
@@ -507,6 +508,8 @@ class Kallsyms:
         self._index = index if index is not None else name_index(names, types)
         self._order = np.argsort(self.addresses, kind="stable")
         self._sorted = self.addresses[self._order]
+        self._sorted_list: list[int] | None = None
+        self._order_list: list[int] = []
 
     def __len__(self) -> int:
         return len(self.names)
@@ -544,11 +547,13 @@ class Kallsyms:
 
     def lookup(self, gva: int) -> tuple[str, int] | None:
         """(name, offset) of the symbol at or below gva, or None below the first symbol."""
-        i = int(np.searchsorted(self._sorted, np.uint64(gva), side="right")) - 1
+        if self._sorted_list is None:  # bisect on a list: ~20x faster per call than numpy scalars
+            self._sorted_list = self._sorted.tolist()
+            self._order_list = self._order.tolist()
+        i = bisect.bisect_right(self._sorted_list, gva) - 1
         if i < 0:
             return None
-        j = int(self._order[i])
-        return self.names[j], gva - int(self._sorted[i])
+        return self.names[self._order_list[i]], gva - self._sorted_list[i]
 
     def items(self) -> Iterator[tuple[str, int]]:
         al = self._addr_list
