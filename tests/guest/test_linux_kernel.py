@@ -1,0 +1,122 @@
+"""Kernel discovery on live guests (6.1 cloud and 6.12, KASLR on), checked against the guest's own view
+(its /proc/kallsyms, /proc/version, /proc/cmdline, hostname) through the guest agent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmsight.linux import Guest, current_task, find_task, kernel_of
+from vmsight.linux.kernel import DEFAULT_TEXT_GVA, discover, set_hostname, uname
+from vmsight.memory.paging import gva_to_gpa
+from vmsight.qemu.launch import VmInstance
+from vmsight.vm import VM
+
+pytestmark = pytest.mark.guest
+
+SYMBOLS = ("_text", "init_task", "linux_banner", "init_uts_ns", "schedule", "do_sys_open", "page_offset_base",
+           "__start_BTF", "init_top_pgt")
+
+
+def kallsyms_truth(guest: VmInstance, names: tuple[str, ...]) -> dict[str, int]:
+    pattern = " ".join(f"-e ' {n}$'" for n in names)
+    out = guest.agent.run(f"grep {pattern} /proc/kallsyms").check().text
+    truth: dict[str, int] = {}
+    for line in out.splitlines():
+        addr, _t, name = line.split()[:3]
+        truth.setdefault(name, int(addr, 16))
+    return truth
+
+
+@pytest.fixture()
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("VMSIGHT_CACHE", str(tmp_path))
+    yield tmp_path
+
+
+def test_discovery_matches_guest(guest: VmInstance, vm: VM, fresh_cache: Path) -> None:
+    with vm.paused():
+        k = discover(vm)
+    assert not k.from_cache
+    release = guest.agent.run("uname -r").check().text.strip()
+    assert k.release == release
+    assert k.banner == guest.agent.run("cat /proc/version").check().text.strip()
+    truth = kallsyms_truth(guest, SYMBOLS)
+    assert truth["_text"] == k.text_gva
+    for name, gva in truth.items():
+        assert k.symbol(name) == gva, name
+    assert k.kaslr_slide == k.text_gva - DEFAULT_TEXT_GVA
+    assert k.text_gpa % 0x200000 == 0
+    # The physical base and page_offset_base are right if the kernel's own page tables agree with them.
+    assert gva_to_gpa(vm.phys, k.dtb, k.text_gva) == k.text_gpa
+    assert gva_to_gpa(vm.phys, k.dtb, k.page_offset_base + 0x123000) == 0x123000
+    assert k.paging_mode == "4-level"
+    assert len(k.symbols) > 50_000
+    assert len(k.btf) > 50_000
+    # A later attach to the same build comes from the cache and agrees.
+    assert list(fresh_cache.glob("kernels-seen/*/meta.json"))
+    with vm.paused():
+        k2 = discover(vm)
+    assert k2.from_cache
+    assert k2.facts() | {"from_cache": False} == k.facts()
+    assert k2.symbol("schedule") == truth["schedule"]
+
+
+def test_address_to_symbol(guest: VmInstance, vm: VM) -> None:
+    k = kernel_of(vm)
+    truth = kallsyms_truth(guest, ("schedule", "init_task"))
+    assert k.lookup(truth["schedule"] + 0x10) == ("schedule", 0x10)
+    assert k.symbolize(truth["init_task"]) == "init_task"
+
+
+def test_typed_objects_and_globals(guest: VmInstance, vm: VM) -> None:
+    comm1 = guest.agent.run("cat /proc/1/comm").check().text.strip()
+    cmdline = guest.agent.run("cat /proc/cmdline").check().text.strip()
+    hostname = guest.agent.run("hostname").check().text.strip()
+    g = Guest(vm)
+    k = g.kernel
+    with vm.paused():
+        init = k.object("init_task")
+        assert init.comm.string_() == "swapper/0"
+        assert int(init.pid) == 0
+        one = find_task(k, 1)
+        assert one.comm == comm1
+        assert int(k.object("", "struct task_struct", one.gva).pid) == 1
+        assert int(init.tasks.next) == one.gva + k.offsetof("task_struct", "tasks")
+        assert k.saved_command_line() == cmdline
+        u = uname(k)
+    assert u["release"] == k.release
+    assert u["nodename"] == hostname
+    assert u["machine"] == "x86_64"
+
+
+def test_hostname_write_is_seen_by_guest(guest: VmInstance, vm: VM) -> None:
+    k = kernel_of(vm)
+    old = guest.agent.run("hostname").check().text.strip()
+    try:
+        with vm.paused():
+            set_hostname(k, "seen-from-host")
+        assert guest.agent.run("hostname").check().text.strip() == "seen-from-host"
+        with vm.paused():
+            assert uname(k)["nodename"] == "seen-from-host"
+    finally:
+        with vm.paused():
+            set_hostname(k, old)
+    assert guest.agent.run("hostname").check().text.strip() == old
+
+
+def test_per_cpu_current_task(guest: VmInstance, vm: VM) -> None:
+    k = kernel_of(vm)
+    with vm.paused():
+        assert k.nr_cpu_ids() == 2
+        for cpu in range(2):
+            regs = vm.registers(cpu)
+            gs = regs["gs_base"] if regs["cs"] & 3 == 0 else regs["k_gs_base"]
+            assert k.per_cpu_offset(cpu) == gs      # kernel-mode GS base is the per-cpu base
+            cur = current_task(k, cpu)
+            if cur.pid == 0:
+                assert cur.comm == f"swapper/{cpu}"
+            else:
+                assert find_task(k, cur.pid) == cur
