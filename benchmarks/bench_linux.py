@@ -28,6 +28,46 @@ def _best(fn: Callable[[], object], repeat: int = 5) -> float:
     return best
 
 
+def _bench_kernel(version: str, image: Path) -> dict[str, float | int | str]:
+    out: dict[str, float | int | str] = {}
+    elf = vmlinux_from_bzimage(image).read_bytes()
+    secs = elf_sections(elf)
+    ro = secs[".rodata"]
+    rodata = memoryview(elf)[ro.offset:ro.offset + ro.size]
+    tt = next(K.find_token_tables(rodata))
+    layout = K.detect_layout(rodata, tt)
+
+    def cold() -> None:
+        K._DECODE_CACHE.clear()
+        K.decode_kallsyms(rodata, tt, layout)
+
+    def end_to_end() -> None:
+        K._DECODE_CACHE.clear()
+        K.find_kallsyms(rodata)
+
+    ks = K.find_kallsyms(rodata)
+    out[f"{version}_symbols"] = len(ks)
+    out[f"{version}_kallsyms_layout"] = layout.order
+    out[f"{version}_kallsyms_scan_s"] = _best(lambda: next(K.find_token_tables(rodata)))
+    out[f"{version}_kallsyms_layout_detect_s"] = _best(lambda: K.detect_layout(rodata, tt))
+    out[f"{version}_kallsyms_decode_cold_s"] = _best(cold)
+    out[f"{version}_kallsyms_decode_warm_s"] = _best(lambda: K.decode_kallsyms(rodata, tt, layout))
+    out[f"{version}_kallsyms_end_to_end_cold_s"] = _best(end_to_end)
+    # 1000 lookups timed, reported per lookup in microseconds.
+    out[f"{version}_lookup_us"] = _best(lambda: [ks.lookup(ks.relative_base + i) for i in range(1000)]) * 1e3
+
+    b = secs[".BTF"]
+    raw = elf[b.offset:b.offset + b.size]
+    btf = Btf(raw)
+    out[f"{version}_btf_types"] = len(btf)
+    out[f"{version}_btf_bytes"] = len(raw)
+    out[f"{version}_btf_index_s"] = _best(lambda: Btf(raw))
+    out[f"{version}_btf_index_plus_names_s"] = _best(lambda: Btf(raw).find("task_struct"))
+    out[f"{version}_btf_first_member_lookup_s"] = _best(lambda: Btf(raw).member_offset("mm_struct", "pgd"))
+    out[f"{version}_mm_struct_pgd_offset"] = btf.member_offset("mm_struct", "pgd")
+    return out
+
+
 def run() -> dict[str, float | int | str]:
     out: dict[str, float | int | str] = {}
     for version, pattern in KERNELS.items():
@@ -35,45 +75,7 @@ def run() -> dict[str, float | int | str]:
         if not images:
             out[f"{version}_skipped"] = f"no image matching {pattern} under {BOOT}"
             continue
-        elf = vmlinux_from_bzimage(images[-1]).read_bytes()
-        secs = elf_sections(elf)
-        ro = secs[".rodata"]
-        rodata = memoryview(elf)[ro.offset:ro.offset + ro.size]
-        tt = next(K.find_token_tables(rodata))
-        layout = K.detect_layout(rodata, tt)
-
-        def cold() -> None:
-            K._DECODE_CACHE.clear()
-            K.decode_kallsyms(rodata, tt, layout)
-
-        ks = K.find_kallsyms(rodata)
-        out[f"{version}_symbols"] = len(ks)
-        out[f"{version}_kallsyms_layout"] = layout.order
-        out[f"{version}_kallsyms_scan_s"] = _best(lambda: next(K.find_token_tables(rodata)))
-        out[f"{version}_kallsyms_layout_detect_s"] = _best(lambda: K.detect_layout(rodata, tt))
-        out[f"{version}_kallsyms_decode_cold_s"] = _best(cold)
-        out[f"{version}_kallsyms_decode_warm_s"] = _best(lambda: K.decode_kallsyms(rodata, tt, layout))
-        out[f"{version}_kallsyms_end_to_end_cold_s"] = _best(
-            lambda: (K._DECODE_CACHE.clear(), K.find_kallsyms(rodata)))
-        out[f"{version}_lookup_us"] = _best(lambda: [ks.lookup(ks.relative_base + i) for i in range(1000)]) * 1e3
-
-        b = secs[".BTF"]
-        raw = elf[b.offset:b.offset + b.size]
-        btf = Btf(raw)
-        out[f"{version}_btf_types"] = len(btf)
-        out[f"{version}_btf_bytes"] = len(raw)
-        out[f"{version}_btf_index_s"] = _best(lambda: Btf(raw))
-
-        def names() -> None:
-            Btf(raw).find("task_struct")
-
-        out[f"{version}_btf_index_plus_names_s"] = _best(names)
-
-        def pgd() -> None:
-            Btf(raw).member_offset("mm_struct", "pgd")
-
-        out[f"{version}_btf_first_member_lookup_s"] = _best(pgd)
-        out[f"{version}_mm_struct_pgd_offset"] = btf.member_offset("mm_struct", "pgd")
+        out.update(_bench_kernel(version, images[-1]))
     return out
 
 

@@ -387,7 +387,7 @@ class Btf:
             self._ids_by_name = (order + self._first_id).astype(np.int64)
             self._span_lo = first.tolist()
             self._span_hi = first[1:].tolist() + [len(sorted_offs)]
-            idx = dict(zip(names, range(len(names))))  # ints, not tuples: no GC churn
+            idx = dict(zip(names, range(len(names)), strict=True))  # ints, not tuples: no GC churn
             if len(idx) != len(names):  # the same name at two string offsets: merge the spans
                 merged: dict[str, list[int]] = {}
                 for k, name in enumerate(names):
