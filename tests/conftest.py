@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from vmsight.qemu.initramfs import build_workload
 from vmsight.qemu.kernels import cached_kernel
 from vmsight.qemu.launch import LaunchConfig, VmInstance, launch
 from vmsight.vm import VM, attach
 
 KERNELS = ("debian-6.1", "debian-6.12")
+WORKLOAD = "/bin/vmsight-workload"  # guest_workload.c, in every test guest
 
 
 def need(condition: bool, reason: str) -> None:
@@ -32,6 +34,9 @@ def _boot(tmp_path_factory: pytest.TempPathFactory, kernel: str, **kw: object) -
     need(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 not installed (scripts/setup.sh)")
     need(cached_kernel(kernel) is not None, f"kernel {kernel} not cached (scripts/setup.sh fetches it)")
     d = tmp_path_factory.mktemp(f"vm-{kernel}")
+    # 512 MiB: below that Linux turns transparent huge pages off at boot.
+    kw.setdefault("memory", "512M")
+    kw.setdefault("guest_files", {WORKLOAD: str(build_workload())})
     cfg = LaunchConfig(kernel=kernel, smp=2, **kw)  # type: ignore[arg-type]
     with launch(cfg, d) as inst:
         yield inst
@@ -39,7 +44,8 @@ def _boot(tmp_path_factory: pytest.TempPathFactory, kernel: str, **kw: object) -
 
 @pytest.fixture(scope="session", params=KERNELS)
 def guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmInstance]:
-    """A running guest (2 vCPUs, KASLR on) per Debian kernel; the guest agent gives ground truth."""
+    """A running guest (2 vCPUs, 512 MiB, KASLR on) per Debian kernel, with the test workload in /bin; the
+    guest agent gives ground truth."""
     yield from _boot(tmp_path_factory, request.param)
 
 

@@ -269,6 +269,17 @@ class VM:
         self._vcpu(vcpu)
         return parse_info_registers(self.qmp.hmp("info registers -a"), vcpu)
 
+    def flush_tlb(self, vcpu: int | None = None) -> None:
+        """Flush the TLB of one vCPU (default: all) by writing CR3 back unchanged through the gdbstub.
+
+        Needed after changing guest page tables from the host (e.g. clearing accessed bits): a translation
+        still cached in a vCPU's TLB is used without setting the bit again (FIELD-NOTES, TCG; KVM reloads
+        its MMU on a CR3 write as well). QMP stop/cont and ``info tlb`` do not flush."""
+        with self.stopped_stub() as stub:
+            for v in self.vcpus() if vcpu is None else [self._vcpu(vcpu)]:
+                stub.select_thread(v.gdb_thread)
+                stub.write_register("cr3", stub.read_register("cr3"))
+
     # --- memory --------------------------------------------------------------------------------------
 
     def read_gpa(self, gpa: int, size: int) -> bytes:

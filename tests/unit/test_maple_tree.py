@@ -2,7 +2,9 @@
 
 The builder below follows include/linux/maple_tree.h on its own (node = 256 bytes; range64/leaf64:
 parent, 15 pivots, 16 slots, metadata end byte at 248; arange64: parent, 9 pivots, 10 slots, 10 gaps,
-metadata at 240; an encoded node pointer is node | type << 3 | 2), so the walker is checked against
+metadata at 240; a child slot holds node | type << 3 | MAPLE_ENODE_NULL (0x4) (mt_mk_node), the root
+additionally has MAPLE_ROOT_NODE (0x2) (mte_mk_root) — a real 6.1 guest showed children like ...80c), so the
+walker is checked against
 what was built, not against itself."""
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ class Mem:
 
 
 def enc(node: int, ntype: int) -> int:
-    return node | (ntype << 3) | 2
+    """mt_mk_node(): the encoding stored in a parent's slot."""
+    return node | (ntype << 3) | 4
+
+
+def mk_root(enode: int) -> int:
+    """mte_mk_root(): what mm->mm_mt.ma_root holds."""
+    return enode | 2
 
 
 def leaf(mem: Mem, entries: list[tuple[int, int]], parent: int = 0) -> int:
@@ -92,8 +100,8 @@ def vma_tree(mem: Mem, ranges: list[tuple[int, int]], per_leaf: int = 6) -> tupl
             leaves.append((chunk[-1][0], enc(leaf(mem, chunk), MAPLE_LEAF_64)))
             chunk = []
     if len(leaves) == 1:
-        return leaves[0][1], expected
-    return enc(arange(mem, leaves), MAPLE_ARANGE_64), expected
+        return mk_root(leaves[0][1]), expected
+    return mk_root(enc(arange(mem, leaves), MAPLE_ARANGE_64)), expected
 
 
 def test_two_level_tree_yields_every_vma_in_order() -> None:
@@ -115,9 +123,9 @@ def test_cycle_is_detected() -> None:
     mem = Mem()
     child = enc(leaf(mem, [(0x1000, 0xFFFF888001000000), (ULONG_MAX, 0)]), MAPLE_LEAF_64)
     root_node = arange(mem, [(0x1000, child), (ULONG_MAX, 0)])
-    root = enc(root_node, MAPLE_ARANGE_64)
+    root = mk_root(enc(root_node, MAPLE_ARANGE_64))
     # Make the second child point back at the root: a revisit must be reported, not looped on.
-    struct.pack_into("<Q", mem.nodes[root_node], 80 + 8, root)
+    struct.pack_into("<Q", mem.nodes[root_node], 80 + 8, enc(root_node, MAPLE_ARANGE_64))
     with pytest.raises(VmsightError, match="twice|cycle"):
         list(mt_entries(mem.read, root))
 
@@ -127,23 +135,23 @@ def test_dead_node_and_bad_type_raise() -> None:
     n = leaf(mem, [(0x1000, 0xFFFF888001000000), (ULONG_MAX, 0)])
     struct.pack_into("<Q", mem.nodes[n], 0, n)          # parent == self: ma_dead_node
     with pytest.raises(VmsightError, match="dead"):
-        list(mt_entries(mem.read, enc(n, MAPLE_LEAF_64)))
+        list(mt_entries(mem.read, mk_root(enc(n, MAPLE_LEAF_64))))
     with pytest.raises(VmsightError, match="type"):
-        list(mt_entries(mem.read, enc(n, 0)))           # maple_dense is never used by VMA trees
+        list(mt_entries(mem.read, mk_root(enc(n, 0))))           # maple_dense is never used by VMA trees
 
 
 def test_pivots_out_of_order_raise() -> None:
     mem = Mem()
     n = leaf(mem, [(0x5000, 0xFFFF888001000000), (0x1000, 0xFFFF888001000100), (ULONG_MAX, 0)])
     with pytest.raises(VmsightError, match="pivot"):
-        list(mt_entries(mem.read, enc(n, MAPLE_LEAF_64)))
+        list(mt_entries(mem.read, mk_root(enc(n, MAPLE_LEAF_64))))
 
 
 def test_user_pointer_child_rejected() -> None:
     mem = Mem()
     root = arange(mem, [(0x1000, enc(0x7F0000001000, MAPLE_LEAF_64)), (ULONG_MAX, 0)])
-    with pytest.raises(VmsightError, match="kernel address"):
-        list(mt_entries(mem.read, enc(root, MAPLE_ARANGE_64)))
+    with pytest.raises(VmsightError, match="not a node pointer|kernel address"):
+        list(mt_entries(mem.read, mk_root(enc(root, MAPLE_ARANGE_64))))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

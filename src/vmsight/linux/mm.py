@@ -130,7 +130,9 @@ def mt_entries(read: ReadFn, root: int, *, layout: MapleLayout = DEFAULT_MAPLE_L
                         raise CorruptData(f"maple tree has more than {max_entries} entries", node)
                     yield prev, piv, entry
             elif entry:
-                if not _xa_is_node(entry):
+                # Child slots hold encoded nodes (mt_mk_node: node | type << 3 | MAPLE_ENODE_NULL), not
+                # xa-internal pointers like the root (mte_mk_root adds MAPLE_ROOT_NODE, 0x2).
+                if entry & 0x3 or not entry & 0x4 or not is_kernel_pointer(entry):
                     raise CorruptData(f"maple child {entry:#x} is not a node pointer", node)
                 children.append((entry, prev, piv, depth + 1))
             if piv >= hi:
