@@ -7,12 +7,14 @@ import tempfile
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vmsight.cli.common import hexdump
 from vmsight.cli.translate import flags
-from vmsight.qemu.launch import LaunchConfig, launch
-from vmsight.vm import attach
+from vmsight.qemu.initramfs import build_workload
+from vmsight.qemu.launch import LaunchConfig, VmInstance, launch
+from vmsight.vm import VM, attach
 
 NAME = "demo"
 HELP = "boot a throwaway VM and show registers, a translation, memory and processes seen from outside"
@@ -28,10 +30,14 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="vmsight-demo-") as d:
         t0 = time.monotonic()
         con.print(f"[bold]Booting {args.kernel}[/] (throwaway VM in {d}) ...")
-        with launch(LaunchConfig(kernel=args.kernel, smp=args.smp), d) as inst:
+        files = {"/bin/vmsight-workload": str(build_workload())}
+        with launch(LaunchConfig(kernel=args.kernel, smp=args.smp, guest_files=files), d) as inst:
             con.print(f"guest up in {time.monotonic() - t0:.1f} s, QEMU pid {inst.pid}, accel {inst.accel}")
-            # Something to find from the outside: a process with a recognisable command line.
+            # Something to find from the outside: a process with a recognisable command line, and one whose
+            # memory use we control (1024 pages; it touches the ones we name).
             inst.agent.run("sleep 600 & echo started", timeout=10).check()
+            wl_pid = int(inst.agent.run("vmsight-workload 1024 nothp /tmp/wl.cmd /tmp/wl.out >/dev/null 2>&1 & "
+                                        "echo $!; sleep 0.5", timeout=10).check().text.split()[0])
             with attach(inst.dir) as vm:
                 con.print(f"attached: RAM {vm.layout.total_bytes >> 20} MiB in {len(vm.layout)} ranges, "
                           f"memory backend [bold]{vm.backend}[/]")
@@ -55,11 +61,12 @@ def run(args: argparse.Namespace) -> int:
                     con.print(hexdump(vm.read_gva(regs["rip"], 16, regs["cr3"]), regs["rip"]), markup=False,
                               soft_wrap=True)
                 _show_linux(con, vm)
+                _show_idle(con, vm, inst, wl_pid)
         con.print(f"done in {time.monotonic() - t0:.1f} s; VM stopped")
     return 0
 
 
-def _show_linux(con: Console, vm: object) -> None:
+def _show_linux(con: Console, vm: VM) -> None:
     try:
         from vmsight.linux import processes  # Linux awareness (kallsyms/BTF found in guest memory)
     except ImportError:
@@ -71,7 +78,33 @@ def _show_linux(con: Console, vm: object) -> None:
         table.add_column(col)
     for p in procs:
         if p.get("cmdline") or p["pid"] < 3:
-            table.add_row(str(p["pid"]), str(p["ppid"]), str(p["uid"]), str(p["state"]), str(p["comm"]),
-                          str(p.get("cmdline", ""))[:60])
+            table.add_row(str(p["pid"]), str(p["ppid"]), str(p["uid"]), str(p["state"]), escape(str(p["comm"])),
+                          escape(str(p.get("cmdline", ""))[:60]))
     con.print(table)
     con.print(f"({len(procs)} tasks in all; kernel threads without a command line left out)")
+
+
+def _show_idle(con: Console, vm: VM, inst: VmInstance, pid: int) -> None:
+    """Idle pages of a guest process, from its page tables' accessed bits, harvested from the host."""
+    from vmsight.idle.guest import GuestIdleTracker
+    from vmsight.idle.result import PageState
+
+    addr = int(inst.agent.run("cat /tmp/wl.out").check().text.split()[1], 16)
+    touched = list(range(0, 1024, 10))
+    with GuestIdleTracker(vm, pid) as tracker:
+        tracker.mark_idle()
+        inst.agent.run(f"echo 'touch {','.join(map(str, touched))}' > /tmp/wl.cmd; kill -USR1 {pid}; sleep 0.3")
+        snap = tracker.read()
+    table = Table(title=f"idle pages of guest pid {pid} ({snap.comm}) after it touched {len(touched)} of its "
+                        "1024 pages — seen from the host")
+    for col in ("VMA", "mapped KiB", "resident KiB", "accessed KiB", "idle KiB"):
+        table.add_column(col, justify="left" if col == "VMA" else "right")
+    for u in snap.usage:
+        table.add_row(escape(u.vma.label), str(u.vma.size >> 10), str(u.present_bytes >> 10),
+                      str(u.accessed_bytes >> 10), str(u.idle_bytes >> 10))
+    con.print(table)
+    first = addr >> 12
+    seen = [int(v) - first for v in snap.pages(PageState.PRESENT | PageState.TRACKED, idle=False)
+            if first <= v < first + 1024]
+    con.print(f"accessed pages of the workload's mapping: {len(seen)} (it touched {len(touched)}; "
+              f"exact match: {seen == touched})")
