@@ -406,3 +406,77 @@ def test_real_kernel_decode_cached_is_fast() -> None:
     t0 = time.perf_counter()
     decode_kallsyms(ro, tt, layout)
     assert time.perf_counter() - t0 < 1.0
+
+
+# --- a booted guest's RAM (KASLR applied, stale copies present) ---------------------------------------
+
+def boot_to_panic_ram(version: str, tmp_path: Path) -> bytes:
+    """Boot the Debian kernel with no root fs under TCG until it panics, then return a copy of its
+    256 MiB RAM (shared file backend). QEMU is always killed."""
+    import shutil
+    import subprocess
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    matches = sorted(BOOT.glob(KERNELS[version])) if BOOT.is_dir() else []
+    if not matches:
+        pytest.skip(f"no Debian {version} kernel under {BOOT}")
+    shm = Path(f"/dev/shm/vmsight-test-kallsyms-{os.getpid()}-{version}")
+    log = tmp_path / "console.log"
+    cmd = ["qemu-system-x86_64", "-m", "256M", "-nographic", "-no-reboot", "-kernel", str(matches[-1]),
+           "-append", "console=ttyS0", "-object",
+           f"memory-backend-file,id=mem,size=256M,mem-path={shm},share=on", "-machine", "memory-backend=mem"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while b"Kernel panic" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"guest did not reach its panic: {log.read_bytes()[-500:]!r}")
+            time.sleep(0.5)
+        time.sleep(0.5)
+        return shm.read_bytes()
+    finally:
+        proc.kill()
+        proc.wait()
+        shm.unlink(missing_ok=True)
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("version,pgd", [("6.1", 0x48), ("6.12", 0x78)])
+def test_booted_guest_ram(version: str, pgd: int, tmp_path: Path) -> None:
+    from vmsight.linux.btf import Btf
+    from vmsight.linux.types import Program
+
+    ram = boot_to_panic_ram(version, tmp_path)
+    found = find_all_kallsyms(ram)
+    assert found, "no kallsyms in guest RAM"
+    ks = found[0]
+    assert ks.relative_base == ks.address("_text")
+    assert ks.kaslr_slide % K.IMAGE_ALIGN == 0
+    banner = find_banner(ram, ks)  # the live copy among the stale ones
+    assert banner.release.startswith(version + ".")
+    # Place the image: gva - gpa for the kernel image (2 MiB aligned on both sides).
+    image_delta = ks.address("linux_banner") - banner.offset
+    assert image_delta % K.IMAGE_ALIGN == 0
+    if version == "6.12":
+        assert ks.buffer_delta() == image_delta
+    btf = Btf(ram[ks.address("__start_BTF") - image_delta:ks.address("__stop_BTF") - image_delta])
+    assert btf.member_offset("mm_struct", "pgd") == pgd
+    page_offset_base = int.from_bytes(ram[ks.address("page_offset_base") - image_delta:][:8], "little")
+    assert page_offset_base % (1 << 30) == 0 and page_offset_base >> 47 == 0x1FFFF
+
+    def read(gva: int, size: int) -> bytes:
+        for base in (image_delta, page_offset_base):  # kernel image, then the direct map
+            off = gva - base
+            if 0 <= off and off + size <= len(ram):
+                return ram[off:off + size]
+        raise CorruptData("gva outside the image and the direct map", gva)
+
+    prog = Program(read, btf, ks)
+    init = prog.variable("init_task")
+    assert init.comm.string_() == "swapper/0"
+    tasks = {t.pid.value_(): t.comm.string_() for t in prog.list_for_each_entry(init.tasks, "task_struct", "tasks")}
+    assert tasks[1] in ("swapper/0", "init", "swapper")  # pid 1 panicked before exec
+    assert tasks[2] == "kthreadd"
+    assert len(tasks) > 10

@@ -580,12 +580,13 @@ _HEADER_PREFIX = b"\x9f\xeb\x01"
 
 
 def find_btf(data: bytes | bytearray | memoryview, start: int = 0, end: int | None = None) -> Iterator[int]:
-    """Offsets of plausible BTF headers (magic, version 1, sections inside data) in data[start:end]."""
-    mv = memoryview(data).cast("B") if not isinstance(data, bytes | bytearray) else data
+    """Offsets of plausible BTF headers (magic, version 1, sections inside data) in data[start:end].
+    RAM holds stale copies: parse and validate each candidate."""
+    mv = memoryview(data).cast("B")
     stop = len(mv) if end is None else min(end, len(mv))
-    for m in re.finditer(re.escape(_HEADER_PREFIX), mv, ):
+    for m in re.finditer(re.escape(_HEADER_PREFIX), mv[:stop]):
         off = m.start()
-        if off < start or off >= stop or off + HEADER.size > stop:
+        if off < start or off + HEADER.size > stop:
             continue
         _magic, _v, _f, hdr_len, type_off, type_len, str_off, str_len = HEADER.unpack_from(mv, off)
         if hdr_len < HEADER.size or hdr_len > 256:

@@ -46,6 +46,7 @@ ReadFn = Callable[[int, int], bytes]
 #: Link-time ``_text`` of x86-64 kernels (CONFIG_PHYSICAL_START 0x1000000): the KASLR slide is relative to it.
 DEFAULT_TEXT_GVA = 0xFFFFFFFF81000000
 
+IMAGE_ALIGN = 0x200000     # CONFIG_PHYSICAL_ALIGN on x86-64: the image's physical and virtual base
 MAX_SYMS = 1 << 24          # seqs_of_names entries are 3 bytes
 MAX_TOKEN_LEN = 128         # tokens are short in practice (< 20); this only bounds the scan
 MAX_NAME_LEN = 0x3FFF       # two-byte ULEB128 length limit in scripts/kallsyms.c
@@ -719,18 +720,23 @@ def find_banners(data: Buffer, start: int = 0, end: int | None = None) -> list[B
 
 
 def find_banner(data: Buffer, kallsyms: Kallsyms | None = None, buffer_gva: int | None = None) -> Banner:
-    """The kernel's ``linux_banner``. With ``kallsyms`` and the buffer's gva (``buffer_gva``; derived
-    from the kallsyms token table when omitted) the banner must sit exactly at ``linux_banner``;
-    without, the first well-formed banner is returned. Raises CorruptData / SymbolNotFound."""
+    """The kernel's ``linux_banner``. With ``kallsyms`` and the buffer's gva (``buffer_gva``: gva of
+    buffer offset 0; derived from the ``kallsyms_token_table`` symbol when omitted) the banner must sit
+    exactly at ``linux_banner``; when neither is known (v6.1), the one candidate congruent to
+    ``linux_banner`` modulo 2 MiB. Without ``kallsyms``, the first well-formed banner. Raises
+    CorruptData / SymbolNotFound."""
     if kallsyms is not None:
         delta = kallsyms.buffer_delta() if buffer_gva is None else buffer_gva
         if delta is None:
-            # No kallsyms_token_table symbol (v6.1 lists none of the kallsyms_* tables): accept a
-            # banner only when it is the one well-formed candidate.
-            banners = find_banners(data)
+            # No kallsyms_token_table symbol (v6.1 lists none of the kallsyms_* tables). The kernel
+            # image is placed 2 MiB-aligned both physically and virtually, so in a buffer of guest RAM
+            # (or the image itself) the live banner sits at linux_banner modulo 2 MiB; stale copies
+            # elsewhere rarely do. Accept exactly one such candidate.
+            want = kallsyms.address("linux_banner") % IMAGE_ALIGN
+            banners = [b for b in find_banners(data) if b.offset % IMAGE_ALIGN == want]
             if len(banners) != 1:
-                raise CorruptData(f"{len(banners)} 'Linux version' candidates and no way to place the "
-                                  "buffer in the kernel's address space: pass buffer_gva")
+                raise CorruptData(f"{len(banners)} 'Linux version' candidates at linux_banner modulo 2 MiB "
+                                  "and no kallsyms_token_table symbol to place the buffer: pass buffer_gva")
             return banners[0]
         off = kallsyms.address("linux_banner") - delta
         v = _View(data)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from vmsight.errors import CorruptData, FieldNotFound, SymbolNotFound, TypeNotFound, VmsightError
-from vmsight.linux.btf import INT_BOOL, INT_CHAR, INT_SIGNED, Btf, BtfKind, BtfType
+from vmsight.linux.btf import INT_BOOL, INT_CHAR, Btf, BtfKind, BtfType
 
 log = logging.getLogger(__name__)
 
@@ -413,5 +413,4 @@ def kernel_object(kernel: Any, name: str, type_name: str | None = None, gva: int
 __all__ = [
     "KNOWN_VARIABLES", "MAX_LIST_NODES", "MAX_STRING", "KernelReader", "Object", "Program", "as_read_fn",
     "container_of", "kernel_object", "list_for_each_entry", "make_program", "member_offset", "read_cstring",
-    "INT_SIGNED",
 ]
