@@ -480,3 +480,23 @@ def test_booted_guest_ram(version: str, pgd: int, tmp_path: Path) -> None:
     assert tasks[1] in ("swapper/0", "init", "swapper")  # pid 1 panicked before exec
     assert tasks[2] == "kthreadd"
     assert len(tasks) > 10
+
+
+@pytest.mark.parametrize("version", ["6.1", "6.12"])
+def test_real_kernel_from_reader_reads_a_small_window(version: str) -> None:
+    from vmsight.linux.vmlinux import ElfReader
+
+    elf = real_vmlinux(version)
+    ro, ro_gva = rodata(elf)
+    tt = next(find_token_tables(ro))
+    reader = ElfReader(elf)
+    moved = []
+
+    def read(gva: int, size: int) -> bytes:
+        moved.append(size)
+        return reader.read(gva, size)
+
+    ks = kallsyms_from_reader(read, ro_gva + tt.offset)
+    assert ks.address("_text") == DEFAULT_TEXT_GVA
+    assert ks.names == find_kallsyms(ro).names
+    assert sum(moved) <= 6 << 20  # the small first window was enough

@@ -631,61 +631,78 @@ def find_kallsyms(data: Buffer, start: int = 0, end: int | None = None) -> Kalls
     raise CorruptData("no kallsyms_token_table found (kernel built without CONFIG_KALLSYMS?)")
 
 
-def kallsyms_from_reader(read: ReadFn, token_table_gva: int, before: int = MAX_TABLES_SPAN,
-                         after: int = 8 << 20, chunk: int = 1 << 16) -> Kallsyms:
-    """Decode kallsyms through ``read(gva, size)`` around a known ``kallsyms_token_table`` gva. Reads
-    outward from the token table in `chunk`s (page by page once a chunk fails) and stops at the first
-    unreadable page."""
+def _read_around(read: ReadFn, center: int, before: int, after: int, chunk: int) -> tuple[bytes, int]:
+    """Readable bytes in [center - before, center + after), grown outward from the page holding
+    `center` in chunks (page by page once a chunk fails) up to the first unreadable page.
+    Returns (buffer, gva of buffer[0])."""
     page = 4096
     chunk = max(page, chunk - chunk % page)
 
     def readable(gva: int, size: int) -> bytes | None:
         try:
-            return read(gva, size)
+            data = read(gva, size)
         except VmsightError:
             return None
+        return data if len(data) == size else None
 
-    base = token_table_gva - token_table_gva % page
-    lo_chunks: list[bytes] = []
+    base = center - center % page
+    lo: list[bytes] = []
     gva = base
     while gva > base - before:
         n = min(chunk, gva - (base - before))
         data = readable(gva - n, n)
-        if data is None:  # find the readable pages at the top of this chunk
+        if data is None:  # the readable pages at the top of this chunk
             while n > 0 and (data := readable(gva - page, page)) is not None:
-                lo_chunks.append(data)
+                lo.append(data)
                 gva -= page
                 n -= page
             break
-        lo_chunks.append(data)
+        lo.append(data)
         gva -= n
-    hi_chunks: list[bytes] = []
+    hi: list[bytes] = []
     gva = base
     while gva < base + after:
         n = min(chunk, base + after - gva)
         data = readable(gva, n)
         if data is None:
             while n > 0 and (data := readable(gva, page)) is not None:
-                hi_chunks.append(data)
+                hi.append(data)
                 gva += page
                 n -= page
             break
-        hi_chunks.append(data)
+        hi.append(data)
         gva += n
-    if not hi_chunks:
-        raise CorruptData("kallsyms_token_table is unreadable", token_table_gva)
-    buf = b"".join(reversed(lo_chunks)) + b"".join(hi_chunks)
-    buf_gva = base - sum(len(c) for c in lo_chunks)
-    tt_off = token_table_gva - buf_gva
-    v = _View(buf)
-    try:
-        digits = tt_off + _token_offset_of_digit0(buf, tt_off)
-    except CorruptData:
-        digits = -1
-    tt = _token_table_at_digits(v, digits) if digits >= 0 else None
-    if tt is None or tt.offset != tt_off:
-        raise CorruptData("no valid kallsyms_token_table at the given address", token_table_gva)
-    return decode_kallsyms(buf, tt)
+    return b"".join(reversed(lo)) + b"".join(hi), base - sum(len(c) for c in lo)
+
+
+def kallsyms_from_reader(read: ReadFn, token_table_gva: int, before: int = MAX_TABLES_SPAN,
+                         after: int = 8 << 20, chunk: int = 1 << 16) -> Kallsyms:
+    """Decode kallsyms through ``read(gva, size)`` around a known ``kallsyms_token_table`` gva.
+    Tries a small window first (4 MiB before, 2 MiB after: enough for ~200k symbols), then the full
+    ``before``/``after`` one, so a slow reader (gdbstub) moves little data. Raises CorruptData,
+    UnsupportedKernel."""
+    windows = [(min(before, 4 << 20), min(after, 2 << 20)), (before, after)]
+    last: VmsightError | None = None
+    for i, (lo, hi) in enumerate(windows):
+        if i and (lo, hi) == windows[0]:
+            break
+        buf, buf_gva = _read_around(read, token_table_gva, lo, hi, chunk)
+        tt_off = token_table_gva - buf_gva
+        if not 0 <= tt_off < len(buf):
+            raise CorruptData("kallsyms_token_table is unreadable", token_table_gva)
+        try:
+            digits = tt_off + _token_offset_of_digit0(buf, tt_off)
+        except CorruptData:
+            digits = -1
+        tt = _token_table_at_digits(_View(buf), digits) if digits >= 0 else None
+        if tt is None or tt.offset != tt_off:
+            raise CorruptData("no valid kallsyms_token_table at the given address", token_table_gva)
+        try:
+            return decode_kallsyms(buf, tt)
+        except (UnsupportedKernel, CorruptData) as e:
+            last = e
+    assert last is not None
+    raise last
 
 
 def _token_offset_of_digit0(buf: bytes, tt_off: int) -> int:
