@@ -59,20 +59,26 @@ class VM:
         cpus = qmp.execute("query-cpus-fast")
         if not cpus:
             raise TargetError("QMP reports no vCPUs")
-        self.pid = _tgid(int(cpus[0]["thread-id"]))
+        # None when QEMU runs on another machine (QMP over TCP): no /proc, no RAM file; the gdbstub remains.
+        self.pid: int | None = None if qmp.remote else _tgid(int(cpus[0]["thread-id"]))
         self._cpus = cpus
         self.layout: RamLayout = parse_mtree(qmp.hmp("info mtree -f"))
         if not len(self.layout):
             raise TargetError("no RAM found in `info mtree -f`")
         self.phys: PhysicalMemory = self._pick_backend(backend, ram_file, writable)
         self.backend = self.phys.name
-        log.info("attached to QEMU pid %d: %d MiB RAM in %d ranges, backend %s", self.pid,
+        log.info("attached to QEMU pid %s: %d MiB RAM in %d ranges, backend %s", self.pid,
                  self.layout.total_bytes >> 20, len(self.layout), self.backend)
 
     # --- backends ------------------------------------------------------------------------------------
 
     def _pick_backend(self, backend: str, ram_file: str | None, writable: bool) -> PhysicalMemory:
         why: list[str] = []
+        if self.pid is None and backend == "auto":
+            if self._gdb_address is None or not self._gdb_address.startswith("tcp:"):
+                raise TargetError("QEMU is remote: its RAM can only be read through its gdbstub; start it with "
+                                  "-gdb tcp::PORT and pass --gdb tcp:HOST:PORT")
+            return GdbPhysRam(self.stopped_stub, self.layout)
         if backend in ("auto", "mapped-ram-file"):
             path = ram_file or self._shared_ram_file()
             if path:
@@ -85,6 +91,8 @@ class VM:
                            "-machine memory-backend=ID)")
         if backend in ("auto", "proc-pid-mem"):
             try:
+                if self.pid is None:
+                    raise TargetError("QEMU is remote: no /proc/<pid>/mem")
                 hvas = {r.gpa: self._gpa2hva(r.gpa) for r in self.layout}
                 return ProcMemRam(self.pid, self.layout, hvas)
             except VmsightError as e:
@@ -114,6 +122,8 @@ class VM:
     def _memfd_path(self, size: int) -> str | None:
         """A shared memfd backend is reachable as /proc/<qemu>/fd/N (QEMU names it after the backend type)."""
         hits = []
+        if self.pid is None:
+            return None
         try:
             for fd in os.listdir(f"/proc/{self.pid}/fd"):
                 p = f"/proc/{self.pid}/fd/{fd}"
@@ -187,6 +197,8 @@ class VM:
 
     def _connect_gdb(self) -> GdbStub:
         addr = self._gdb_address
+        if self.pid is None and (addr is None or not addr.startswith("tcp:")):
+            raise GdbStubError("QEMU is remote: start it with -gdb tcp::PORT and pass --gdb tcp:HOST:PORT")
         if addr is None or (not addr.startswith("tcp:") and not os.path.exists(addr)):
             base = self.directory or f"/tmp/vmsight-{self.pid}"
             os.makedirs(base, exist_ok=True)
@@ -376,6 +388,13 @@ def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, 
            writable: bool = True) -> VM:
     """Attach to a VM: ``target`` is a ``vmsight vm launch`` directory or a QMP socket path."""
     directory = None
+    if target.startswith("tcp:"):  # QEMU on another machine: -qmp tcp:HOST:PORT,server=on,wait=off
+        qmp = Qmp(target)
+        try:
+            return VM(qmp, gdb_address=gdb, ram_file=None, directory=None, backend=backend, writable=writable)
+        except BaseException:
+            qmp.close()
+            raise
     p = Path(target)
     try:
         p.stat()

@@ -156,3 +156,29 @@ def test_backend_choice_follows_qemu_options(tmp_path: Path, ram_backend: str, e
             t = vm.translate(regs["rip"], regs["cr3"])
             assert vm.read_gpa(t.gpa, 64) == GdbPhysRam(vm.stopped_stub, vm.layout).read_gpa(t.gpa, 64)
             assert any(vm.read_gpa(t.gpa & ~0xFFF, 4096))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_remote_attach_over_tcp(tmp_path: Path) -> None:
+    """QEMU "on another machine": QMP and gdbstub over TCP (loopback here), RAM read through the stub."""
+    need(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 not installed")
+    qport, gport = _free_port(), _free_port()
+    extra = ["-qmp", f"tcp:127.0.0.1:{qport},server=on,wait=off", "-gdb", f"tcp:127.0.0.1:{gport}"]
+    with launch(LaunchConfig(kernel="debian-6.1", smp=2, gdb=False, extra_args=extra), tmp_path) as inst:
+        with attach(f"tcp:127.0.0.1:{qport}", gdb=f"tcp:127.0.0.1:{gport}") as vm, vm.paused():
+            assert vm.pid is None and vm.backend == "gdbstub-physical"
+            regs = vm.registers(1)
+            t = vm.translate(regs["rip"], regs["cr3"])
+            with open(inst.ram_file or "", "rb") as f:  # the local truth the remote client cannot see
+                f.seek(t.gpa)
+                assert vm.read_gpa(t.gpa, 256) == f.read(256)
+        r = cli("--vm", f"tcp:127.0.0.1:{qport}", "--gdb", f"tcp:127.0.0.1:{gport}", "--json", "regs", "--vcpu", "0")
+        assert r.returncode == 0, r.stderr
+        r = cli("--vm", f"tcp:127.0.0.1:{qport}", "regs")
+        assert r.returncode == 2 and "--gdb tcp:HOST:PORT" in r.stderr
+        assert inst.agent.run("true").rc == 0

@@ -12,7 +12,7 @@ from vmsight.vm import VM, attach
 
 
 def open_vm(args: argparse.Namespace) -> VM:
-    return attach(require_vm(args))
+    return attach(require_vm(args), gdb=getattr(args, "gdb", None))
 
 
 def emit_json(obj: Any) -> None:

@@ -60,8 +60,11 @@ def int0(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmsight", description="See inside running Linux VMs and processes.")
-    p.add_argument("--vm", metavar="DIR|QMP_SOCKET", default=os.environ.get("VMSIGHT_VM"),
-                   help="target VM: a `vmsight vm launch` directory or a QEMU QMP socket (env VMSIGHT_VM)")
+    p.add_argument("--vm", metavar="DIR|QMP_SOCKET|tcp:HOST:PORT", default=os.environ.get("VMSIGHT_VM"),
+                   help="target VM: a `vmsight vm launch` directory, a QEMU QMP socket, or QMP over TCP for a "
+                        "QEMU on another machine (env VMSIGHT_VM)")
+    p.add_argument("--gdb", metavar="SOCKET|tcp:HOST:PORT", default=os.environ.get("VMSIGHT_GDB"),
+                   help="the VM's gdbstub, when --vm is a bare QMP socket or a remote tcp:HOST:PORT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

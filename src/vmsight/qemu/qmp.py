@@ -23,15 +23,22 @@ class Qmp:
     greeting forever, which is reported as 'busy'."""
 
     def __init__(self, path: str, timeout: float = 3.0) -> None:
+        """``path``: a unix socket path, or ``tcp:HOST:PORT`` for a QEMU on another machine."""
         self.path = path
         self.timeout = timeout
-        _check_socket(path, "QMP", "-qmp unix:PATH,server=on,wait=off")
+        self.remote = path.startswith("tcp:")
+        address: str | tuple[str, int] = path
+        if self.remote:
+            host, _, port = path[4:].rpartition(":")
+            address = (host or "127.0.0.1", int(port))
+        else:
+            _check_socket(path, "QMP", "-qmp unix:PATH,server=on,wait=off")
         self._loop = asyncio.new_event_loop()
         self._client = QMPClient("vmsight")
         self._listener = EventListener()
         self._client.register_listener(self._listener)
         try:
-            self._run(self._client.connect(path), timeout)
+            self._run(self._client.connect(address), timeout)
         except TimeoutError:
             self._close_quietly()
             raise TargetError(f"{path}: no QMP greeting within {timeout:.0f} s: another QMP client is connected "
