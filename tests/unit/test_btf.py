@@ -368,3 +368,22 @@ def test_real_kernel_btf(version: str, pgd: int, types_lo: int, types_hi: int) -
     if version == "6.12":
         assert btf.find("pcpu_hot", BtfKind.VAR).type_id == btf.find("struct pcpu_hot").id
         assert btf.member_offset("pcpu_hot", "current_task") == 0
+
+
+def test_exponential_anonymous_nesting_is_bounded() -> None:
+    # Corrupt BTF can share one anonymous struct twice per level: 2**40 paths unless the walk is bounded.
+    b = BtfBuilder()
+    leaf_int = b.int_("int", 4, INT_SIGNED)
+    prev = b.struct_("", 4, [("x", leaf_int, 0, 0)])
+    for _ in range(40):
+        prev = b.struct_("", 4, [("", prev, 0, 0), ("", prev, 0, 0)])
+    top = b.struct_("top", 4, [("", prev, 0, 0)])
+    proto = b.func_proto(leaf_int, [])
+    for _ in range(40):
+        proto = b.func_proto(b.ptr(proto), [("a", b.ptr(proto)), ("b", b.ptr(proto))])
+    btf = Btf(b.build())
+    t0 = time.perf_counter()
+    with pytest.raises(CorruptData):
+        btf.member(top, "x")
+    assert len(btf.type_name(proto)) < 10_000_000
+    assert time.perf_counter() - t0 < 5

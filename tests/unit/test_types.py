@@ -284,3 +284,15 @@ def test_real_vmlinux_objects(version: str) -> None:
     uts = prog.variable("init_uts_ns")
     assert uts.name.sysname.string_() == "Linux"
     assert uts.name.release.string_().startswith(version + ".")
+
+
+def test_value_of_a_huge_array_is_refused() -> None:
+    b = BtfBuilder()
+    u8 = b.int_("u8", 1)
+    big = b.array(u8, u8, 0xFFFFFFFF)
+    btf = Btf(b.build())
+    mem = Memory()
+    o = Object(mem, btf, big, BASE)
+    assert o[5].value_() == 0  # indexing still works
+    with pytest.raises(CorruptData):
+        o.value_()

@@ -31,6 +31,7 @@ BTF_MAGIC = 0xEB9F
 HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type_off, type_len, str_off, str_len
 _TYPE = struct.Struct("<III")
 MAX_DEPTH = 64  # typedef/modifier chains and anonymous-member nesting; deeper means a cycle
+MAX_WALK = 1 << 16  # members visited flattening one struct, types visited naming one type: bounds DAG blowup
 MAX_BTF_SIZE = 256 << 20
 
 
@@ -478,11 +479,16 @@ class Btf:
         if cached is not None:
             return cached
         out: dict[str, ResolvedMember] = {}
+        budget = [MAX_WALK]
 
         def walk(sid: int, base_bits: int, path: tuple[str, ...], depth: int) -> None:
             if depth > MAX_DEPTH:
                 raise CorruptData(f"BTF anonymous members of type {struct_id} nest too deep (cycle?)")
-            for m in self.type(sid).members:
+            members = self.type(sid).members
+            budget[0] -= len(members)
+            if budget[0] < 0:
+                raise CorruptData(f"BTF type {struct_id} flattens to more than {MAX_WALK} members")
+            for m in members:
                 bits = base_bits + m.bit_offset
                 if m.name:
                     out.setdefault(m.name, ResolvedMember(m.name, m.type_id, bits, m.bitfield_size, path + (m.name,)))
@@ -541,10 +547,14 @@ class Btf:
                     return v.value
         raise TypeNotFound(f"enumerator {name}")
 
-    def type_name(self, type_id: int | BtfType, _depth: int = 0) -> str:
+    def type_name(self, type_id: int | BtfType) -> str:
         """C spelling of a type: "struct task_struct *", "unsigned int", "char [16]"."""
+        return self._type_name(type_id, 0, [MAX_WALK])
+
+    def _type_name(self, type_id: int | BtfType, _depth: int, budget: list[int]) -> str:
         t = type_id if isinstance(type_id, BtfType) else self.type(type_id)
-        if _depth > MAX_DEPTH:
+        budget[0] -= 1
+        if _depth > MAX_DEPTH or budget[0] < 0:
             return "<cycle>"
         k = t.kind
         if k == BtfKind.UNKN:
@@ -556,16 +566,16 @@ class Btf:
         if k == BtfKind.FWD:
             return f"{'union' if t.kind_flag else 'struct'} {t.name}"
         if k == BtfKind.PTR:
-            return self.type_name(t.type_id, _depth + 1) + " *"
+            return self._type_name(t.type_id, _depth + 1, budget) + " *"
         if k == BtfKind.ARRAY:
-            return f"{self.type_name(t.elem_type_id, _depth + 1)} [{t.nelems}]"
+            return f"{self._type_name(t.elem_type_id, _depth + 1, budget)} [{t.nelems}]"
         if k in (BtfKind.CONST, BtfKind.VOLATILE, BtfKind.RESTRICT):
-            return f"{k.name.lower()} {self.type_name(t.type_id, _depth + 1)}"
+            return f"{k.name.lower()} {self._type_name(t.type_id, _depth + 1, budget)}"
         if k == BtfKind.TYPE_TAG:
-            return self.type_name(t.type_id, _depth + 1)
+            return self._type_name(t.type_id, _depth + 1, budget)
         if k == BtfKind.FUNC_PROTO:
-            args = ", ".join(self.type_name(p.type_id, _depth + 1) if p.type_id else "..." for p in t.params)
-            return f"{self.type_name(t.type_id, _depth + 1)} (*)({args})"
+            args = ", ".join(self._type_name(p.type_id, _depth + 1, budget) if p.type_id else "..." for p in t.params)
+            return f"{self._type_name(t.type_id, _depth + 1, budget)} (*)({args})"
         return t.name or k.name.lower()
 
 

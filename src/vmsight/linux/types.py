@@ -29,6 +29,7 @@ TypeSpec = int | str | BtfType
 MAX_LIST_NODES = 1 << 20   # default bound of list walks
 MAX_STRING = 4096          # default bound of char* strings
 MAX_VALUE_DEPTH = 8        # nesting of struct/array values in value_()
+MAX_VALUE_ELEMENTS = 1 << 16  # array elements value_() will read (corrupt BTF can claim 2**32)
 _U64 = (1 << 64) - 1
 
 
@@ -192,6 +193,9 @@ class Object:
         if _depth >= MAX_VALUE_DEPTH:
             raise CorruptData(f"value of {self.type_name_()} nests too deep", self.address_)
         if k == BtfKind.ARRAY:
+            if t.nelems > MAX_VALUE_ELEMENTS:
+                raise CorruptData(f"{self.type_name_()} has more than {MAX_VALUE_ELEMENTS} elements: "
+                                  "index it instead", self.address_)
             return [e.value_(_depth + 1) for e in self]
         if k in (BtfKind.STRUCT, BtfKind.UNION):
             return {name: self.member_(name).value_(_depth + 1) for name in self.btf.members(t)}
