@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
         with vm.paused():
             procs = processes(k, threads=args.threads)
     if args.json:
-        emit_json([{key: p[key] for key in ("pid", "tgid", "ppid", "uid", "gid", "state", "comm", "cmdline")}
+        emit_json([{key: p[key] for key in ("pid", "tgid", "ppid", "uid", "gid", "state", "comm", "task_comm", "cmdline")}
                    for p in procs])
         return 0
     print(f"{'PID':>7} {'PPID':>7} {'UID':>5} S COMMAND")

@@ -2,7 +2,8 @@
 
 The task list is ``init_task.tasks`` (thread-group leaders); each leader's threads hang off
 ``signal->thread_head`` through ``task->thread_node`` (v3.14+, commit 0c740d0afc3b), which outlived the
-older ``task->thread_group`` list (removed in v6.7, commit 8e1f385870d6) — the latter is the fallback.
+older ``task->thread_group`` list (removed in v6.7, "kill task_struct->thread_group") — the latter is
+the fallback.
 Member offsets come from the guest's BTF; guest memory is untrusted, so every list walk is bounded,
 detects cycles and rejects pointers outside the kernel half (:class:`~vmsight.errors.CorruptData`).
 """
@@ -34,6 +35,7 @@ MAX_THREADS = 1 << 16
 MAX_CMDLINE = 128 << 10
 KERNEL_HALF = 0xFFFF800000000000
 PF_KTHREAD = 0x00200000      # include/linux/sched.h
+PF_WQ_WORKER = 0x00000020
 
 # fs/proc/array.c task_state_array / include/linux/sched.h (stable v5.14 - v6.12)
 TASK_REPORT = 0x7F
@@ -117,7 +119,7 @@ def task_layout(kernel: Kernel) -> TaskLayout:
         state = off("task_struct", "state")
         state_size = kernel.member_size("task_struct", "state")
     try:
-        # v5.5 added start_boottime (commit cf25e24db61c), what /proc reports; before it was real_start_time.
+        # v5.5 renamed real_start_time to start_boottime (what /proc reports); try the newer name first.
         boot: int | None = off("task_struct", "start_boottime")
     except FieldNotFound:
         boot = off("task_struct", "real_start_time") if kernel.has_member("task_struct", "real_start_time") else None
@@ -197,6 +199,27 @@ class Task:
     def comm(self) -> str:
         raw = self.kernel.read(self.gva + self._l.comm, self._l.comm_size)
         return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    @property
+    def proc_comm(self) -> str:
+        """The name /proc shows (``proc_task_name``): ``comm``, plus for workqueue workers
+        ``wq_worker_comm()``'s "+desc" (running) or "-desc" (last work) suffix."""
+        comm = self.comm
+        flags = self.flags
+        try:
+            if flags & PF_WQ_WORKER:
+                return comm + _wq_worker_suffix(self)
+            if flags & PF_KTHREAD:
+                # get_kthread_comm(): kthread->full_name when the name did not fit (v5.17, commit
+                # d6986ce24fc0 "kthread: dynamically allocate memory to store kthread's full name").
+                kt = _to_kthread(self)
+                if kt and self.kernel.has_member("kthread", "full_name"):
+                    name = self.kernel.read_u64(kt + self.kernel.offsetof("kthread", "full_name"))
+                    if is_kernel_pointer(name):
+                        return self.kernel.read_cstr(name, 63).decode("utf-8", "replace")
+        except VmsightError as e:
+            log.debug("pid %d: kernel-thread name unreadable: %s", self.pid, e)
+        return comm
 
     @property
     def flags(self) -> int:
@@ -346,16 +369,58 @@ class Task:
             yield Task(k, node - lay.thread_group)
 
     def as_dict(self) -> dict[str, Any]:
-        """pid, tgid, ppid, uid, gid, state, comm, cmdline (space-joined, like ``ps``), start_boottime_ns,
-        kthread."""
+        """pid, tgid, ppid, uid, gid, state, comm (as /proc shows it: :attr:`proc_comm`), task_comm (the
+        raw ``task->comm``), cmdline (space-joined, like ``ps``), start_boottime_ns, kthread."""
         try:
             cmd = " ".join(self.cmdline())
         except MemoryAccessError as e:  # e.g. argument pages swapped out
             log.info("pid %d: cmdline unreadable: %s", self.pid, e)
             cmd = ""
         return {"pid": self.pid, "tgid": self.tgid, "ppid": self.ppid, "uid": self.uid, "gid": self.gid,
-                "state": self.state, "comm": self.comm, "cmdline": cmd,
+                "state": self.state, "comm": self.proc_comm, "task_comm": self.comm, "cmdline": cmd,
                 "start_boottime_ns": self.start_boottime_ns, "kthread": self.is_kthread}
+
+
+def _to_kthread(task: Task) -> int:
+    """``to_kthread()``: gva of the task's struct kthread, or 0."""
+    k = task.kernel
+    # task->worker_private since v5.17 (commit e32cf5dfbe22 "kthread: Generalize pf_io_worker so it
+    # can point to struct kthread"), task->set_child_tid before.
+    try:
+        kt_off = k.offsetof("task_struct", "worker_private")
+    except FieldNotFound:
+        kt_off = k.offsetof("task_struct", "set_child_tid")
+    kthread = k.read_u64(task.gva + kt_off)
+    return kthread if is_kernel_pointer(kthread) else 0
+
+
+def _wq_worker_suffix(task: Task) -> str:
+    k = task.kernel
+    kthread = _to_kthread(task)
+    if not kthread:
+        return ""
+    worker = k.read_u64(kthread + k.offsetof("kthread", "data"))
+    if not is_kernel_pointer(worker):
+        return ""
+    prefix = ""
+    if task.comm.startswith("kworker/R-"):
+        # Newer kernels (workqueue: "Rename rescuer kworker", after v6.1) name rescuers
+        # "kworker/R-<wq name>" and format_worker_id() prints the full wq name, not the 16-byte comm.
+        wq = k.read_u64(worker + k.offsetof("worker", "rescue_wq"))
+        if is_kernel_pointer(wq):
+            name = k.read(wq + k.offsetof("workqueue_struct", "name"),
+                          k.member_size("workqueue_struct", "name")).split(b"\0", 1)[0]
+            prefix = "kworker/R-" + name.decode("utf-8", "replace")
+    if not is_kernel_pointer(k.read_u64(worker + k.offsetof("worker", "pool"))):
+        return prefix[len(task.comm):] if prefix.startswith(task.comm) else ""
+    desc = k.read(worker + k.offsetof("worker", "desc"), k.member_size("worker", "desc")).split(b"\0", 1)[0]
+    if not desc:
+        return prefix[len(task.comm):] if prefix.startswith(task.comm) else ""
+    running = k.read_u64(worker + k.offsetof("worker", "current_work"))
+    # proc_task_name() formats into a 64-byte buffer
+    head = prefix if prefix.startswith(task.comm) else task.comm
+    full = head + ("+" if running else "-") + desc.decode("utf-8", "replace")
+    return full[len(task.comm):63]
 
 
 def init_task(kernel: Kernel) -> Task:

@@ -1,0 +1,166 @@
+"""Processes, memory maps and process memory seen from the host, against the guest's /proc (agent).
+
+Workload started in the guest for the comparison (all long-lived, so a /proc snapshot taken a moment
+before the host-side read still holds): plain sleeps, one run from a copy of
+busybox on another mount (/dev/shm: the path crosses a mount point), one from a copy that was then
+deleted ("(deleted)"), one as user nobody."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from vmsight.linux import Guest, find_task, for_each_process, for_each_task, kernel_of, processes
+from vmsight.linux.mm import task_vmas
+from vmsight.qemu.launch import VmInstance
+from vmsight.vm import VM
+
+pytestmark = pytest.mark.guest
+
+WORKLOAD = (
+    "sleep 1001 >/dev/null 2>&1 & "
+    # another uid: the initramfs root is 0700, open it so 'nobody' can run busybox
+    "chmod 755 / && su -s /bin/sh -c 'sleep 1002 >/dev/null 2>&1 &' nobody; "
+    # busybox picks the applet from argv[0]: keep the copies named busybox
+    "mkdir -p /dev/shm/m /tmp/gone && cp /bin/busybox /dev/shm/m/busybox && cp /bin/busybox /tmp/gone/busybox; "
+    "/dev/shm/m/busybox sleep 1003 >/dev/null 2>&1 & "
+    "/tmp/gone/busybox sleep 1004 >/dev/null 2>&1 & "
+    "sleep 0.3; rm -f /tmp/gone/busybox; echo ok"
+)
+# One line per process: pid|ppid|uid|comm|cmdline (NULs as spaces, like ps).
+PROC_SNAPSHOT = (
+    "for d in /proc/[0-9]*; do p=${d#/proc/}; "
+    "pp=$(sed -n 's/^PPid:[[:space:]]*//p' $d/status 2>/dev/null); "
+    "u=$(sed -n 's/^Uid:[[:space:]]*\\([0-9]*\\).*/\\1/p' $d/status 2>/dev/null); "
+    "c=$(cat $d/comm 2>/dev/null); a=$(tr '\\0' ' ' < $d/cmdline 2>/dev/null); "
+    "echo \"$p|$pp|$u|$c|${a% }\"; done"
+)
+
+
+@pytest.fixture(scope="module")
+def workload(guest: VmInstance) -> Iterator[dict[str, int]]:
+    """Start the workload once per guest; pids of the sleeps by their argument."""
+    guest.agent.run("pkill -f 'sleep 100[1-4]'; true")  # a re-run in the same guest
+    guest.agent.run(WORKLOAD, timeout=30).check()
+    out = guest.agent.run("ps -o pid,args").check().text
+    pids = {}
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 3 and parts[-2] == "sleep" and parts[-1].startswith("100"):
+            pids[parts[-1]] = int(parts[0])
+    assert set(pids) == {"1001", "1002", "1003", "1004"}, out + guest.agent.run("true").stderr.decode()
+    yield pids
+    guest.agent.run("kill " + " ".join(map(str, pids.values())) + "; rm -rf /dev/shm/m")
+
+
+def snapshot(guest: VmInstance) -> dict[int, dict[str, object]]:
+    out = guest.agent.run(PROC_SNAPSHOT, timeout=60).check().text
+    procs: dict[int, dict[str, object]] = {}
+    for line in out.splitlines():
+        parts = line.split("|", 4)
+        if len(parts) != 5 or not parts[1]:
+            continue   # exited while being read
+        pid, ppid, uid, comm, cmdline = parts
+        procs[int(pid)] = {"ppid": int(ppid), "uid": int(uid), "comm": comm, "cmdline": cmdline}
+    return procs
+
+
+def test_ps_matches_proc(guest: VmInstance, vm: VM, workload: dict[str, int]) -> None:
+    truth = snapshot(guest)
+    ours = {p["pid"]: p for p in processes(vm)}
+    # Everything the agent did not start for the snapshot itself must be in both views.
+    transient = {pid for pid, t in truth.items() if pid not in ours}
+    assert len(transient) <= 6, transient          # the agent's shell and its sed/cat/tr children
+    assert workload["1001"] in ours and workload["1004"] in ours
+    common = set(truth) & set(ours)
+    assert len(common) >= 40
+    kworker_changed = 0
+    for pid in common:
+        t, o = truth[pid], ours[pid]
+        if o["cmdline"] and "/tmp/.cmd" in str(o["cmdline"]):
+            continue                                   # the agent's own command, exiting as we read
+        assert (o["ppid"], o["uid"], o["cmdline"]) == (t["ppid"], t["uid"], t["cmdline"]), pid
+        if str(o["task_comm"]).startswith("kworker/") and o["comm"] != t["comm"]:
+            # A workqueue worker's "+desc"/"-desc" names the work it runs: it can change between the
+            # snapshot and our read. The worker itself must be the same.
+            assert str(t["comm"]).startswith(str(o["task_comm"])), pid
+            kworker_changed += 1
+        else:
+            assert o["comm"] == t["comm"], pid
+    assert kworker_changed <= 5
+    assert any("-" in str(p["comm"]) or "+" in str(p["comm"]) for p in ours.values() if p["kthread"])
+    assert ours[workload["1002"]]["uid"] == 65534 and ours[workload["1002"]]["gid"] == 65534
+    assert ours[workload["1001"]]["state"] == "S"
+    assert all(p["state"] in "RSDTtXZPI" for p in ours.values())
+
+
+def test_threads_include_every_process(vm: VM, workload: dict[str, int]) -> None:
+    k = kernel_of(vm)
+    with vm.paused():
+        leaders = {t.pid for t in for_each_process(k)}
+        tasks = [t for t in for_each_task(k)]
+    assert leaders <= {t.pid for t in tasks}
+    assert len({t.gva for t in tasks}) == len(tasks)
+
+
+def norm_maps(text: str) -> list[tuple[int, int, str, int, str]]:
+    out = []
+    for line in text.splitlines():
+        f = line.split(None, 5)
+        start, end = (int(x, 16) for x in f[0].split("-"))
+        out.append((start, end, f[1], int(f[2], 16), f[5].strip() if len(f) > 5 else ""))
+    return out
+
+
+def test_maps_match_proc(guest: VmInstance, vm: VM, workload: dict[str, int]) -> None:
+    pids = [1, workload["1001"], workload["1003"], workload["1004"]]
+    truth = {pid: norm_maps(guest.agent.run(f"cat /proc/{pid}/maps").check().text) for pid in pids}
+    k = kernel_of(vm)
+    with vm.paused():
+        k.invalidate()
+        ours = {pid: [(v.start, v.end, v.perms, v.offset, v.path) for v in task_vmas(k, pid)] for pid in pids}
+    for pid in pids:
+        assert ours[pid] == truth[pid], pid
+    paths = {v[4] for v in ours[workload["1003"]]}
+    assert "/dev/shm/m/busybox" in paths                   # crossed the /dev/shm mount
+    assert "/tmp/gone/busybox (deleted)" in {v[4] for v in ours[workload["1004"]]}
+    assert {"[heap]", "[stack]", "[vdso]", "[vvar]"} <= {v[4] for v in ours[1]}
+
+
+def test_process_read_and_cmdline(guest: VmInstance, vm: VM, workload: dict[str, int]) -> None:
+    pid = workload["1001"]
+    maps = norm_maps(guest.agent.run(f"cat /proc/{pid}/maps").check().text)
+    text = next(m for m in maps if m[2] == "r-xp")
+    gva = text[0] + 0x40
+    truth = guest.agent.run(f"dd if=/proc/{pid}/mem bs=64 skip={gva // 64} count=1 2>/dev/null | od -An -tx1 -v"
+                            ).check().text.split()
+    g = Guest(vm)
+    with vm.paused():
+        p = g.process(pid)
+        data = p.read(gva, 64)
+        assert p.read(text[0] - 0x1000, 4) == b"\x7fELF"
+        assert find_task(g.kernel, pid).cmdline() == ["sleep", "1001"]
+    assert data.hex() == "".join(truth)
+
+
+def test_cli_ps_and_maps_json(guest: VmInstance, workload: dict[str, int]) -> None:
+    def cli(*args: str) -> object:
+        r = subprocess.run([sys.executable, "-m", "vmsight.cli.main", "--vm", guest.dir, "--json", *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    ps = cli("ps")
+    assert isinstance(ps, list)
+    assert {"pid", "ppid", "uid", "state", "comm", "cmdline"} <= set(ps[0])
+    by_pid = {p["pid"]: p for p in ps}
+    assert by_pid[workload["1001"]]["cmdline"] == "sleep 1001"
+    maps = cli("maps", str(workload["1003"]))
+    assert isinstance(maps, list)
+    assert set(maps[0]) == {"start", "end", "perms", "offset", "path"}
+    truth = norm_maps(guest.agent.run(f"cat /proc/{workload['1003']}/maps").check().text)
+    assert [(m["start"], m["end"], m["perms"], m["offset"], m["path"]) for m in maps] == truth
