@@ -1,0 +1,860 @@
+"""The event dispatcher: breakpoints, watchpoints, single-step and pause events over QEMU's gdbstub, VM
+lifecycle events over QMP, with handlers that run while the VM is stopped.
+
+Run loop (its own, over ``vm.gdb``; it never uses ``vm.paused()``): the VM runs under ``vCont;c`` while
+:meth:`Dispatcher.listen` waits for a stop reply. A stop is decoded (which vCPU: the reply's thread; which
+breakpoint: the vCPU's ``rip``, which QEMU makes the selected thread), handlers run, their reply is applied,
+and the VM resumes. Outside the dispatcher's own calls the VM is always running, except inside handlers.
+
+Facts this relies on (FIELD-NOTES, QEMU 7.2 TCG, re-measured): breakpoints are by virtual address on all
+vCPUs; QEMU's single step overrides breakpoints, so stepping off a breakpoint needs no remove/reinsert;
+a watchpoint traps after the access; every byte sent to a running stub stops it (so a late ``+`` ack
+must never follow ``vCont;c``); a stop makes the stopped vCPU the stub's selected thread; QEMU removes a
+client's breakpoints when it detaches (``D;1``).
+
+Step-over: a breakpoint on an ``endbr64`` (every function entry of an IBT kernel) or a sealed ``nop4``
+is passed by moving ``rip`` (one ``P`` packet) instead of single-stepping (a debug stop + TB flush); any
+other instruction is single-stepped. Only under TCG (with KVM's real CET an ``endbr`` must execute).
+
+Clean detach, always: :meth:`close` (also on handler exceptions, SIGINT/SIGTERM, interpreter exit)
+removes every breakpoint and watchpoint and leaves the VM running; a watchdog process
+(:mod:`vmsight.events.watchdog`) does the same if this process dies by SIGKILL."""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from vmsight.errors import GdbStubError, TargetError, VmsightError
+from vmsight.events.errors import CapabilityError, DispatcherClosed, WatchAliasError
+from vmsight.events.types import (
+    Access,
+    Action,
+    Breakpoint,
+    Event,
+    Lifecycle,
+    PageAccess,
+    Reply,
+    SingleStep,
+    VcpuPause,
+    VmLifecycle,
+)
+from vmsight.memory.virtual import AddressSpace
+from vmsight.qemu.rsp import GdbStub, StopReply
+
+if TYPE_CHECKING:
+    from vmsight.events.watchdog import WatchdogClient
+    from vmsight.linux.kernel import Kernel
+    from vmsight.vm import VM
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any], "Action | Reply | None"]
+Decoder = Callable[[Breakpoint], "Event | None"]
+
+_Z_SW, _Z_WRITE, _Z_READ, _Z_ACCESS = 0, 2, 3, 4
+_Z_OF_ACCESS = {Access.WRITE: _Z_WRITE, Access.READ: _Z_READ, Access.ACCESS: _Z_ACCESS}
+_ACCESS_OF_KIND = {"watch": Access.WRITE, "rwatch": Access.READ, "awatch": Access.ACCESS}
+# Instructions that do nothing and are never re-patched at run time: endbr64, the nop4 that IBT sealing
+# writes over unused endbr64s (arch/x86/kernel/alternative.c, "0f 1f 40 d6"), and single-byte nop.
+_NOP_PREFIXES = ((b"\xf3\x0f\x1e\xfa", 4), (b"\x0f\x1f\x40\xd6", 4), (b"\x90", 1))
+_WAIT_SLICE = 0.1         # longest blocking read, so signals and stop() are seen promptly
+_QMP_DRAIN_EVERY = 0.25   # QMP events (a STOP/RESUME pair per gdb stop) are drained this often
+_KERNEL_HALF = 0xFFFF800000000000
+_QMP_LIFECYCLE = {"SHUTDOWN": Lifecycle.SHUTDOWN, "RESET": Lifecycle.RESET, "GUEST_PANICKED": Lifecycle.PANIC,
+                  "POWERDOWN": Lifecycle.POWERDOWN}
+_RUN_STATE_LIFECYCLE = {"guest-panicked": Lifecycle.PANIC, "shutdown": Lifecycle.SHUTDOWN,
+                        "internal-error": Lifecycle.PANIC}
+
+
+@dataclass(eq=False)
+class BreakpointHandle:
+    """A registered breakpoint (returned by :meth:`Dispatcher.add_breakpoint`)."""
+
+    id: int
+    gva: int
+    symbol: str | None
+    handler: Handler | None
+    decode: Decoder | None
+    with_registers: bool
+    skip_len: int = 0     # > 0: the instruction at gva is a pure nop of this length (step over by rip += n)
+    hits: int = 0
+
+
+@dataclass(eq=False)
+class WatchHandle:
+    """A registered watchpoint (returned by :meth:`Dispatcher.add_watchpoint`)."""
+
+    id: int
+    gva: int
+    length: int
+    access: Access
+    handler: Handler | None
+    cr3: int | None = None       # only report accesses made under this page-table root
+    alias_of_gpa: int | None = None
+    hits: int = 0
+    filtered: int = 0
+
+
+@dataclass
+class Stats:
+    events: int = 0
+    breakpoint_hits: int = 0
+    watch_hits: int = 0
+    filtered: int = 0          # hits that a decoder or cr3 filter dropped (the vCPU still stopped)
+    steps: int = 0             # single steps used to pass a breakpoint
+    skips: int = 0             # breakpoints passed by moving rip over a nop
+    spurious: int = 0          # T05 stops that matched nothing (a stale single-step flag)
+    stops: int = 0
+    handler_ns: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class _Live:
+    """The live view of one stopped vCPU, handed to its event (valid until the VM resumes)."""
+
+    def __init__(self, d: Dispatcher, vcpu: int, thread: str, regs: dict[str, int] | None = None) -> None:
+        self.d = d
+        self.vcpu = vcpu
+        self.thread = thread
+        self.valid = True
+        self._regs = regs
+        self.rip_changed = False
+
+    def registers(self) -> dict[str, int]:
+        if self._regs is None:
+            self.d._select(self.thread)
+            self._regs = self.d._stub.read_all_registers()
+        return self._regs
+
+    def set_register(self, name: str, value: int) -> None:
+        self.d._select(self.thread)
+        self.d._stub.write_register(name, value)
+        if self._regs is not None:
+            self._regs[name] = value
+        if name in ("rip", "pc"):
+            self.rip_changed = True
+
+    def read(self, gva: int, size: int) -> bytes:
+        return self.d._space(self.registers()["cr3"]).read(gva, size)
+
+    def write(self, gva: int, data: bytes) -> None:
+        self.d._select(self.thread)
+        self.d._stub.write_memory(gva, data)
+        self.d._spaces_dirty = True
+
+
+class Dispatcher:
+    """Introspection events of one VM. Use as a context manager (or call :meth:`close`).
+
+    ``kernel`` (a :class:`vmsight.linux.kernel.Kernel`) resolves symbols; it is discovered on first need
+    when omitted. ``supervise`` starts the SIGKILL watchdog; ``handle_signals`` turns SIGINT/SIGTERM into
+    a clean detach followed by KeyboardInterrupt / SystemExit(143) (main thread only).
+
+    Handlers receive the event and return ``None`` (continue), an :class:`Action` or a :class:`Reply`.
+    They run while the VM is stopped; an exception in a handler closes the dispatcher (clean detach) and
+    propagates out of :meth:`listen`. Not thread-safe, except :meth:`stop` and :meth:`pause_vcpus`."""
+
+    def __init__(self, vm: VM, *, kernel: Kernel | None = None, supervise: bool = True,
+                 handle_signals: bool = True) -> None:
+        self.vm = vm
+        self._kernel = kernel
+        self._stub: GdbStub = vm.gdb
+        self._ids = itertools.count(1)
+        self._seq = itertools.count(1)
+        self._bps: dict[int, BreakpointHandle] = {}          # gva -> handle
+        self._watches: dict[int, list[WatchHandle]] = {}     # gva -> handles (same start, several kinds)
+        self._subscribers: dict[type[Event], list[Handler]] = {}
+        self._stepping: set[str] = set()                    # threads in single-step mode
+        self._pending: deque[Event] = deque()
+        self._step_over: dict[str, BreakpointHandle] = {}   # thread -> breakpoint it sits on
+        self._live: list[_Live] = []
+        self._spaces: dict[int, AddressSpace] = {}
+        self._spaces_dirty = False
+        self._selected: str | None = None
+        self._closed: str | None = None
+        self._ext_paused = False
+        self._interrupting = False
+        self._pause_requested = False
+        self._stop_requested = False
+        self._signal: int | None = None
+        self._busy = 0
+        self._old_handlers: dict[int, Any] = {}
+        self._io_lock = threading.RLock()
+        self._last_qmp_drain = 0.0
+        self.stats = Stats()
+        self._vcpu_of_thread = {_norm_thread(v.gdb_thread): v.index for v in vm.vcpus()}
+        self._threads = {v.index: v.gdb_thread for v in vm.vcpus()}
+        self._caps = self._probe_capabilities()
+        self._running = vm.status() == "running"
+        self._watchdog: WatchdogClient | None = None
+        if supervise:
+            from vmsight.events.watchdog import WatchdogClient
+
+            self._watchdog = WatchdogClient.start(self._stub.address)
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        _open_dispatchers.add(self)
+        self._drain_qmp(force=True)
+
+    # --- context manager ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Dispatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- capabilities and symbols ------------------------------------------------------------------
+
+    def _probe_capabilities(self) -> dict[str, Any]:
+        try:
+            kvm = bool(self.vm.qmp.execute("query-kvm").get("enabled"))
+        except VmsightError:
+            kvm = False
+        if kvm:
+            return {"accelerator": "kvm", "breakpoints": None, "breakpoint_kind": "int3 written to guest memory",
+                    "watchpoints": 4, "watch_lengths": [1, 2, 4, 8], "watch_aligned": True,
+                    "read_watch": False, "watch_by": "gva", "nop_skip": False,
+                    "gpa_watch_aliases": ["direct_map", "kernel_image"], "user_aliases_covered": False}
+        return {"accelerator": "tcg", "breakpoints": None, "breakpoint_kind": "TCG, guest memory untouched",
+                "watchpoints": None, "watch_lengths": "any >= 1", "watch_aligned": False, "read_watch": True,
+                "watch_by": "gva", "nop_skip": True, "gpa_watch_aliases": ["direct_map", "kernel_image"],
+                "user_aliases_covered": False}
+
+    def capabilities(self) -> dict[str, Any]:
+        """What this VM's accelerator allows (``None`` = no practical limit). Watches are by guest-virtual
+        address: a gpa watch covers its kernel aliases only, never user mappings of the same page."""
+        return dict(self._caps)
+
+    @property
+    def kernel(self) -> Kernel:
+        if self._kernel is None:
+            from vmsight.linux.kernel import discover
+
+            self._kernel = discover(self.vm)
+        return self._kernel
+
+    def resolve(self, where: int | str) -> tuple[int, str | None]:
+        """(gva, symbol) for a gva, ``"symbol"`` or ``"symbol+0x10"``."""
+        if isinstance(where, int):
+            return where, None
+        text = where.strip()
+        try:
+            return int(text, 0), None
+        except ValueError:
+            pass
+        name, plus, off = text.partition("+")
+        return self.kernel.symbol(name) + (int(off, 0) if plus else 0), text
+
+    # --- registration ------------------------------------------------------------------------------
+
+    def on(self, event_type: type[Event], handler: Handler) -> None:
+        """Call ``handler`` for every event of ``event_type`` (or a subclass), after per-breakpoint ones."""
+        self._subscribers.setdefault(event_type, []).append(handler)
+
+    def add_breakpoint(self, where: int | str, handler: Handler | None = None, *, decode: Decoder | None = None,
+                       with_registers: bool = False) -> BreakpointHandle:
+        """Break at a gva or kernel symbol. ``decode`` turns the raw :class:`Breakpoint` into the event to
+        report (or None to drop the hit silently: filters); ``with_registers`` fetches all registers at
+        each hit (one round trip) instead of on first use."""
+        self._check_open()
+        gva, symbol = self.resolve(where)
+        if gva in self._bps:
+            raise VmsightError(f"a breakpoint at {gva:#x} is already registered")
+        bp = BreakpointHandle(next(self._ids), gva, symbol, handler, decode, with_registers)
+        with self._stopped():
+            if self._caps["nop_skip"] and gva >= _KERNEL_HALF:
+                bp.skip_len = self._nop_length(gva)
+            self._stub.insert_breakpoint(_Z_SW, gva, 1)
+            self._bps[gva] = bp
+            if self._watchdog:
+                self._watchdog.record(True, _Z_SW, gva, 1)
+        log.debug("breakpoint #%d at %#x (%s), skip %d", bp.id, gva, symbol, bp.skip_len)
+        return bp
+
+    def _nop_length(self, gva: int) -> int:
+        try:
+            code = self._stub.read_memory(gva, 4)
+        except GdbStubError:
+            return 0
+        for prefix, n in _NOP_PREFIXES:
+            if code.startswith(prefix):
+                return n
+        return 0
+
+    def add_watchpoint(self, gva: int, length: int, access: Access | str = Access.WRITE,
+                       handler: Handler | None = None, *, cr3: int | None = None) -> WatchHandle:
+        """Watch ``length`` bytes at ``gva`` for reads, writes or both (``"r"``, ``"w"``, ``"rw"``). Watches are
+        by virtual address in every address space: ``cr3`` keeps only accesses made under that root (for
+        user addresses; the other hits still stop the VM briefly). Raises CapabilityError past KVM's
+        limits instead of failing silently."""
+        self._check_open()
+        acc = Access.parse(access)
+        self._check_watch_caps(gva, length, acc)
+        w = WatchHandle(next(self._ids), gva, length, acc, handler, cr3)
+        with self._stopped():
+            self._stub.insert_breakpoint(_Z_OF_ACCESS[acc], gva, length)
+            self._watches.setdefault(gva, []).append(w)
+            if self._watchdog:
+                self._watchdog.record(True, _Z_OF_ACCESS[acc], gva, length)
+        return w
+
+    def _check_watch_caps(self, gva: int, length: int, acc: Access) -> None:
+        if length < 1:
+            raise VmsightError(f"watch length must be >= 1, not {length}")
+        caps = self._caps
+        if caps["watchpoints"] is not None:
+            n = sum(len(v) for v in self._watches.values())
+            if n >= caps["watchpoints"]:
+                raise CapabilityError(f"add watchpoint #{n + 1}", "the number of watchpoints",
+                                      caps["watchpoints"])
+            if length not in caps["watch_lengths"] or (caps["watch_aligned"] and gva % length):
+                raise CapabilityError(f"watch {length} bytes at {gva:#x}", "watch length/alignment",
+                                      caps["watch_lengths"])
+            if acc is Access.READ and not caps["read_watch"]:
+                raise CapabilityError("watch reads only", "read-only watching", "read+write (use rw)")
+
+    def watch_gpa(self, gpa: int, length: int, access: Access | str = Access.WRITE,
+                  handler: Handler | None = None) -> list[WatchHandle]:
+        """Watch guest-physical memory through its kernel aliases: the direct map
+        (``page_offset_base + gpa``) and, if the range lies in the kernel image, the image mapping.
+        Limits: user-space mappings of the same page are not covered (a watch is by virtual address and
+        a page can be mapped anywhere), nor vmalloc/module aliases."""
+        k = self.kernel
+        aliases: list[int] = []
+        end = self.vm.layout.end_gpa if hasattr(self.vm.layout, "end_gpa") else None
+        if end is None or gpa + length <= end:
+            aliases.append(k.page_offset_base + gpa)
+        off = gpa - k.text_gpa
+        if 0 <= off and off + length <= k.image_size:
+            aliases.append(k.text_gva + off)
+        if not aliases:
+            raise WatchAliasError(gpa, length, "outside guest RAM and the kernel image")
+        out = []
+        for gva in aliases:
+            w = self.add_watchpoint(gva, length, access, handler)
+            w.alias_of_gpa = gpa
+            out.append(w)
+        return out
+
+    def remove(self, handle: BreakpointHandle | WatchHandle) -> None:
+        """Remove a breakpoint or watchpoint (may be called from a handler)."""
+        if self._closed:
+            return
+        with self._stopped():
+            if isinstance(handle, BreakpointHandle):
+                if self._bps.get(handle.gva) is handle:
+                    self._stub.remove_breakpoint(_Z_SW, handle.gva, 1)
+                    del self._bps[handle.gva]
+                    if self._watchdog:
+                        self._watchdog.record(False, _Z_SW, handle.gva, 1)
+            else:
+                lst = self._watches.get(handle.gva, [])
+                if handle in lst:
+                    kind = _Z_OF_ACCESS[handle.access]
+                    self._stub.remove_breakpoint(kind, handle.gva, handle.length)
+                    lst.remove(handle)
+                    if not lst:
+                        del self._watches[handle.gva]
+                    if self._watchdog:
+                        self._watchdog.record(False, kind, handle.gva, handle.length)
+
+    def single_step(self, vcpu: int, enable: bool = True) -> None:
+        """Single-step mode for one vCPU: every instruction it executes raises a :class:`SingleStep`
+        event (~0.4 ms each under TCG; interrupts and timers are held off while stepping: qqemu.sstep)."""
+        t = self._threads[vcpu]
+        if enable:
+            self._stepping.add(t)
+        else:
+            self._stepping.discard(t)
+
+    def pause_vcpus(self) -> None:
+        """Ask for a :class:`VcpuPause` event per vCPU (all-stop: the whole VM pauses). Thread-safe."""
+        self._pause_requested = True
+        self._interrupt_if_running()
+
+    def stop(self) -> None:
+        """Make a blocked :meth:`listen` return None and iteration end (thread-safe; the VM keeps running)."""
+        self._stop_requested = True
+
+    # --- listening ---------------------------------------------------------------------------------
+
+    def listen(self, timeout: float | None = None) -> Event | None:
+        """Wait for the next event, run its handlers (VM stopped), resume the VM and return the event.
+        None after ``timeout`` seconds or after :meth:`stop`. Raises DispatcherClosed once closed."""
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._busy += 1
+        try:
+            while True:
+                if self._signal is not None:
+                    self._exit_on_signal()
+                if self._pending:
+                    return self._pending.popleft()
+                if self._closed:
+                    raise DispatcherClosed(self._closed)
+                if self._stop_requested:
+                    self._stop_requested = False
+                    return None
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return None
+                if now - self._last_qmp_drain > _QMP_DRAIN_EVERY:
+                    self._drain_qmp()
+                    if self._pending:
+                        continue
+                if self._ext_paused:
+                    self._poll_external_resume()
+                    time.sleep(0.02)
+                    continue
+                if not self._running:
+                    self._resume()
+                    continue
+                slice_s = _WAIT_SLICE if deadline is None else max(0.0, min(_WAIT_SLICE, deadline - now))
+                try:
+                    reply = self._stub.wait_stop(slice_s)
+                except TimeoutError:
+                    continue
+                except GdbStubError as e:
+                    self._vm_gone(str(e))
+                    continue
+                with self._io_lock:
+                    self._running = False
+                    self._handle_stop(reply)
+                    if not self._ext_paused and not self._closed:
+                        self._resume()
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self._busy -= 1
+
+    def __iter__(self) -> Iterator[Event]:
+        return self.events()
+
+    def events(self, timeout: float | None = None, count: int | None = None) -> Iterator[Event]:
+        """Events until ``count`` were seen, ``timeout`` seconds passed with none, :meth:`stop`, or close."""
+        n = 0
+        while count is None or n < count:
+            if self._closed:
+                return
+            ev = self.listen(timeout)
+            if ev is None:
+                return
+            n += 1
+            yield ev
+
+    # --- stop handling -----------------------------------------------------------------------------
+
+    def _handle_stop(self, reply: StopReply) -> None:
+        self.stats.stops += 1
+        if reply.thread:
+            self._selected = _norm_thread(reply.thread)  # QEMU selects the stopping vCPU (gdb_set_stop_cpu)
+        if reply.exited:
+            self._vm_gone(f"QEMU reported exit ({reply.raw})")
+            return
+        thread = _norm_thread(reply.thread) if reply.thread else self._threads[0]
+        vcpu = self._vcpu_of_thread.get(thread, 0)
+        if reply.signal == 5:
+            self._interrupting = False  # a trap beat our interrupt: this stop is the one we waited for
+            if reply.kind in _ACCESS_OF_KIND:
+                self._on_watch(reply, thread, vcpu)
+            elif thread in self._stepping:
+                self._emit_raw(SingleStep(vcpu=vcpu, rip=0), thread, rip_field="rip")
+            else:
+                self._on_breakpoint(thread, vcpu)
+        elif reply.signal == 2 and self._interrupting:
+            self._interrupting = False
+        elif reply.signal == 2:
+            status = self._status()
+            log.info("VM stopped by someone else (QMP status %s)", status)
+            self._ext_paused = True
+            self._queue(VmLifecycle(vcpu=-1, what=Lifecycle.STOP, data={"status": status}))
+        else:
+            status = self._status()
+            what = _RUN_STATE_LIFECYCLE.get(status, Lifecycle.STOP)
+            self._ext_paused = True
+            self._queue(VmLifecycle(vcpu=-1, what=what, data={"status": status, "signal": reply.signal}))
+        if self._pause_requested:
+            self._pause_requested = False
+            for index, t in sorted(self._threads.items()):
+                self._emit(VcpuPause(vcpu=index), _Live(self, index, _norm_thread(t)), [])
+
+    def _on_breakpoint(self, thread: str, vcpu: int) -> None:
+        regs: dict[str, int] | None = None
+        if len(self._bps) == 1 and not self._stepping:
+            # Only one breakpoint and no single-stepping: a plain T05 can only be that breakpoint.
+            bp: BreakpointHandle | None = next(iter(self._bps.values()))
+            assert bp is not None
+            if bp.with_registers:
+                regs = self._stub.read_all_registers()
+        else:
+            if any(b.with_registers for b in self._bps.values()):
+                regs = self._stub.read_all_registers()
+                rip = regs["rip"]
+            else:
+                rip = self._stub.read_register("rip")
+            bp = self._bps.get(rip)
+        if bp is None:
+            self.stats.spurious += 1
+            log.debug("stop on %s matches no breakpoint (stale single-step)", thread)
+            return
+        bp.hits += 1
+        self.stats.breakpoint_hits += 1
+        self._step_over[thread] = bp
+        live = _Live(self, vcpu, thread, regs)
+        ev: Event = Breakpoint(vcpu=vcpu, gva=bp.gva, symbol=bp.symbol)
+        if bp.decode is not None:
+            ev._live = live
+            decoded = bp.decode(ev)  # type: ignore[arg-type]
+            if decoded is None:
+                self.stats.filtered += 1
+                live.valid = False
+                return
+            ev = decoded
+        reply = self._emit(ev, live, [bp.handler] if bp.handler else [])
+        if reply.action is Action.RETRY or live.rip_changed:
+            self._step_over.pop(thread, None)
+
+    def _on_watch(self, reply: StopReply, thread: str, vcpu: int) -> None:
+        assert reply.address is not None and reply.kind is not None
+        acc = _ACCESS_OF_KIND[reply.kind]
+        cands = self._watches.get(reply.address, [])
+        w = next((c for c in cands if c.access is acc), cands[0] if cands else None)
+        if w is None:
+            self.stats.spurious += 1
+            return
+        live = _Live(self, vcpu, thread)
+        if w.cr3 is not None and (live.registers()["cr3"] & ~0xFFF) != (w.cr3 & ~0xFFF):
+            w.filtered += 1
+            self.stats.filtered += 1
+            live.valid = False
+            return
+        w.hits += 1
+        self.stats.watch_hits += 1
+        rip = live.registers()["rip"]
+        self._emit(PageAccess(vcpu=vcpu, gva=w.gva, length=w.length, access=acc, rip=rip, watch_id=w.id), live,
+                   [w.handler] if w.handler else [])
+
+    def _emit_raw(self, ev: Event, thread: str, rip_field: str) -> None:
+        live = _Live(self, ev.vcpu, thread)
+        setattr(ev, rip_field, live.registers()["rip"])
+        self._emit(ev, live, [])
+
+    def _emit(self, ev: Event, live: _Live, handlers: list[Handler]) -> Reply:
+        ev.seq = next(self._seq)
+        ev.time_ns = time.time_ns()
+        ev._live = live
+        self._live.append(live)
+        for t, hs in self._subscribers.items():
+            if isinstance(ev, t):
+                handlers = handlers + hs
+        reply = Reply()
+        t0 = time.perf_counter_ns()
+        for h in handlers:
+            r = h(ev)
+            if r is None:
+                continue
+            if isinstance(r, Action):
+                r = Reply(r)
+            if not isinstance(r, Reply):
+                raise VmsightError(f"handler {h!r} returned {r!r}: return None, an Action or a Reply")
+            if r.action is Action.RETRY:
+                reply.action = Action.RETRY
+            for gva, data in r.memory.items():
+                live.write(gva, data)
+            for name, value in r.registers.items():
+                live.set_register(name, value)
+        self.stats.handler_ns += time.perf_counter_ns() - t0
+        self.stats.events += 1
+        self._pending.append(ev)
+        return reply
+
+    def _queue(self, ev: Event) -> None:
+        ev.seq = next(self._seq)
+        ev.time_ns = time.time_ns()
+        for t, hs in self._subscribers.items():
+            if isinstance(ev, t):
+                for h in hs:
+                    h(ev)
+        self.stats.events += 1
+        self._pending.append(ev)
+
+    # --- run control -------------------------------------------------------------------------------
+
+    def _select(self, thread: str) -> None:
+        if self._selected != thread:
+            self._stub.select_thread(thread)
+            self._selected = thread
+
+    def _space(self, cr3: int) -> AddressSpace:
+        sp = self._spaces.get(cr3)
+        if sp is None:
+            sp = self._spaces[cr3] = AddressSpace(self.vm.phys, cr3, la57=self._la57())
+        self._spaces_dirty = True
+        return sp
+
+    def _la57(self) -> bool:
+        if self._kernel is not None:
+            return self._kernel.la57
+        return self.vm.la57
+
+    def _resume(self) -> None:
+        """Pass the breakpoints vCPUs sit on, then continue (only ever called with the VM stopped)."""
+        for live in self._live:
+            live.valid = False
+        self._live.clear()
+        if self._spaces_dirty:
+            for sp in self._spaces.values():
+                sp.invalidate()
+            self._spaces_dirty = False
+        if self._kernel is not None:
+            self._kernel.invalidate()
+        while self._step_over:
+            thread, bp = self._step_over.popitem()
+            if self._bps.get(bp.gva) is not bp:
+                continue  # removed by its handler: nothing to pass
+            if bp.skip_len:
+                self._select(thread)
+                self._stub.write_register("rip", bp.gva + bp.skip_len)
+                self.stats.skips += 1
+                continue
+            self.stats.steps += 1
+            reply = self._stub.step(thread)
+            self._selected = _norm_thread(reply.thread) if reply.thread else thread
+            if reply.signal == 5 and reply.kind in _ACCESS_OF_KIND:
+                self._on_watch(reply, self._selected, self._vcpu_of_thread.get(self._selected, 0))
+                for live in self._live:
+                    live.valid = False
+                self._live.clear()
+            elif reply.signal != 5:
+                log.warning("single step of %s ended with %s", thread, reply.raw)
+        if self._stepping:
+            actions = ";".join(f"s:{t}" for t in sorted(self._stepping))
+            self._stub.send(f"vCont;{actions};c")
+        else:
+            self._stub.cont()
+        self._running = True
+
+    def _interrupt_if_running(self) -> None:
+        with self._io_lock:
+            if self._running and not self._interrupting and not self._closed:
+                self._interrupting = True
+                _send_break(self._stub)
+
+    class _StoppedCtx:
+        def __init__(self, d: Dispatcher) -> None:
+            self.d = d
+            self.resume = False
+
+        def __enter__(self) -> None:
+            d = self.d
+            d._busy += 1
+            d._io_lock.acquire()
+            try:
+                if d._running:
+                    d._stop_now()
+                    self.resume = True
+            except BaseException:
+                d._io_lock.release()
+                d._busy -= 1
+                raise
+
+        def __exit__(self, *exc: object) -> None:
+            d = self.d
+            try:
+                if self.resume and not d._closed and not d._ext_paused:
+                    d._resume()
+            finally:
+                d._io_lock.release()
+                d._busy -= 1
+            if d._signal is not None and d._busy == 0 and not d._closed:
+                d._exit_on_signal()
+
+    def _stopped(self) -> Dispatcher._StoppedCtx:
+        """Stop the VM for a registration change (events that beat the interrupt are handled and queued)."""
+        return Dispatcher._StoppedCtx(self)
+
+    def _stop_now(self, timeout: float = 3.0) -> None:
+        self._interrupting = True
+        _send_break(self._stub)
+        try:
+            reply = self._stub.wait_stop(timeout)
+        except TimeoutError:
+            raise TargetError(f"the VM did not stop within {timeout:.0f} s of a gdbstub interrupt") from None
+        self._running = False
+        self._handle_stop(reply)
+
+    def _status(self) -> str:
+        try:
+            return self.vm.qmp.status()
+        except VmsightError as e:
+            return f"unknown ({e})"
+
+    def _poll_external_resume(self) -> None:
+        status = self._status()
+        if status == "running":
+            self._ext_paused = False
+            self._running = True
+            self._queue(VmLifecycle(vcpu=-1, what=Lifecycle.RESUME, data={"status": status}))
+        elif status.startswith("unknown"):
+            self._vm_gone(status)
+
+    def _drain_qmp(self, force: bool = False) -> None:
+        self._last_qmp_drain = time.monotonic()
+        for _ in range(100000):
+            try:
+                msg = self.vm.qmp.pull_event(0.0)
+            except Exception:  # noqa: BLE001 - a dead QMP connection ends the drain; gdb notices too
+                return
+            if msg is None:
+                return
+            what = _QMP_LIFECYCLE.get(str(msg.get("event")))
+            if what is not None and not force:
+                self._queue(VmLifecycle(vcpu=-1, what=what, data=dict(msg.get("data") or {})))
+
+    def _vm_gone(self, why: str) -> None:
+        log.info("VM gone: %s", why)
+        if not any(isinstance(e, VmLifecycle) and e.what is Lifecycle.SHUTDOWN for e in self._pending):
+            self._drain_qmp()
+        if not any(isinstance(e, VmLifecycle) and e.what is Lifecycle.SHUTDOWN for e in self._pending):
+            self._queue(VmLifecycle(vcpu=-1, what=Lifecycle.SHUTDOWN, data={"reason": why}))
+        self._running = False
+        self._finish("closed: the VM is gone", detach=False)
+
+    # --- signals and closing -----------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signal = signum
+        if self._busy == 0:  # not talking to the stub: clean up and leave right away
+            self._exit_on_signal()
+        # else: the run loop acts on it at a safe point (never mid-packet)
+
+    def _exit_on_signal(self) -> None:
+        signum = self._signal
+        self.close()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + (signum or 0))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DispatcherClosed(self._closed)
+
+    def close(self) -> None:
+        """Remove every breakpoint and watchpoint and leave the VM running. Idempotent; never raises
+        for a VM that is already gone."""
+        self._finish("closed", detach=True)
+
+    def _finish(self, reason: str, *, detach: bool) -> None:
+        if self._closed:
+            return
+        self._closed = reason
+        try:
+            if detach:
+                self._clean_stub()
+        finally:
+            for live in self._live:
+                live.valid = False
+            self._live.clear()
+            for sig, old in self._old_handlers.items():
+                try:
+                    signal.signal(sig, old)
+                except (ValueError, TypeError):
+                    pass
+            self._old_handlers.clear()
+            if self._watchdog is not None:
+                # Tell the watchdog all is clean only if it is: else let it do the cleanup itself.
+                self._watchdog.stop(clean=not self._bps and not self._watches)
+                self._watchdog = None
+            _open_dispatchers.discard(self)
+
+    def _clean_stub(self) -> None:
+        stub = self._stub
+        try:
+            with self._io_lock:
+                if self._running:
+                    self._interrupting = True
+                    _send_break(stub)
+                    self._drain_until_stopped(stub)
+                    self._running = False
+                for gva in list(self._bps):
+                    try:
+                        stub.remove_breakpoint(_Z_SW, gva, 1)
+                        del self._bps[gva]
+                    except GdbStubError as e:
+                        log.warning("cannot remove breakpoint at %#x: %s", gva, e)
+                for gva, lst in list(self._watches.items()):
+                    for w in list(lst):
+                        try:
+                            stub.remove_breakpoint(_Z_OF_ACCESS[w.access], w.gva, w.length)
+                            lst.remove(w)
+                        except GdbStubError as e:
+                            log.warning("cannot remove watchpoint at %#x: %s", gva, e)
+                    if not lst:
+                        del self._watches[gva]
+                self._step_over.clear()
+                self._stepping.clear()
+                if not self._ext_paused:
+                    stub.cont()  # vm.close() detaches later (it stops first: a packet to a running stub)
+                    self._running = True
+        except (GdbStubError, OSError, TimeoutError) as e:
+            log.warning("clean detach failed (%s); the watchdog detaches instead", e)
+
+    def _drain_until_stopped(self, stub: GdbStub) -> None:
+        """After an interrupt: read until a stop reply (replies of an interrupted exchange are skipped)."""
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            try:
+                text = stub._recv_packet(0.5)
+            except TimeoutError:
+                return  # already stopped: QEMU ignores ^C then
+            if text[:1] in ("T", "S", "W", "X"):
+                self._selected = None
+                return
+
+
+def _send_break(stub: GdbStub) -> None:
+    """Send ^C (a bare byte, not a packet): stops a running VM; QEMU ignores it when stopped.
+    GdbStub.interrupt() also waits for the stop reply, which the run loop wants to read itself."""
+    stub._sock.sendall(b"\x03")
+
+
+def _norm_thread(t: str) -> str:
+    """'p01.02' -> 'p1.2' (what Vcpu.gdb_thread and vCont use)."""
+    if t.startswith("p") and "." in t:
+        pid, _, tid = t[1:].partition(".")
+        try:
+            return f"p{int(pid, 16):x}.{int(tid, 16):x}"
+        except ValueError:
+            return t
+    return t
+
+
+_open_dispatchers: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for d in list(_open_dispatchers):
+        try:
+            d.close()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
+
+
+__all__ = ["BreakpointHandle", "Dispatcher", "Handler", "Stats", "WatchHandle"]

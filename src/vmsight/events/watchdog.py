@@ -1,0 +1,151 @@
+"""SIGKILL insurance for the dispatcher.
+
+QEMU leaves the VM stopped when a gdb client dies without detaching, and a breakpoint left inserted stops
+the VM for good at its next hit (nobody answers). So every :class:`~vmsight.events.dispatcher.Dispatcher`
+starts this small watchdog process (``python -m vmsight.events.watchdog GDB_ADDRESS``) in its own session
+(terminal signals do not reach it). The parent streams each breakpoint/watchpoint it inserts or removes
+over the watchdog's stdin (``+ KIND GVA LEN`` / ``- KIND GVA LEN``) and writes ``bye`` when it closed
+cleanly. End of input without ``bye`` means the parent died: the watchdog connects to the gdb socket (free
+once the dead client's socket is closed), removes the recorded points and detaches with ``D;1`` (which also
+drops any point QEMU still holds for that client), leaving the VM running."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+CONNECT_DEADLINE_S = 5.0
+
+
+class WatchdogClient:
+    """The parent's end: a pipe to the watchdog process."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self._pipe: IO[bytes] | None = proc.stdin
+
+    @classmethod
+    def start(cls, gdb_address: str) -> WatchdogClient:
+        env = dict(os.environ)
+        src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        logfile = os.environ.get("VMSIGHT_WATCHDOG_LOG")
+        err = open(logfile, "ab") if logfile else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "vmsight.events.watchdog", gdb_address],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+                                    close_fds=True, start_new_session=True, env=env)
+        finally:
+            if logfile and not isinstance(err, int):
+                err.close()
+        log.debug("watchdog pid %d for %s", proc.pid, gdb_address)
+        return cls(proc)
+
+    def _send(self, line: str) -> None:
+        if self._pipe is None:
+            return
+        try:
+            self._pipe.write(line.encode() + b"\n")
+            self._pipe.flush()
+        except (BrokenPipeError, OSError) as e:
+            log.warning("the dispatcher's watchdog is gone (%s): a SIGKILL would leave breakpoints behind", e)
+            self._pipe = None
+
+    def record(self, added: bool, kind: int, gva: int, length: int) -> None:
+        self._send(f"{'+' if added else '-'} {kind} {gva:x} {length:x}")
+
+    def stop(self, clean: bool) -> None:
+        """``clean``: every point was removed and the VM runs: the watchdog just exits. Otherwise it
+        cleans up as if the parent had died."""
+        if clean:
+            self._send("bye")
+        if self._pipe is not None:
+            try:
+                self._pipe.close()
+            except OSError:
+                pass
+            self._pipe = None
+        if clean:
+            try:
+                self.proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# --- the watchdog process ------------------------------------------------------------------------------
+
+def read_until_eof(stream: IO[bytes]) -> tuple[bool, set[tuple[int, int, int]]]:
+    """(parent said bye, points still inserted) from the parent's stream."""
+    points: set[tuple[int, int, int]] = set()
+    for raw in stream:
+        parts = raw.decode(errors="replace").split()
+        if not parts:
+            continue
+        if parts[0] == "bye":
+            return True, points
+        if parts[0] in "+-" and len(parts) == 4:
+            try:
+                p = (int(parts[1]), int(parts[2], 16), int(parts[3], 16))
+            except ValueError:
+                continue
+            if parts[0] == "+":
+                points.add(p)
+            else:
+                points.discard(p)
+    return False, points
+
+
+def cleanup(gdb_address: str, points: set[tuple[int, int, int]], deadline_s: float = CONNECT_DEADLINE_S) -> bool:
+    """Connect, remove ``points``, detach. True when the VM was left detached and running."""
+    from vmsight.errors import VmsightError
+    from vmsight.qemu.rsp import GdbStub
+
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            stub = GdbStub(gdb_address, timeout=1.0)
+            break
+        except VmsightError as e:
+            if time.monotonic() > deadline:
+                log.error("watchdog: cannot reach the gdbstub at %s: %s", gdb_address, e)
+                return False
+            time.sleep(0.05)
+    for kind, gva, length in sorted(points):
+        try:
+            stub.remove_breakpoint(kind, gva, length)
+        except VmsightError as e:
+            log.warning("watchdog: removing Z%d at %#x: %s", kind, gva, e)
+    try:
+        stub.detach()
+    except VmsightError as e:
+        log.error("watchdog: detach failed: %s", e)
+        return False
+    log.info("watchdog: removed %d points and detached", len(points))
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vmsight-watchdog")
+    p.add_argument("gdb_address")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s vmsight-watchdog: %(message)s")
+    # Preload what cleanup needs while the parent is alive: after its death every millisecond counts.
+    import vmsight.qemu.rsp  # noqa: F401
+
+    bye, points = read_until_eof(sys.stdin.buffer)
+    if bye:
+        return 0
+    log.info("parent died with %d points inserted: cleaning up", len(points))
+    return 0 if cleanup(args.gdb_address, points) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
