@@ -50,6 +50,37 @@ def test_kallsyms_mutations(which: int, muts: list[tuple[float, int]], cut: floa
     assert time.perf_counter() - t0 < TIME_LIMIT_S
 
 
+def _table_offsets(blob: bytes) -> list[int]:
+    lay = find_all_kallsyms(blob)[0].layout
+    assert lay is not None
+    return [lay.num_syms_offset, lay.names_offset, lay.markers_offset, lay.token_table_offset,
+            lay.token_index_offset, lay.offsets_offset, lay.relative_base_offset, lay.seqs_offset or 0,
+            lay.names_offset + lay.names_size - 4]
+
+
+TABLES = [_table_offsets(b) for b in KALLSYMS_BLOBS]
+
+
+@FUZZ
+@given(which=st.integers(0, 1), table=st.integers(0, 8),
+       muts=st.lists(st.tuples(st.integers(-16, 64), st.integers(0, 255)), min_size=1, max_size=8))
+def test_kallsyms_table_header_mutations(which: int, table: int, muts: list[tuple[int, int]]) -> None:
+    # Aim at the few bytes that steer layout detection: counts, first markers, index, relative_base.
+    out = bytearray(KALLSYMS_BLOBS[which])
+    for delta, value in muts:
+        pos = TABLES[which][table] + delta
+        if 0 <= pos < len(out):
+            out[pos] = value
+    t0 = time.perf_counter()
+    try:
+        for ks in find_all_kallsyms(bytes(out)):
+            assert len(ks.names) == len(ks.addresses)
+            ks.lookup(ks.relative_base)
+    except VmsightError:
+        pass
+    assert time.perf_counter() - t0 < TIME_LIMIT_S
+
+
 @FUZZ
 @given(muts=mutations, cut=st.none() | st.floats(0, 1))
 def test_btf_mutations(muts: list[tuple[float, int]], cut: float | None) -> None:
