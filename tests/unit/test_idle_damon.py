@@ -35,7 +35,7 @@ def test_exact_sysfs_write_sequence_and_cleanup(proc: FakeProc, tmp_path: Path) 
     assert sysfs.writes == [
         ("nr_kdamonds", "1"),
         ("0/contexts/nr_contexts", "1"),
-        (f"{c}/operations", "vaddr"),
+        (f"{c}/operations", "fvaddr"),   # named range: fixed regions
         (f"{c}/monitoring_attrs/intervals/sample_us", "5000"),
         (f"{c}/monitoring_attrs/intervals/aggr_us", "100000"),
         (f"{c}/monitoring_attrs/intervals/update_us", "1000000"),
@@ -65,13 +65,16 @@ def test_exact_sysfs_write_sequence_and_cleanup(proc: FakeProc, tmp_path: Path) 
     assert sysfs.writes[n:] == [("0/state", "off"), ("nr_kdamonds", "0")]
 
 
-def test_young_cold_region_is_not_idle_yet(proc: FakeProc, tmp_path: Path) -> None:
+def test_just_cooled_region_is_not_idle_yet(proc: FakeProc, tmp_path: Path) -> None:
     sysfs = FakeDamonSys(tmp_path / "sys")
     with IdleTracker(proc.pid, "damon", proc=proc, sysfs=sysfs) as t:
         t.mark_idle()
+        assert ("0/contexts/0/operations", "vaddr") in sysfs.writes  # all VMAs: DAMON follows them
         t.backend.mark_time_ns -= 2_000_000_000  # type: ignore[attr-defined]  # two seconds ago
-        sysfs.regions = [(BASE, BASE + N * 4096, 0, 5)]  # cold for 0.5 s only
+        sysfs.regions = [(BASE, BASE + N * 4096, 0, 0)]  # no hit in the last aggregation interval only
         assert t.read().count(PageState.TRACKED, idle=True) == 0
+        sysfs.regions = [(BASE, BASE + N * 4096, 0, 1)]
+        assert t.read().count(PageState.TRACKED, idle=True) == N
 
 
 def test_never_touches_a_foreign_kdamond(proc: FakeProc, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from tests.unit.test_idle_fakes import LRU, FakePageIdleSys, FakeProc, lock_dir, present
 from vmsight.idle import BadRange, IdleTracker, TrackerBusy
-from vmsight.idle.abi import pack_bits, pfn_bitmap_words, bits_at, unpack_bits, word_runs
+from vmsight.idle.abi import bits_at, pack_bits, pfn_bitmap_words, unpack_bits, word_runs
 from vmsight.idle.procfs import parse_maps, parse_smaps, parse_stat
 
 

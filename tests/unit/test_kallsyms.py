@@ -349,16 +349,29 @@ def test_non_buffer_input_rejected_cleanly() -> None:
 
 BOOT = Path(os.environ.get("VMSIGHT_DEBS", Path.home() / ".cache/vmsight/debs/x/boot"))
 KERNELS = {"6.1": "vmlinuz-6.1.0-*-cloud-amd64", "6.12": "vmlinuz-6.12.*+deb12-amd64"}
+# Where scripts/setup.sh (vmsight.qemu.kernels fetch) puts them.
+FETCHED = {"6.1": "linux-image-6.1.*-cloud-amd64/vmlinuz", "6.12": "linux-image-6.12.*+deb12-amd64/vmlinuz"}
+
+
+def kernel_image(version: str) -> Path | None:
+    """The cached Debian bzImage of `version`, or None."""
+    from vmsight.qemu.kernels import CACHE
+
+    for root, pattern in ((CACHE / "kernels", FETCHED[version]), (BOOT, KERNELS[version])):
+        matches = sorted(root.glob(pattern)) if root.is_dir() else []
+        if matches:
+            return matches[-1]
+    return None
 
 
 def real_vmlinux(version: str) -> bytes:
     """The decompressed vmlinux of the cached Debian kernel, or skip."""
-    matches = sorted(BOOT.glob(KERNELS[version])) if BOOT.is_dir() else []
-    if not matches:
-        pytest.skip(f"no Debian {version} kernel under {BOOT} (scripts/setup.sh fetches them)")
+    image = kernel_image(version)
+    if image is None:
+        pytest.skip(f"no Debian {version} kernel cached (scripts/setup.sh fetches them)")
     try:
         from vmsight.linux.vmlinux import vmlinux_from_bzimage
-        return vmlinux_from_bzimage(matches[-1]).read_bytes()
+        return vmlinux_from_bzimage(image).read_bytes()
     except ImportError as e:  # zstandard / lz4 missing
         pytest.skip(f"decompressor missing: {e}")
 
@@ -418,12 +431,12 @@ def boot_to_panic_ram(version: str, tmp_path: Path) -> bytes:
 
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 not installed")
-    matches = sorted(BOOT.glob(KERNELS[version])) if BOOT.is_dir() else []
-    if not matches:
-        pytest.skip(f"no Debian {version} kernel under {BOOT}")
+    image = kernel_image(version)
+    if image is None:
+        pytest.skip(f"no Debian {version} kernel cached (scripts/setup.sh fetches them)")
     shm = Path(f"/dev/shm/vmsight-test-kallsyms-{os.getpid()}-{version}")
     log = tmp_path / "console.log"
-    cmd = ["qemu-system-x86_64", "-m", "256M", "-nographic", "-no-reboot", "-kernel", str(matches[-1]),
+    cmd = ["qemu-system-x86_64", "-m", "256M", "-nographic", "-no-reboot", "-kernel", str(image),
            "-append", "console=ttyS0", "-object",
            f"memory-backend-file,id=mem,size=256M,mem-path={shm},share=on", "-machine", "memory-backend=mem"]
     with open(log, "wb") as out:

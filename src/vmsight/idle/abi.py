@@ -90,18 +90,29 @@ def word_runs(words: npt.NDArray[np.int64], max_gap: int = 8, max_len: int = WOR
     return runs
 
 
+def sorted_unique(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """np.unique for u64 via one sort (numpy's hash-based unique is several times slower here)."""
+    v = np.sort(np.asarray(values, dtype=np.uint64))
+    if len(v) < 2:
+        return v
+    keep = np.empty(len(v), bool)
+    keep[0] = True
+    np.not_equal(v[1:], v[:-1], out=keep[1:])
+    return v[keep]
+
+
 def pfn_bitmap_words(pfns: U64) -> tuple[npt.NDArray[np.int64], U64]:
     """Words of a PFN-indexed bitmap with exactly ``pfns`` set: (sorted word indices, word values).
     Word ``pfn // 64`` bit ``pfn % 64`` — the layout of both page_idle bitmaps."""
     if len(pfns) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.uint64)
-    p = np.unique(np.asarray(pfns, dtype=np.uint64))
+    p = sorted_unique(pfns)
     widx = (p >> np.uint64(6)).astype(np.int64)
     bits = np.left_shift(np.uint64(1), p & np.uint64(63))
-    uw, inv = np.unique(widx, return_inverse=True)
-    vals = np.zeros(len(uw), dtype=np.uint64)
-    np.bitwise_or.at(vals, inv, bits)
-    return uw, vals
+    starts = np.concatenate(([0], np.nonzero(np.diff(widx))[0] + 1))
+    # distinct pfns have distinct bits within a word, so OR == sum; reduceat avoids the slow ufunc.at
+    vals = np.bitwise_or.reduceat(bits, starts).astype(np.uint64)
+    return widx[starts], vals
 
 
 def bits_at(word_index: npt.NDArray[np.int64], word_values: U64, pfns: U64) -> BoolArray:

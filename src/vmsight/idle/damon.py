@@ -3,8 +3,10 @@ CONFIG_DAMON_VADDR), root only.
 
 DAMON samples one page per region every ``sample_us`` and adapts regions (split/merge) between ``min`` and
 ``max`` regions; a region's ``nr_accesses`` counts sampled hits in the last aggregation interval and ``age``
-how many aggregation intervals it kept that level. A page reads idle when its region had no hit and its age
-covers the time since ``mark`` (less one aggregation interval of slack). Snapshot procedure: a ``stat`` scheme
+how many aggregation intervals it kept that level. A page reads idle when its region had no sampled hit in the last
+``min_idle_aggr + 1`` aggregation intervals (200 ms by default): DAMON's age restarts on region splits and
+merges, so it cannot vouch for the whole time since ``mark``. Named ranges use the ``fvaddr`` operations (fixed
+regions); the default (all VMAs) uses ``vaddr``. Snapshot procedure: a ``stat`` scheme
 matching every region, ``update_schemes_tried_regions`` written to the kdamond's ``state`` (the write returns
 once the next scheme pass has filled ``tried_regions``), then ``tried_regions/N/{start,end,nr_accesses,age}``.
 
@@ -95,6 +97,7 @@ class DamonBackend(Backend):
     update_us = 1_000_000
     min_regions = 10
     max_regions = 1000
+    min_idle_aggr = 1
 
     @classmethod
     def probe(cls, proc: KernelFiles, sysfs: KernelFiles, pid: int) -> Unavailable | None:
@@ -145,7 +148,10 @@ class DamonBackend(Backend):
             self.close()
             raise BackendUnavailable(self.name, f"DAMON operations {avail} lack vaddr (CONFIG_DAMON_VADDR)",
                                      "CONFIG_DAMON_VADDR")
-        self._w(f"{ctx}/operations", "vaddr")
+        # vaddr re-derives its regions from the VMAs every update interval (damon_va_update), dropping ranges
+        # we set; fvaddr keeps them, so named ranges use fvaddr
+        ops = "fvaddr" if ranges and "fvaddr" in avail else "vaddr"
+        self._w(f"{ctx}/operations", ops)
         self._w(f"{ctx}/monitoring_attrs/intervals/sample_us", self.sample_us)
         self._w(f"{ctx}/monitoring_attrs/intervals/aggr_us", self.aggr_us)
         self._w(f"{ctx}/monitoring_attrs/intervals/update_us", self.update_us)
@@ -208,8 +214,11 @@ class DamonBackend(Backend):
         elapsed_us = (t - since) / 1000
         starts = np.array([r.start_gva >> PAGE_SHIFT for r in regions], np.int64)
         ends = np.array([-(-r.end_gva >> PAGE_SHIFT) for r in regions], np.int64)
-        cold = np.array([r.nr_accesses == 0 and r.age * self.aggr_us >= elapsed_us - self.aggr_us
-                         for r in regions], bool)
+        # DAMON's age restarts when regions are split or merged, so it cannot vouch for the whole time since
+        # mark; a region counts as idle when no sample hit it for at least ``min_idle_aggr`` + 1 aggregation
+        # intervals (or since mark, if that is shorter)
+        need = min(self.min_idle_aggr, max(0, int(elapsed_us // self.aggr_us) - 1))
+        cold = np.array([r.nr_accesses == 0 and r.age >= need for r in regions], bool)
         segments = segments_for(ranges)
         for lo, hi in ranges:
             entries = read_pagemap(self.proc, self.process, lo, hi)

@@ -38,6 +38,7 @@ from vmsight.idle.abi import (
     has,
     pagemap_pfn,
     pfn_bitmap_words,
+    sorted_unique,
     word_runs,
 )
 from vmsight.idle.backend import (
@@ -111,7 +112,7 @@ class PageIdleBackend(Backend):
         """kpageflags of each pfn (any order, repeats allowed), reading sorted runs in batches."""
         if len(pfns) == 0:
             return np.zeros(0, np.uint64)
-        uniq = np.unique(pfns)
+        uniq = sorted_unique(pfns)
         vals = np.zeros(len(uniq), np.uint64)
         for first, count in word_runs(uniq.astype(np.int64), max_gap=64, max_len=KPF_CHUNK):
             data = self.proc.pread(KPAGEFLAGS, first * 8, count * 8)
@@ -171,7 +172,7 @@ class PageIdleBackend(Backend):
     def _heads(self, tails: U64) -> U64:
         """Head PFN of each tail PFN: the nearest COMPOUND_HEAD at or below it within its aligned 512-page
         window (folios are naturally aligned). 0 where none is found (e.g. a hugetlb page above PMD size)."""
-        blocks = np.unique(tails & ~np.uint64(HEAD_WINDOW - 1))
+        blocks = sorted_unique(tails & ~np.uint64(HEAD_WINDOW - 1))
         out = np.zeros(len(tails), np.uint64)
         for b in blocks.tolist():
             data = self.proc.pread(KPAGEFLAGS, b * 8, HEAD_WINDOW * 8)
@@ -191,7 +192,7 @@ class PageIdleBackend(Backend):
         self._marked.clear()
         scans = [self._scan(lo, hi) for lo, hi in ranges]
         heads = [s.head[s.tracked] for s in scans]
-        pfns = np.unique(np.concatenate(heads)) if heads else np.zeros(0, np.uint64)
+        pfns = sorted_unique(np.concatenate(heads)) if heads else np.zeros(0, np.uint64)
         self.process.check_alive("mark")
         calls = self._write_bitmap(pfns)
         self.mark_time_ns = now_ns()
@@ -210,7 +211,7 @@ class PageIdleBackend(Backend):
                                 "idle bits reflect the last mark by anyone")
             before[r] = m
         all_heads = np.concatenate([m.head[m.tracked] for m in before.values()]) if before else np.zeros(0, np.uint64)
-        uniq = np.unique(all_heads)
+        uniq = sorted_unique(all_heads)
         idle_uniq = self._read_bitmap(uniq)
         segments = segments_for(ranges)
         for r, m in before.items():

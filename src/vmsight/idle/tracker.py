@@ -120,7 +120,10 @@ class IdleTracker:
         A spec is a VMA name ("[heap]", "[stack]", a file path: every VMA with that name), a (start_gva, end_gva)
         pair (end exclusive, rounded out to pages), or a Vma. None = every mapped VMA except PROT_NONE ones
         (reservations and guard gaps hold no pages)."""
-        vmas = vmas if vmas is not None else self.vmas()
+        needs_maps = ranges is None or isinstance(ranges, str) or (
+            not isinstance(ranges, (tuple, Vma)) and any(isinstance(r, str) for r in ranges))
+        if vmas is None:
+            vmas = self.vmas() if needs_maps else []
         out: list[VfnRange] = []
         truncated = False
         if ranges is None:
