@@ -6,14 +6,15 @@ The tables ``scripts/kallsyms.c`` emits into ``.rodata`` (every one preceded by 
   Characters that occur in symbol names are their own single-character token, so ``"0".."9"`` sit at
   their ASCII index: that is the anchor of the scan.
 * ``kallsyms_token_index``: 256 u16, offset of each token in the table (validates the anchor).
-* ``kallsyms_names``: per symbol a length (1 byte, or 2 bytes ULEB128 when bit 7 is set, since v6.1
-  commit 73bbb94466fd) and that many token bytes; the first expanded character is the ``nm`` type.
+* ``kallsyms_names``: per symbol a length (1 byte, or 2 bytes ULEB128 when bit 7 is set, since v6.1:
+  "kallsyms: support "big" kernel symbols") and that many token bytes; the first expanded character
+  is the ``nm`` type.
 * ``kallsyms_markers``: u32 offset into names of every 256th symbol.
 * ``kallsyms_num_syms`` (u32), ``kallsyms_offsets`` (s32 per symbol), ``kallsyms_relative_base`` (u64,
-  relocated at boot: the runtime ``_text``), ``kallsyms_seqs_of_names`` (v6.2+, u32 then 3-byte
-  big-endian per symbol since commit 19bd8981dc2e).
+  relocated at boot: the runtime ``_text``), ``kallsyms_seqs_of_names`` (v6.2+, u32 per symbol, then
+  3-byte big-endian after "kallsyms: Reduce the memory occupied by kallsyms_seqs_of_names[]").
 
-Their order changed in v6.4 (commit 404bad70fcf7 "scripts/kallsyms: change the output order"), and
+Their order changed in v6.4 ("scripts/kallsyms: change the output order"), and
 distributions backport pieces (Debian's 6.1 has seqs_of_names). The layout is therefore *detected* from
 the data around the token table and checked end to end (markers against the names walk, seqs against
 a permutation); anything else raises :class:`UnsupportedKernel`.
@@ -50,7 +51,7 @@ IMAGE_ALIGN = 0x200000     # CONFIG_PHYSICAL_ALIGN on x86-64: the image's physic
 MAX_SYMS = 1 << 24          # seqs_of_names entries are 3 bytes
 MAX_TOKEN_LEN = 128         # tokens are short in practice (< 20); this only bounds the scan
 MAX_NAME_LEN = 0x3FFF       # two-byte ULEB128 length limit in scripts/kallsyms.c
-KSYM_NAME_LEN = 512         # v6.1+ (commit b8a94bfb3395); a compressed name is never longer
+KSYM_NAME_LEN = 512         # v6.1+ ("kallsyms: increase maximum kernel symbol length to 512")
 MAX_TABLES_SPAN = 32 << 20  # how far before the token table the other tables may start
 _DIGITS = b"".join(bytes([c, 0]) for c in b"0123456789")
 _DIGITS_RE = re.compile(re.escape(_DIGITS))
