@@ -296,3 +296,12 @@ def test_value_of_a_huge_array_is_refused() -> None:
     assert o[5].value_() == 0  # indexing still works
     with pytest.raises(CorruptData):
         o.value_()
+
+
+def test_half_built_object_repr_does_not_recurse() -> None:
+    mem, btf, ids, prog = build()
+    obj = Object.__new__(Object)
+    with pytest.raises(AttributeError):
+        _ = obj._t
+    with pytest.raises(TypeNotFound):
+        Object(mem, btf, "struct nope", BASE)

@@ -120,7 +120,8 @@ class Object:
         return obj._new(m.type_id, obj.address_ + bits // 8)
 
     def __getattr__(self, name: str) -> Object:
-        if name.startswith("__") and name.endswith("__"):
+        # Dunder lookups (copy, pickle) and our own unset slots (half-built object) are not members.
+        if (name.startswith("__") and name.endswith("__")) or name in Object.__slots__:
             raise AttributeError(name)
         return self.member_(name)
 
