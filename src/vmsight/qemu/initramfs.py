@@ -40,20 +40,26 @@ def build_initramfs() -> Path:
         os.chmod(root / "init", 0o755)
         (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
         (root / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
-        files = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
-        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root, input=files,
-                              capture_output=True, check=True).stdout
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
-        gz.write(cpio)
+        data = _pack(root)
     tmp_out = out.with_suffix(".part")
-    tmp_out.write_bytes(buf.getvalue())
+    tmp_out.write_bytes(data)
     os.replace(tmp_out, out)
     return out
 
 
+def _pack(root: Path) -> bytes:
+    """A gzip'd newc cpio of the tree at ``root``, owned by root, reproducible (mtime 0)."""
+    names = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
+    cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root, input=names,
+                          capture_output=True, check=True).stdout
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+        gz.write(cpio)
+    return buf.getvalue()
+
+
 def _newc_gz(files: dict[str, bytes]) -> bytes:
-    """A gzip'd newc cpio holding ``files`` (guest path -> content, mode 0755) and their directories."""
+    """An archive holding ``files`` (guest path -> content, mode 0755) and their directories."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for guest_path, data in files.items():
@@ -61,13 +67,7 @@ def _newc_gz(files: dict[str, bytes]) -> bytes:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)
             os.chmod(dest, 0o755)
-        names = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
-        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root, input=names,
-                              capture_output=True, check=True).stdout
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
-        gz.write(cpio)
-    return buf.getvalue()
+        return _pack(root)
 
 
 def with_extra_files(base: Path, files: dict[str, str], out: Path) -> Path:
