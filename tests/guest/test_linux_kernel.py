@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vmsight.linux import Guest, current_task, find_task, kernel_of
-from vmsight.linux.kernel import DEFAULT_TEXT_GVA, discover, set_hostname, uname
+from vmsight.linux.kernel import DEFAULT_TEXT_GVA, discover, discover_in_memory, set_hostname, uname
 from vmsight.memory.paging import gva_to_gpa
 from vmsight.qemu.launch import VmInstance
 from vmsight.vm import VM
@@ -120,3 +120,14 @@ def test_per_cpu_current_task(guest: VmInstance, vm: VM) -> None:
                 assert cur.comm == f"swapper/{cpu}"
             else:
                 assert find_task(k, cur.pid) == cur
+
+
+def test_ram_scan_fallback_without_page_tables(guest: VmInstance, vm: VM) -> None:
+    """With no CR3 to start from, every token table in RAM is tried (stale copies included) and the
+    live one is recognised by the init_top_pgt walk."""
+    text = kallsyms_truth(guest, ("_text",))["_text"]
+    with vm.paused():
+        k = discover_in_memory(vm.phys, [], False, use_cache=False)
+    assert k.text_gva == text
+    assert "ram_scan" in k.timings
+    assert gva_to_gpa(vm.phys, k.dtb, text) == k.text_gpa

@@ -4,8 +4,8 @@ Discovery (first sight of a build):
 
 1. CR3 of every vCPU (HMP ``info registers -a``: a few ms, no gdbstub needed). Under PTI a vCPU in user
    mode holds the user PGD, so the kernel half of the PGD pair (``cr3 & ~0x1fff``) is tried as well.
-2. The kernel image: the first run of linearly mapped pages in ``__START_KERNEL_map`` (0xffffffff80000000,
-   1 GiB). ``cleanup_highmap()`` zaps that region below ``_text``, so the run starts at ``_text``; its
+2. The kernel image: the pages at the bottom of ``__START_KERNEL_map`` (0xffffffff80000000, 1 GiB) that
+   share one virtual-to-physical delta (with PTI the gaps between sections are unmapped). ``cleanup_highmap()`` zaps that region below ``_text``, so the run starts at ``_text``; its
    frame is the physical base (2 MiB aligned). This is a candidate only: it is validated below.
 3. kallsyms, searched only inside the image: ``kallsyms_relative_base`` holds the runtime ``_text``, so the
    token table is looked for near the 8-byte-aligned copies of that value first, then anywhere in the
@@ -164,8 +164,11 @@ def image_candidates(phys: PhysicalMemory, cr3s: list[int], la57: bool) -> Itera
                     continue
                 if run is None:
                     run = [m.gva, m.gpa, m.page_size]
-                elif run[0] + run[2] == m.gva and run[1] + run[2] == m.gpa:
-                    run[2] += m.page_size
+                elif m.gva - run[0] == m.gpa - run[1]:
+                    # Same virtual-to-physical delta: still the image. Holes are allowed: with PTI the
+                    # text/rodata and rodata/data gaps are unmapped (set_memory_np_noalias in
+                    # free_kernel_image_pages(), arch/x86/mm/init_64.c).
+                    run[2] = m.gva + m.page_size - run[0]
                 else:
                     break
         except (MemoryAccessError, CorruptData) as e:
@@ -728,8 +731,12 @@ def discover_in_memory(phys: PhysicalMemory, cr3s: list[int], la57: bool, *, use
 
 
 def _candidates_from_ram_scan(phys: PhysicalMemory, la57: bool) -> Iterator[ImageCandidate]:
-    """Image candidates from every token table in RAM: ``kallsyms_token_table - _text`` gives the physical
-    base; ``init_top_pgt`` then gives a dtb. Each is validated like a page-table candidate."""
+    """Image candidates from every token table in RAM. The physical base comes from where the table (when
+    ``kallsyms_token_table`` is itself a symbol, v6.2+) or a ``linux_banner`` copy sits relative to
+    ``_text``; RAM holds stale copies of both, so each candidate is validated like a page-table one
+    (2 MiB alignment, then the ``init_top_pgt`` walk)."""
+    banners: list[int] | None = None
+    seen: set[int] = set()
     for r in phys.layout:
         for d in _pattern_hits(phys, r.gpa, r.size, _DIGITS, limit=256):
             lo = max(r.gpa, d - _KALLSYMS_BEFORE)
@@ -741,16 +748,25 @@ def _candidates_from_ram_scan(phys: PhysicalMemory, la57: bool) -> Iterator[Imag
             if res is None:
                 continue
             ks, buf_gpa = res
-            tt_sym, text = ks.get("kallsyms_token_table"), ks.get("_text", ks.relative_base)
-            if tt_sym is None or text is None or ks.token_table is None:
+            text, pgt, end = ks.get("_text", ks.relative_base), ks.get("init_top_pgt"), ks.get("_end")
+            if text is None or pgt is None or end is None or ks.token_table is None:
                 continue
-            text_gpa = buf_gpa + ks.token_table.offset - (tt_sym - text)
-            pgt = ks.get("init_top_pgt")
-            end = ks.get("_end")
-            if text_gpa % IMAGE_ALIGN or pgt is None or end is None or text_gpa < 0:
-                continue
-            yield ImageCandidate(text, text_gpa, (end - text + IMAGE_ALIGN - 1) & ~(IMAGE_ALIGN - 1),
-                                 text_gpa + pgt - text)
+            bases: list[int] = []
+            tt_sym = ks.get("kallsyms_token_table")
+            if tt_sym is not None:
+                bases.append(buf_gpa + ks.token_table.offset - (tt_sym - text))
+            banner = ks.get("linux_banner")
+            if banner is not None:
+                if banners is None:
+                    banners = [h for rr in phys.layout
+                               for h in _pattern_hits(phys, rr.gpa, rr.size, b"Linux version ", limit=64)]
+                bases += [b - (banner - text) for b in banners]
+            size = (end - text + IMAGE_ALIGN - 1) & ~(IMAGE_ALIGN - 1)
+            for text_gpa in bases:
+                if text_gpa < 0 or text_gpa % IMAGE_ALIGN or text_gpa in seen:
+                    continue
+                seen.add(text_gpa)
+                yield ImageCandidate(text, text_gpa, size, text_gpa + pgt - text)
 
 
 def _validate_image(phys: PhysicalMemory, ks: Kallsyms | SymbolTable, cand: ImageCandidate, la57: bool) -> int:
