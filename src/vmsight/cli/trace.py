@@ -50,7 +50,7 @@ def _text(ev: Event, regs: dict[str, int] | None) -> str:
     if isinstance(ev, Syscall):
         return f"{head} {format_syscall(ev)}"
     if isinstance(ev, ProcessExec):
-        return f"{head} exec pid={ev.pid} {ev.old_comm} -> {ev.filename}"
+        return f"{head} exec pid={ev.pid} {ev.old_comm} -> {ev.filename} {json.dumps(list(ev.argv))}"
     if isinstance(ev, ProcessExit):
         return f"{head} exit pid={ev.pid} tid={ev.tid} {ev.comm} code={ev.exit_code:#x}"
     if isinstance(ev, ContextSwitch):

@@ -68,6 +68,7 @@ _ACCESS_OF_KIND = {"watch": Access.WRITE, "rwatch": Access.READ, "awatch": Acces
 # Instructions that do nothing and are never re-patched at run time: endbr64, the nop4 that IBT sealing
 # writes over unused endbr64s (arch/x86/kernel/alternative.c, "0f 1f 40 d6"), and single-byte nop.
 _NOP_PREFIXES = ((b"\xf3\x0f\x1e\xfa", 4), (b"\x0f\x1f\x40\xd6", 4), (b"\x90", 1))
+_SSTEP_QUIET, _SSTEP_WITH_IRQS = 0x7, 0x1   # Qqemu.sstep: ENABLE | NOIRQ | NOTIMER, or ENABLE only
 _WAIT_SLICE = 0.1         # longest blocking read, so signals and stop() are seen promptly
 _QMP_DRAIN_EVERY = 0.25   # QMP events (a STOP/RESUME pair per gdb stop) are drained this often
 _KERNEL_HALF = 0xFFFF800000000000
@@ -184,6 +185,7 @@ class Dispatcher:
         self._spaces: dict[int, AddressSpace] = {}
         self._spaces_dirty = False
         self._selected: str | None = None
+        self._sstep = _SSTEP_QUIET
         self._closed: str | None = None
         self._ext_paused = False
         self._interrupting = False
@@ -376,11 +378,13 @@ class Dispatcher:
     def single_step(self, vcpu: int, enable: bool = True) -> None:
         """Single-step mode for one vCPU: every instruction it executes raises a :class:`SingleStep`
         event (~0.4 ms each under TCG; interrupts and timers are held off while stepping: qqemu.sstep)."""
+        self._check_open()
         t = self._threads[vcpu]
-        if enable:
-            self._stepping.add(t)
-        else:
-            self._stepping.discard(t)
+        with self._stopped():  # the next resume applies the new mode
+            if enable:
+                self._stepping.add(t)
+            else:
+                self._stepping.discard(t)
 
     def pause_vcpus(self) -> None:
         """Ask for a :class:`VcpuPause` event per vCPU (all-stop: the whole VM pauses). Thread-safe."""
@@ -495,20 +499,15 @@ class Dispatcher:
                 self._emit(VcpuPause(vcpu=index), _Live(self, index, _norm_thread(t)), [])
 
     def _on_breakpoint(self, thread: str, vcpu: int) -> None:
+        # Always read rip: when two vCPUs hit at once QEMU reports one and keeps the other's debug request
+        # pending, so the next resume can stop at once, reporting a vCPU that already moved on.
         regs: dict[str, int] | None = None
-        if len(self._bps) == 1 and not self._stepping:
-            # Only one breakpoint and no single-stepping: a plain T05 can only be that breakpoint.
-            bp: BreakpointHandle | None = next(iter(self._bps.values()))
-            assert bp is not None
-            if bp.with_registers:
-                regs = self._stub.read_all_registers()
+        if any(b.with_registers for b in self._bps.values()):
+            regs = self._stub.read_all_registers()
+            rip = regs["rip"]
         else:
-            if any(b.with_registers for b in self._bps.values()):
-                regs = self._stub.read_all_registers()
-                rip = regs["rip"]
-            else:
-                rip = self._stub.read_register("rip")
-            bp = self._bps.get(rip)
+            rip = self._stub.read_register("rip")
+        bp = self._bps.get(rip)
         if bp is None:
             self.stats.spurious += 1
             log.debug("stop on %s matches no breakpoint (stale single-step)", thread)
@@ -633,22 +632,45 @@ class Dispatcher:
                 self._stub.write_register("rip", bp.gva + bp.skip_len)
                 self.stats.skips += 1
                 continue
-            self.stats.steps += 1
-            reply = self._stub.step(thread)
-            self._selected = _norm_thread(reply.thread) if reply.thread else thread
-            if reply.signal == 5 and reply.kind in _ACCESS_OF_KIND:
-                self._on_watch(reply, self._selected, self._vcpu_of_thread.get(self._selected, 0))
-                for live in self._live:
-                    live.valid = False
-                self._live.clear()
-            elif reply.signal != 5:
-                log.warning("single step of %s ended with %s", thread, reply.raw)
+            self._step_off(thread, bp)
         if self._stepping:
+            # Single-step mode lets interrupts and timers run (sstep 0x1): a halted vCPU must wake up.
+            self._set_sstep(_SSTEP_WITH_IRQS)
             actions = ";".join(f"s:{t}" for t in sorted(self._stepping))
             self._stub.send(f"vCont;{actions};c")
         else:
             self._stub.cont()
         self._running = True
+
+    def _step_off(self, thread: str, bp: BreakpointHandle) -> None:
+        """Single-step ``thread`` off ``bp``; re-step while it has not moved (a pending debug request of
+        another vCPU can end a step before it ran)."""
+        # Stepping off a breakpoint holds interrupts and timers off (sstep 0x7, QEMU's default): otherwise
+        # the "step" could enter an interrupt handler and the breakpoint would be hit again on return.
+        self._set_sstep(_SSTEP_QUIET)
+        for _ in range(8):
+            self.stats.steps += 1
+            reply = self._stub.step(thread)
+            self._selected = _norm_thread(reply.thread) if reply.thread else None
+            if reply.signal == 5 and reply.kind in _ACCESS_OF_KIND:
+                self._on_watch(reply, self._selected or thread,
+                               self._vcpu_of_thread.get(self._selected or thread, 0))
+                for live in self._live:
+                    live.valid = False
+                self._live.clear()
+            elif reply.signal != 5:
+                log.warning("single step of %s ended with %s", thread, reply.raw)
+            self._select(thread)
+            if self._stub.read_register("rip") != bp.gva:
+                return
+        log.warning("vCPU %s does not step off the breakpoint at %#x", thread, bp.gva)
+
+    def _set_sstep(self, flags: int) -> None:
+        if self._sstep != flags:
+            reply = self._stub.request(f"Qqemu.sstep={flags:x}")
+            if reply != "OK":
+                log.warning("this gdbstub refuses Qqemu.sstep=%x: %r", flags, reply)
+            self._sstep = flags
 
     def _interrupt_if_running(self) -> None:
         with self._io_lock:
@@ -809,6 +831,8 @@ class Dispatcher:
                         del self._watches[gva]
                 self._step_over.clear()
                 self._stepping.clear()
+                if self._sstep != _SSTEP_QUIET:
+                    self._set_sstep(_SSTEP_QUIET)  # QEMU's default: the setting outlives this client
                 if not self._ext_paused:
                     stub.cont()  # vm.close() detaches later (it stops first: a packet to a running stub)
                     self._running = True

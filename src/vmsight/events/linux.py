@@ -88,6 +88,8 @@ class LinuxEvents:
         self._pt = {name: self._pt_regs_offset(name) for name in ("orig_ax", *_ARG_REGS)}
         self._names: dict[int, str | None] | None = None
         self._bprm_filename = self.k.offsetof("linux_binprm", "filename")
+        self._bprm_p = self.k.offsetof("linux_binprm", "p")
+        self._bprm_argc = self.k.offsetof("linux_binprm", "argc")
 
     # --- layout ------------------------------------------------------------------------------------
 
@@ -151,6 +153,25 @@ class LinuxEvents:
         if gs < _KERNEL_HALF:
             gs = self.k.per_cpu_offset(ev.vcpu)
         return self.task_info(self.k.read_u64((gs + self._cur_off) & ((1 << 64) - 1)))
+
+    def _exec_argv(self, ev: Event, bprm: int, max_args: int = 64, limit: int = 4096) -> tuple[str, ...]:
+        """argv of an exec at ``setup_new_exec``: the strings sit NUL-separated at ``bprm->p`` in the new
+        mm, which is already the vCPU's (exec_mmap switched it)."""
+        argc = int.from_bytes(self.k.read(bprm + self._bprm_argc, 4), "little", signed=True)
+        p = self.k.read_u64(bprm + self._bprm_p)
+        if not 0 <= argc <= 100000 or not p or p >= _KERNEL_HALF:
+            return ()
+        out: list[str] = []
+        buf = b""
+        try:
+            while len(out) < min(argc, max_args) and len(buf) < limit:
+                n = 0x1000 - (p + len(buf)) % 0x1000
+                buf += ev.read(p + len(buf), n)
+                parts = buf.split(b"\0")
+                out = [x.decode("utf-8", "replace") for x in parts[:-1]][:min(argc, max_args)]
+        except MemoryAccessError:
+            pass
+        return tuple(out)
 
     def _user_string(self, ev: Event, gva: int, limit: int = 256) -> str | None:
         if not gva or gva >= _KERNEL_HALF:
@@ -230,10 +251,12 @@ class LinuxEvents:
                 fname = self.k.read_cstr(self.k.read_u64(regs["rdi"] + off), 4096).decode("utf-8", "replace")
             except MemoryAccessError:
                 fname = "?"
-            new = TaskInfo(task.pid, task.tid, fname.rsplit("/", 1)[-1][:15], task.task_gva)
-            if not flt.match(task, new):
+            argv = self._exec_argv(bp, regs["rdi"])
+            names = [fname.rsplit("/", 1)[-1][:15]] + ([argv[0].rsplit("/", 1)[-1][:15]] if argv else [])
+            if not flt.match(task, *(TaskInfo(task.pid, task.tid, n, task.task_gva) for n in names)):
                 return None
-            return ProcessExec(vcpu=bp.vcpu, pid=task.pid, tid=task.tid, filename=fname, old_comm=task.comm)
+            return ProcessExec(vcpu=bp.vcpu, pid=task.pid, tid=task.tid, filename=fname, argv=argv,
+                               old_comm=task.comm)
 
         return self.d.add_breakpoint(EXEC, handler, decode=decode, with_registers=True)
 

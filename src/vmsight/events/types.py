@@ -231,13 +231,15 @@ class ContextSwitch(Event):
 @dataclass(kw_only=True, eq=False)
 class ProcessExec(Event):
     """A successful exec past the point of no return (``setup_new_exec``): ``filename`` as passed to
-    execve, ``old_comm`` the name before the exec."""
+    execve (busybox re-executes itself as ``/proc/self/exe``: ``argv[0]`` names the applet), ``argv``
+    (first 64 arguments), ``old_comm`` the name before the exec."""
 
     kind: ClassVar[str] = "process_exec"
     pid: int
     tid: int
     filename: str
-    old_comm: str
+    argv: tuple[str, ...] = ()
+    old_comm: str = ""
 
 
 @dataclass(kw_only=True, eq=False)

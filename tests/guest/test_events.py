@@ -1,0 +1,237 @@
+"""Introspection events on real guests (both Debian kernels, 2 vCPUs), checked against the guest agent.
+
+The guest command runs in a thread while the test listens: every system call of the guest stops the VM
+while a syscall breakpoint is set, so the agent only gets its answer out while someone handles events."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import need
+from vmsight.events import (
+    Action,
+    Dispatcher,
+    Event,
+    PageAccess,
+    ProcessExec,
+    Reply,
+    SingleStep,
+    Syscall,
+    VcpuPause,
+)
+from vmsight.events.linux import LinuxEvents
+from vmsight.qemu.agent import AgentResult
+from vmsight.qemu.launch import VmInstance
+from vmsight.vm import VM
+
+pytestmark = pytest.mark.guest
+
+
+class Bg:
+    """A guest command running in a thread."""
+
+    def __init__(self, guest: VmInstance, cmd: str, timeout: float = 120) -> None:
+        self.result: AgentResult | None = None
+        self.error: BaseException | None = None
+
+        def go() -> None:
+            try:
+                self.result = guest.agent.run(cmd, timeout=timeout)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+                self.error = e
+
+        self.thread = threading.Thread(target=go, daemon=True)
+        self.thread.start()
+
+    def done(self) -> AgentResult:
+        self.thread.join(5)
+        if self.error:
+            raise self.error
+        assert self.result is not None, "guest command did not finish"
+        return self.result.check()
+
+
+def collect(d: Dispatcher, bg: Bg, limit_s: float = 240, tail_s: float = 0.3) -> list[Event]:
+    """Events until the guest command finished (plus a short tail)."""
+    out: list[Event] = []
+    deadline = time.monotonic() + limit_s
+    while bg.thread.is_alive() and time.monotonic() < deadline:
+        ev = d.listen(0.2)
+        if ev is not None:
+            out.append(ev)
+    out += list(d.events(timeout=tail_s))
+    return out
+
+
+def _alive(guest: VmInstance, vm: VM) -> None:
+    """The VM runs and no breakpoint is left: a command making hundreds of syscalls completes."""
+    assert vm.status() == "running"
+    assert guest.agent.run("ls /proc > /dev/null; cat /proc/version", timeout=30).check().text.startswith("Linux")
+    assert vm.status() == "running"
+
+
+def test_syscalls_of_cat(guest: VmInstance, vm: VM) -> None:
+    with Dispatcher(vm) as d:
+        LinuxEvents(d).syscalls(comm="cat")
+        bg = Bg(guest, "sh -c 'echo $$; exec cat /proc/version'")
+        events = collect(d, bg)
+    res = bg.done()
+    pid = int(res.text.split()[0])
+    calls = [e for e in events if isinstance(e, Syscall)]
+    assert calls and all(e.pid == pid and e.comm == "cat" for e in calls), [(e.pid, e.comm) for e in calls]
+    names = [e.name for e in calls]
+    opened = [i for i, e in enumerate(calls)
+              if e.name in ("open", "openat") and "/proc/version" in e.strings.values()]
+    assert opened, names
+    i = opened[0]
+    rest = names[i + 1:]
+    # The file is copied to stdout (busybox cat: sendfile, or read+write), closed, and the process exits:
+    # in this order and nothing else.
+    assert rest[-2:] == ["close", "exit_group"], names
+    copy = rest[:-2]
+    assert copy and set(copy) <= {"sendfile64", "sendfile", "read", "write"}, names
+    out = [e for e in calls[i + 1:] if e.name in ("sendfile64", "sendfile", "write")]
+    assert out[0].args[0] == 1, out[0].args   # to stdout
+    _alive(guest, vm)
+
+
+def test_shell_write_loop_counts(guest: VmInstance, vm: VM) -> None:
+    n = 25
+    with Dispatcher(vm) as d:
+        LinuxEvents(d).syscalls(names=["write"])
+        loop = " ".join(str(i) for i in range(n))
+        bg = Bg(guest, f"echo $$; for i in {loop}; do echo x; done > /dev/null")
+        events = collect(d, bg)
+    pid = int(bg.done().text.split()[0])
+    mine = [e for e in events if isinstance(e, Syscall) and e.pid == pid and e.args[0] == 1 and e.args[2] == 2]
+    assert len(mine) == n
+    assert all(e.name == "write" and e.nr == 1 for e in mine)
+    _alive(guest, vm)
+
+
+def test_exec_events_match_commands(guest: VmInstance, vm: VM) -> None:
+    with Dispatcher(vm) as d:
+        LinuxEvents(d).execs()
+        bg = Bg(guest, "/bin/cat /proc/version > /dev/null; /bin/uname -r > /dev/null; /bin/ls / > /dev/null")
+        events = collect(d, bg)
+    bg.done()
+    execs = [e for e in events if isinstance(e, ProcessExec)]
+    # busybox re-executes itself as /proc/self/exe with the applet in argv[0]
+    applets = [e.argv[0].rsplit("/", 1)[-1] for e in execs if e.argv]
+    seq = [a for a in applets if a in ("cat", "uname", "ls")]
+    assert seq == ["cat", "uname", "ls"], [(e.filename, e.argv) for e in execs]
+    byname = {e.argv[0].rsplit("/", 1)[-1]: e for e in execs if e.argv}
+    assert byname["cat"].argv[1:] == ("/proc/version",)
+    assert len({byname[a].pid for a in ("cat", "uname", "ls")}) == 3
+    _alive(guest, vm)
+
+
+def test_watch_kernel_variable_fires(guest: VmInstance, vm: VM) -> None:
+    with Dispatcher(vm) as d:
+        k = d.kernel
+        gva = k.symbol("total_forks")
+        before = k.read_u64(gva)
+        seen: list[tuple[int, str]] = []
+
+        def grab(ev: Any) -> None:
+            seen.append((ev.read_u64(ev.gva), k.symbolize(ev.rip)))
+
+        w = d.add_watchpoint(gva, 8, "w", grab)
+        bg = Bg(guest, "/bin/true; /bin/true; echo done")
+        events = collect(d, bg)
+        bg.done()
+        hits = [e for e in events if isinstance(e, PageAccess)]
+        assert hits and w.hits == len(hits)
+        assert all(e.gva == gva and e.access.value == "w" for e in hits)
+        # The guest's own counter went up, and the writer is the fork path.
+        assert seen[-1][0] >= before + 2 and seen[0][0] > before
+        assert any(sym.startswith(("copy_process", "kernel_clone")) for _, sym in seen), seen
+    _alive(guest, vm)
+
+
+def test_gpa_watch_maps_to_kernel_aliases(guest: VmInstance, vm: VM) -> None:
+    with Dispatcher(vm) as d:
+        k = d.kernel
+        gva = k.symbol("total_forks")
+        gpa = k.gva_to_gpa(gva)
+        handles = d.watch_gpa(gpa, 8, "w")
+        assert {h.gva for h in handles} == {gva, k.page_offset_base + gpa}
+        assert d.capabilities()["user_aliases_covered"] is False
+        bg = Bg(guest, "/bin/true; echo ok")
+        events = collect(d, bg)
+        bg.done()
+        hits = [e for e in events if isinstance(e, PageAccess)]
+        # Linux writes the variable through its image address: only that alias fires.
+        assert hits and {e.gva for e in hits} == {gva}
+    _alive(guest, vm)
+
+
+def test_pause_and_single_step_know_their_vcpu(guest: VmInstance, vm: VM) -> None:
+    guest.agent.run("(taskset 1 timeout 60 sh -c 'while :; do :; done') >/dev/null 2>&1 & echo", timeout=30).check()
+    try:
+        with Dispatcher(vm) as d:
+            d.pause_vcpus()
+            pauses = [e for e in d.events(timeout=5, count=2)]
+            assert sorted(e.vcpu for e in pauses if isinstance(e, VcpuPause)) == [0, 1]
+            d.single_step(0)
+            steps: list[SingleStep] = []
+            for ev in d.events(timeout=10):
+                if isinstance(ev, SingleStep):
+                    steps.append(ev)
+                if len(steps) == 20:
+                    break
+            d.single_step(0, False)
+            assert len(steps) == 20 and {e.vcpu for e in steps} == {0}
+            assert len({e.rip for e in steps}) > 1
+    finally:
+        guest.agent.run("killall timeout; true", timeout=30)
+    _alive(guest, vm)
+
+
+def test_handler_reply_emulates_a_syscall(guest: VmInstance, vm: VM) -> None:
+    """A reply with register changes: getuid/geteuid of `id` return 4242 without running (rip = return
+    address, as if the function had returned); every other process keeps its real uid."""
+    with Dispatcher(vm) as d:
+        lx = LinuxEvents(d)
+
+        def emulate(ev: Any) -> Reply | None:
+            if lx.current(ev).comm != "id":
+                return None
+            regs = ev.registers()
+            ret = ev.read_u64(regs["rsp"])
+            return Reply(Action.CONTINUE, registers={"rax": 4242, "rip": ret, "rsp": regs["rsp"] + 8})
+
+        d.add_breakpoint("__x64_sys_geteuid", emulate)
+        d.add_breakpoint("__x64_sys_getuid", emulate)
+        bg = Bg(guest, "id -u; id")
+        collect(d, bg)
+        assert bg.done().text.split("\n")[:2] == ["4242", "uid=4242 gid=0(root)"]
+    assert guest.agent.run("id -u", timeout=30).check().text.strip() == "0"
+    _alive(guest, vm)
+
+
+def test_handler_exception_detaches_cleanly(guest: VmInstance, vm: VM) -> None:
+    d = Dispatcher(vm)
+
+    def boom(ev: Event) -> None:
+        raise RuntimeError("handler failed")
+
+    d.add_breakpoint("do_syscall_64", boom)
+    bg = Bg(guest, "echo hi")
+    with pytest.raises(RuntimeError, match="handler failed"):
+        while bg.thread.is_alive():
+            d.listen(0.5)
+    assert d._closed and not d._bps
+    assert bg.done().text.strip() == "hi"
+    _alive(guest, vm)
+
+
+def test_capabilities_under_tcg(vm: VM) -> None:
+    need(vm.qmp.execute("query-kvm").get("enabled") is False, "guest runs under KVM")
+    with Dispatcher(vm, supervise=False) as d:
+        caps = d.capabilities()
+    assert caps["accelerator"] == "tcg" and caps["watchpoints"] is None and caps["read_watch"] is True
