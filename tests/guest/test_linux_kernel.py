@@ -52,6 +52,8 @@ def test_discovery_matches_guest(guest: VmInstance, vm: VM, fresh_cache: Path) -
     # The physical base and page_offset_base are right if the kernel's own page tables agree with them.
     assert gva_to_gpa(vm.phys, k.dtb, k.text_gva) == k.text_gpa
     assert gva_to_gpa(vm.phys, k.dtb, k.page_offset_base + 0x123000) == 0x123000
+    # vmemmap: the struct page of the kernel's first frame is mapped where vmemmap_base says.
+    gva_to_gpa(vm.phys, k.dtb, k.vmemmap_base + (k.text_gpa >> 12) * k.sizeof("page"))
     assert k.paging_mode == "4-level"
     assert len(k.symbols) > 50_000
     assert len(k.btf) > 50_000

@@ -147,6 +147,27 @@ def test_process_read_and_cmdline(guest: VmInstance, vm: VM, workload: dict[str,
     assert data.hex() == "".join(truth)
 
 
+def test_start_time_matches_proc_stat(guest: VmInstance, vm: VM, workload: dict[str, int]) -> None:
+    pid = workload["1001"]
+    # /proc/PID/stat field 22: start_boottime in USER_HZ (100) ticks (nsec_to_clock_t)
+    stat = guest.agent.run(f"cat /proc/{pid}/stat").check().text
+    ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    k = kernel_of(vm)
+    with vm.paused():
+        t = find_task(k, pid)
+        assert t.start_boottime_ns // 10_000_000 == ticks
+        assert 0 < t.start_time_ns <= t.start_boottime_ns
+
+
+def test_cli_read_virt_by_pid(guest: VmInstance, workload: dict[str, int]) -> None:
+    pid = workload["1003"]
+    maps = norm_maps(guest.agent.run(f"cat /proc/{pid}/maps").check().text)
+    r = subprocess.run([sys.executable, "-m", "vmsight.cli.main", "--vm", guest.dir, "read-virt", hex(maps[0][0]),
+                        "16", "--pid", str(pid), "--raw"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout[:4] == b"\x7fELF"
+
+
 def test_cli_ps_and_maps_json(guest: VmInstance, workload: dict[str, int]) -> None:
     def cli(*args: str) -> object:
         r = subprocess.run([sys.executable, "-m", "vmsight.cli.main", "--vm", guest.dir, "--json", *args],

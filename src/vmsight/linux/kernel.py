@@ -185,6 +185,9 @@ def image_candidates(phys: PhysicalMemory, cr3s: list[int], la57: bool) -> Itera
 
 # --- kallsyms inside an image ----------------------------------------------------------------------
 
+_DECODE_TIME = [0.0]   # seconds spent in decode_kallsyms (layout detection + names), for the timings
+
+
 def _decode_at(phys: PhysicalMemory, lo_gpa: int, hi_gpa: int, tt_gpa: int) -> tuple[Kallsyms, int] | None:
     """Decode the kallsyms whose token table is at ``tt_gpa``, handing the decoder a copy of
     [lo_gpa, hi_gpa). Returns (kallsyms, buffer gpa) or None."""
@@ -198,7 +201,10 @@ def _decode_at(phys: PhysicalMemory, lo_gpa: int, hi_gpa: int, tt_gpa: int) -> t
     last: VmsightError | None = None
     for tt in find_token_tables(buf, max(0, tt_gpa - lo_gpa - 0x30 * 130), tt_gpa - lo_gpa + 32):
         try:
-            return decode_kallsyms(buf, tt), lo_gpa
+            t = time.perf_counter()
+            ks = decode_kallsyms(buf, tt)
+            _DECODE_TIME[0] += time.perf_counter() - t
+            return ks, lo_gpa
         except (UnsupportedKernel, CorruptData) as e:
             log.debug("token table at gpa %#x: %s", lo_gpa + tt.offset, e)
             last = e
@@ -689,10 +695,11 @@ def discover(vm: VM, *, use_cache: bool = True) -> Kernel:
     (not Linux, not booted yet), UnsupportedKernel for a kernel whose kallsyms layout is unknown."""
     t0 = time.perf_counter()
     cr3s, la57, paging = _vcpu_state(vm)
+    t_regs = time.perf_counter() - t0
     if not paging:
         raise NoLinuxKernel(f"{NO_LINUX} (no vCPU has 64-bit paging enabled: not booted yet?)")
     k = discover_in_memory(vm.phys, cr3s, la57, use_cache=use_cache, vm=vm)
-    k.timings["registers"] = k.timings.get("registers", 0.0)
+    k.timings["registers"] = t_regs
     k.timings["total"] = time.perf_counter() - t0
     return k
 
@@ -800,8 +807,10 @@ def _build_id(banner: str, token_table: bytes) -> str:
 def _discover_cold(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: VM | None,
                    timings: dict[str, float], use_cache: bool) -> Kernel:
     t = time.perf_counter()
+    _DECODE_TIME[0] = 0.0
     ks, tt_gpa = kallsyms_in_image(phys, cand)
     timings["kallsyms"] = time.perf_counter() - t
+    timings["kallsyms_decode"] = _DECODE_TIME[0]
     t = time.perf_counter()
     _validate_image(phys, ks, cand, la57)
     image_size = cand.size
