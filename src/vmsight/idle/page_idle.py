@@ -12,6 +12,7 @@ with /proc/kpageflags, which reports folio flags (COMPOUND_HEAD/TAIL, LRU, THP) 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ class PageIdleBackend(Backend):
     def __init__(self, process, proc, sysfs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(process, proc, sysfs)
         self._marked: dict[VfnRange, _Scan] = {}
+        self._pfn_limit: int | None = None   # first PFN the bitmap does not cover (max_pfn), once seen
         self.mark_time_ns: int | None = None
         sysfs.open_binary(BITMAP, write=True)
         proc.open_binary(f"{process.pid}/pagemap")  # pins the mm: a reused pid cannot leak another's pages
@@ -132,10 +134,18 @@ class PageIdleBackend(Backend):
             buf = np.zeros(count, np.uint64)
             sel = (words >= first) & (words < first + count)
             buf[words[sel] - first] = values[sel]
-            n = self.sysfs.pwrite(BITMAP, first * WORD_BYTES, buf.tobytes())
-            if n != count * WORD_BYTES:
-                raise OSError(f"short page_idle bitmap write at word {first:#x}: {n} of {count * WORD_BYTES}")
+            try:
+                n = self.sysfs.pwrite(BITMAP, first * WORD_BYTES, buf.tobytes())
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: the run starts at or beyond max_pfn
+                    raise
+                n = 0
             calls += 1
+            if n != count * WORD_BYTES:
+                # the kernel stops at max_pfn (mm/page_idle.c); PFNs beyond it (the rest of a memory section
+                # that kpageflags still reports) cannot be tracked
+                self._limit_pfn(first * 64 + n // WORD_BYTES * 64)
+                break
         return calls
 
     def _read_bitmap(self, pfns: U64) -> npt.NDArray[np.bool_]:
@@ -147,9 +157,16 @@ class PageIdleBackend(Backend):
         for first, count in word_runs(words, max_gap=READ_GAP_WORDS):
             data = self.sysfs.pread(BITMAP, first * WORD_BYTES, count * WORD_BYTES)
             got = np.frombuffer(data, dtype=np.uint64)
+            if len(got) < count:
+                self._limit_pfn((first + len(got)) * 64)
             idx_parts.append(np.arange(first, first + len(got), dtype=np.int64))
             val_parts.append(got)
         return bits_at(np.concatenate(idx_parts), np.concatenate(val_parts), pfns)
+
+    def _limit_pfn(self, pfn: int) -> None:
+        if self._pfn_limit is None or pfn < self._pfn_limit:
+            log.debug("page_idle: bitmap ends at pfn %#x", pfn)
+            self._pfn_limit = pfn
 
     # --- scanning -----------------------------------------------------------------------------------------
     def _scan(self, lo: int, hi: int) -> _Scan:
@@ -167,6 +184,8 @@ class PageIdleBackend(Backend):
             head[tail] = self._heads(pfn[tail])
         tracked = (present & bit(kflags, KPF_LRU) & ~bit(kflags, KPF_ZERO_PAGE) & ~bit(kflags, KPF_NOPAGE)
                    & (head != 0))
+        if self._pfn_limit is not None:
+            tracked &= head < np.uint64(self._pfn_limit)
         return _Scan(lo, hi, entries, pfn, head, kflags, tracked)
 
     def _heads(self, tails: U64) -> U64:
@@ -195,6 +214,9 @@ class PageIdleBackend(Backend):
         pfns = sorted_unique(np.concatenate(heads)) if heads else np.zeros(0, np.uint64)
         self.process.check_alive("mark")
         calls = self._write_bitmap(pfns)
+        if self._pfn_limit is not None:
+            for s in scans:
+                s.tracked &= s.head < np.uint64(self._pfn_limit)
         self.mark_time_ns = now_ns()
         for s in scans:
             self._marked[(s.lo, s.hi)] = s
@@ -213,6 +235,9 @@ class PageIdleBackend(Backend):
         all_heads = np.concatenate([m.head[m.tracked] for m in before.values()]) if before else np.zeros(0, np.uint64)
         uniq = sorted_unique(all_heads)
         idle_uniq = self._read_bitmap(uniq)
+        if self._pfn_limit is not None:
+            for m in before.values():
+                m.tracked &= m.head < np.uint64(self._pfn_limit)
         segments = segments_for(ranges)
         for r, m in before.items():
             after = read_pagemap(self.proc, self.process, *r)
