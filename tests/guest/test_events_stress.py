@@ -191,6 +191,7 @@ def test_guest_panic_is_a_lifecycle_event(tmp_path: Path) -> None:
         vm = attach(inst.dir)
         try:
             d = Dispatcher(vm)
+            LinuxEvents(d).panics()  # QMP's GUEST_PANICKED needs the (modular) pvpanic driver loaded
 
             def crash(inst: VmInstance = inst) -> None:
                 try:
@@ -208,6 +209,8 @@ def test_guest_panic_is_a_lifecycle_event(tmp_path: Path) -> None:
                     break
                 if isinstance(ev, VmLifecycle):
                     seen.append(ev.what)
+                    if ev.what is Lifecycle.PANIC:
+                        assert "sysrq triggered crash" in ev.data.get("message", ""), ev.data
             d.close()
             assert Lifecycle.PANIC in seen, seen
         finally:

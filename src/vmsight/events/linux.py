@@ -28,10 +28,12 @@ from vmsight.events.types import (
     Breakpoint,
     ContextSwitch,
     Event,
+    Lifecycle,
     ProcessExec,
     ProcessExit,
     Syscall,
     TaskInfo,
+    VmLifecycle,
 )
 from vmsight.linux.tasks import task_layout
 
@@ -45,6 +47,7 @@ SYSCALL_ENTRY = "do_syscall_64"
 SWITCH = "__switch_to"
 EXEC = "setup_new_exec"
 EXIT = "do_exit"
+PANIC = "panic"
 MAX_SYSCALLS = 1024
 _KERNEL_HALF = 0xFFFF800000000000
 # x86-64 struct pt_regs (arch/x86/include/asm/ptrace.h), ABI-stable; BTF is asked first anyway.
@@ -276,6 +279,20 @@ class LinuxEvents:
         return self.d.add_breakpoint(EXIT, handler, decode=decode, with_registers=True)
 
 
+    def panics(self, handler: Handler | None = None) -> BreakpointHandle:
+        """A :class:`VmLifecycle` PANIC event when the kernel calls ``panic(fmt, ...)``, before it halts or
+        reboots: QEMU reports GUEST_PANICKED only with a pvpanic driver loaded, which a guest may lack."""
+
+        def decode(bp: Breakpoint) -> Event | None:
+            try:
+                msg = self.k.read_cstr(bp.registers()["rdi"], 512).decode("utf-8", "replace")
+            except MemoryAccessError:
+                msg = "?"
+            return VmLifecycle(vcpu=bp.vcpu, what=Lifecycle.PANIC, data={"message": msg, "source": "panic()"})
+
+        return self.d.add_breakpoint(PANIC, handler, decode=decode, with_registers=True)
+
+
 def format_syscall(ev: Syscall, nargs: int = 6) -> str:
     """strace-like one-liner: ``123 cat openat(0xffffff9c, "/proc/version", 0x0, ...)``."""
     parts = []
@@ -284,4 +301,4 @@ def format_syscall(ev: Syscall, nargs: int = 6) -> str:
     return f"{ev.pid} {ev.comm} {ev.name or f'syscall_{ev.nr}'}({', '.join(parts)})"
 
 
-__all__ = ["EXEC", "EXIT", "PATH_ARGS", "SWITCH", "SYSCALL_ENTRY", "Filter", "LinuxEvents", "format_syscall"]
+__all__ = ["EXEC", "EXIT", "PANIC", "PATH_ARGS", "SWITCH", "SYSCALL_ENTRY", "Filter", "LinuxEvents", "format_syscall"]
