@@ -121,11 +121,11 @@ def cleanup(gdb_address: str, points: set[tuple[int, int, int]], deadline_s: flo
     for kind, gva, length in sorted(points):
         try:
             stub.remove_breakpoint(kind, gva, length)
-        except VmsightError as e:
+        except (VmsightError, OSError, TimeoutError) as e:
             log.warning("watchdog: removing Z%d at %#x: %s", kind, gva, e)
     try:
         stub.detach()
-    except VmsightError as e:
+    except (VmsightError, OSError) as e:
         log.error("watchdog: detach failed: %s", e)
         return False
     log.info("watchdog: removed %d points and detached", len(points))
