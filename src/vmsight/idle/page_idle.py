@@ -169,24 +169,33 @@ class PageIdleBackend(Backend):
             self._pfn_limit = pfn
 
     # --- scanning -----------------------------------------------------------------------------------------
-    def _scan(self, lo: int, hi: int) -> _Scan:
-        entries = read_pagemap(self.proc, self.process, lo, hi)
-        present = has(entries, PM_PRESENT)
-        pfn = pagemap_pfn(entries)
+    def _scan(self, ranges: list[VfnRange]) -> list[_Scan]:
+        """pagemap of every range, then one batched kpageflags lookup for all their frames."""
+        entries = [read_pagemap(self.proc, self.process, lo, hi) for lo, hi in ranges]
+        if not entries:
+            return []
+        allents = np.concatenate(entries)
+        present = (allents >> np.uint64(63)).astype(bool)
+        pfn = pagemap_pfn(allents)
         if present.any() and not pfn[present].any():
             raise AccessDenied(self.proc.path(f"{self.process.pid}/pagemap"),
                                "PFNs read as 0: reading them needs CAP_SYS_ADMIN (run as root)")
-        kflags = np.zeros(len(entries), np.uint64)
+        kflags = np.zeros(len(allents), np.uint64)
         kflags[present] = self._kpageflags(pfn[present])
         head = pfn.copy()
         tail = present & bit(kflags, KPF_COMPOUND_TAIL)
         if tail.any():
             head[tail] = self._heads(pfn[tail])
-        tracked = (present & bit(kflags, KPF_LRU) & ~bit(kflags, KPF_ZERO_PAGE) & ~bit(kflags, KPF_NOPAGE)
-                   & (head != 0))
+        judge = np.uint64((1 << KPF_LRU) | (1 << KPF_ZERO_PAGE) | (1 << KPF_NOPAGE))
+        tracked = present & ((kflags & judge) == np.uint64(1 << KPF_LRU)) & (head != 0)
         if self._pfn_limit is not None:
             tracked &= head < np.uint64(self._pfn_limit)
-        return _Scan(lo, hi, entries, pfn, head, kflags, tracked)
+        out, off = [], 0
+        for (lo, hi), e in zip(ranges, entries, strict=True):
+            sl = slice(off, off + len(e))
+            out.append(_Scan(lo, hi, e, pfn[sl], head[sl], kflags[sl], tracked[sl]))
+            off += len(e)
+        return out
 
     def _heads(self, tails: U64) -> U64:
         """Head PFN of each tail PFN: the nearest COMPOUND_HEAD at or below it within its aligned 512-page
@@ -209,7 +218,7 @@ class PageIdleBackend(Backend):
     # --- interface ----------------------------------------------------------------------------------------
     def mark(self, ranges: list[VfnRange]) -> None:
         self._marked.clear()
-        scans = [self._scan(lo, hi) for lo, hi in ranges]
+        scans = self._scan(ranges)
         heads = [s.head[s.tracked] for s in scans]
         pfns = sorted_unique(np.concatenate(heads)) if heads else np.zeros(0, np.uint64)
         self.process.check_alive("mark")
@@ -224,14 +233,13 @@ class PageIdleBackend(Backend):
 
     def read(self, ranges: list[VfnRange]) -> tuple[list[IdleSegment], dict[str, object]]:
         warnings = list(self.warnings) + self._concurrent_users()
-        before = {}
-        for r in ranges:
-            m = self._marked.get(r)
-            if m is None:  # not marked by us: report the idle flags as they are (whoever set them)
-                m = self._scan(*r)
-                warnings.append(f"range {r[0] << 12:#x}-{r[1] << 12:#x} was not marked by this tracker: "
-                                "idle bits reflect the last mark by anyone")
+        before = {r: self._marked[r] for r in ranges if r in self._marked}
+        unmarked = [r for r in ranges if r not in self._marked]
+        for r, m in zip(unmarked, self._scan(unmarked), strict=True):
+            # not marked by us: report the idle flags as they are (whoever set them)
             before[r] = m
+            warnings.append(f"range {r[0] << 12:#x}-{r[1] << 12:#x} was not marked by this tracker: "
+                            "idle bits reflect the last mark by anyone")
         all_heads = np.concatenate([m.head[m.tracked] for m in before.values()]) if before else np.zeros(0, np.uint64)
         uniq = sorted_unique(all_heads)
         idle_uniq = self._read_bitmap(uniq)
@@ -251,16 +259,26 @@ class PageIdleBackend(Backend):
         """State and idle bit per page from the mark-time scan ``m`` and the pagemap read after the bitmap."""
         n = len(after)
         state = base_state(after)
+        bit_idle = np.zeros(n, bool)
+        if len(uniq):
+            pos = np.minimum(np.searchsorted(uniq, m.head), len(uniq) - 1)
+            bit_idle = m.tracked & (uniq[pos] == m.head) & idle_uniq[pos]
+        big = np.uint64((1 << KPF_THP) | (1 << KPF_HUGE))
+        if np.array_equal(after, m.entries):
+            # fast path, the common case: no page changed between mark and read
+            was_swapped = (state & np.uint16(PageState.SWAPPED)) != 0
+            tracked = m.tracked | was_swapped
+            idle = bit_idle | was_swapped
+            state |= ((m.kflags & big) != 0).astype(np.uint16) * np.uint16(PageState.HUGE)
+            state |= bit(m.kflags, KPF_ZERO_PAGE).astype(np.uint16) * np.uint16(PageState.ZERO_PAGE)
+            state |= tracked.astype(np.uint16) * np.uint16(PageState.TRACKED)
+            return state, idle
         was_present = has(m.entries, PM_PRESENT)
         was_swapped = has(m.entries, PM_SWAP) & ~was_present
         now_present = has(after, PM_PRESENT)
         now_swapped = has(after, PM_SWAP) & ~now_present
         pfn_now = pagemap_pfn(after)
         same = was_present & now_present & (pfn_now == m.pfn)
-        bit_idle = np.zeros(n, bool)
-        if len(uniq):
-            pos = np.minimum(np.searchsorted(uniq, m.head), len(uniq) - 1)
-            bit_idle = m.tracked & (uniq[pos] == m.head) & idle_uniq[pos]
         idle = np.zeros(n, bool)
         tracked = np.zeros(n, bool)
         # 1. same frame mapped at mark and read: the kernel's re-checked idle bit is the answer
@@ -285,7 +303,7 @@ class PageIdleBackend(Backend):
         # 5. frame changed otherwise (migration, compaction, THP collapse): not judged
         changed = was_present & now_present & (pfn_now != m.pfn) & ~cow
         state |= np.where(changed, np.uint16(PageState.CHANGED), np.uint16(0)).astype(STATE_DTYPE)
-        huge = same & (bit(m.kflags, KPF_THP) | bit(m.kflags, KPF_HUGE))
+        huge = same & ((m.kflags & big) != 0)
         state |= np.where(huge, np.uint16(PageState.HUGE), np.uint16(0)).astype(STATE_DTYPE)
         zero = now_present & same & was_zero
         state |= np.where(zero, np.uint16(PageState.ZERO_PAGE), np.uint16(0)).astype(STATE_DTYPE)

@@ -208,15 +208,16 @@ class IdleSnapshot:
 def usage_from_segments(vmas: Iterable[Vma], segments: list[IdleSegment]) -> list[VmaUsage]:
     """Per-VMA counts from per-page data (page- and region-granular backends)."""
     out = []
+    unpacked = [s.idle_pages() for s in segments]
     for v in vmas:
         u = VmaUsage(v)
         lo, hi = v.start_gva >> PAGE_SHIFT, v.end_gva >> PAGE_SHIFT
-        for s in segments:
+        for s, bits in zip(segments, unpacked, strict=True):
             a, b = max(lo, s.start_vfn), min(hi, s.end_vfn)
             if a >= b:
                 continue
             st = s.state[a - s.start_vfn:b - s.start_vfn]
-            idle = s.idle_pages()[a - s.start_vfn:b - s.start_vfn]
+            idle = bits[a - s.start_vfn:b - s.start_vfn]
             present = (st & np.uint16(PageState.PRESENT)) != 0
             tracked = (st & np.uint16(PageState.TRACKED)) != 0
             swapped = (st & np.uint16(PageState.SWAPPED)) != 0
