@@ -387,7 +387,9 @@ class Kernel:
         self._types: Any | None = None
         self._offsets: dict[tuple[str, str], int] = {}
         self.dtb = self.image_gpa(symbols.address("init_top_pgt"))
-        self._aspace = AddressSpace(phys, self.dtb, la57=la57)
+        # Through the VM when there is one, so its resume hook drops this translation cache too.
+        self._aspace = (vm.address_space(self.dtb, la57=la57) if vm is not None
+                        else AddressSpace(phys, self.dtb, la57=la57))
         self._pob_known = False
         self.page_offset_base = DEFAULT_PAGE_OFFSET[la57]
         self.page_offset_base = self._read_var("page_offset_base", DEFAULT_PAGE_OFFSET[la57])
