@@ -13,6 +13,7 @@ temporary directory renamed into place, so a crashed writer never leaves a half 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: btf.pickle holds (parser fingerprint, Btf)
 
 
 def cache_root() -> Path:
@@ -48,6 +49,29 @@ class CachedKernel:
     rel_addresses: np.ndarray     # int64: gva - _text for relative symbols, the gva for absolute ones
     absolute: np.ndarray          # bool: per-cpu / absolute symbols (not moved by KASLR)
     btf: Any | None               # the parsed BTF object, if it was pickled
+
+
+def btf_code_version() -> str:
+    """Fingerprint of the BTF parser's source: a pickle written by another version is not trusted."""
+    try:
+        from vmsight.linux import btf as kbtf
+
+        return hashlib.blake2b(Path(kbtf.__file__).read_bytes(), digest_size=8).hexdigest()
+    except (ImportError, OSError):
+        return "unknown"
+
+
+def save_btf(build_id: str, btf: Any, root: Path | None = None) -> None:
+    """Add the parsed BTF to an existing entry (one written before BTF was parsed, or by an older
+    parser)."""
+    d = (root or cache_root()) / build_id
+    try:
+        tmp = d / f".btf.pickle.{os.getpid()}"
+        with tmp.open("wb") as f:
+            pickle.dump((btf_code_version(), btf), f, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(d / "btf.pickle")
+    except Exception as e:  # noqa: BLE001 - caching is an optimisation
+        log.info("BTF not cached in %s: %s", d, e)
 
 
 def list_entries(root: Path | None = None) -> list[tuple[str, dict[str, Any]]]:
@@ -86,7 +110,9 @@ def load(build_id: str, root: Path | None = None) -> CachedKernel | None:
         if bp.exists():
             try:
                 with bp.open("rb") as f:
-                    btf = pickle.load(f)  # noqa: S301 - our own cache file, written by save()
+                    version, btf = pickle.load(f)  # noqa: S301 - our own cache file, written by save()
+                if version != btf_code_version():
+                    btf = None
             except Exception as e:  # noqa: BLE001 - a stale pickle (class changed) is just a cache miss
                 log.info("ignoring unreadable BTF pickle in %s: %s", d, e)
                 btf = None
@@ -114,7 +140,7 @@ def save(build_id: str, meta: dict[str, Any], names: list[str], types: bytes, re
             if btf is not None:
                 try:
                     with (tmp / "btf.pickle").open("wb") as f:
-                        pickle.dump(btf, f, protocol=pickle.HIGHEST_PROTOCOL)
+                        pickle.dump((btf_code_version(), btf), f, protocol=pickle.HIGHEST_PROTOCOL)
                 except Exception as e:  # noqa: BLE001 - unpicklable BTF: re-parse on the next attach
                     log.info("BTF not cached (%s)", e)
                     (tmp / "btf.pickle").unlink(missing_ok=True)
@@ -131,4 +157,5 @@ def save(build_id: str, meta: dict[str, Any], names: list[str], types: bytes, re
     return final
 
 
-__all__ = ["FORMAT_VERSION", "CachedKernel", "cache_root", "list_entries", "load", "save"]
+__all__ = ["FORMAT_VERSION", "CachedKernel", "btf_code_version", "cache_root", "list_entries", "load", "save",
+           "save_btf"]

@@ -537,6 +537,8 @@ class Kernel:
         """The guest's parsed BTF (:mod:`vmsight.linux.btf`), parsed on first use if not cached."""
         if self._btf is None:
             self._btf = _parse_btf(self.read(self._btf_gva, self._btf_size))
+            if self.from_cache:
+                kcache.save_btf(self.build_id, self._btf)
         return self._btf
 
     def offsetof(self, struct: str, member: str) -> int:
