@@ -145,7 +145,8 @@ def p5_mark_read_ratio(mib: int = 256, repeats: int = 5) -> dict[str, Any]:
         p.wait()
 
 
-def _hog_rate(mib: int, seconds: float, tracked: bool, cpu: int) -> tuple[float, int]:
+def _hog_rate(mib: int, seconds: float, tracked: bool, cpu: int) -> tuple[float, int, float]:
+    """(hog MiB/s, tracker rounds, tracker CPU seconds)."""
     from vmsight.idle import IdleTracker, ProcessGone
 
     p = subprocess.Popen([sys.executable, "-c", HOG, str(mib), str(seconds), str(cpu)], stdin=subprocess.PIPE,
@@ -156,6 +157,7 @@ def _hog_rate(mib: int, seconds: float, tracked: bool, cpu: int) -> tuple[float,
         assert p.stdout.readline().strip() == "ready"
         t = IdleTracker(p.pid, "page_idle") if tracked else None
         try:
+            c0 = os.times()
             p.stdin.write("go\n")
             p.stdin.flush()
             if t is not None:
@@ -170,28 +172,33 @@ def _hog_rate(mib: int, seconds: float, tracked: bool, cpu: int) -> tuple[float,
                         break
                     rounds += 1
             n = int(p.stdout.readline())
+            c1 = os.times()
         finally:
             if t is not None:
                 t.close()
-        return n * 1.0 / seconds, rounds
+        return n * 1.0 / seconds, rounds, (c1.user - c0.user) + (c1.system - c0.system)
     finally:
         p.kill()
         p.wait()
 
 
-def p6_slowdown(mib: int = 64, seconds: float = 8.0, pairs: int = 3) -> dict[str, Any]:
+def p6_slowdown(mib: int = 64, seconds: float = 6.0, pairs: int = 4) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
     hog_cpu = cpus[-1]
     os.sched_setaffinity(0, {cpus[0]})  # tracker on another vCPU than the workload (when there are two)
-    base, tracked, rounds = [], [], 0
+    base, tracked, rounds, cpu = [], [], 0, 0.0
     for _ in range(pairs):      # alternate, so drift affects both sides alike
         base.append(_hog_rate(mib, seconds, False, hog_cpu)[0])
-        r, n = _hog_rate(mib, seconds, True, hog_cpu)
+        r, n, c = _hog_rate(mib, seconds, True, hog_cpu)
         tracked.append(r)
         rounds += n
+        cpu += c
     b, tr = statistics.median(base), statistics.median(tracked)
     return {"p6_mib": mib, "p6_untracked_mib_per_s": b, "p6_tracked_mib_per_s": tr,
             "p6_slowdown_pct": (b - tr) / b * 100, "p6_tracker_rounds": rounds,
+            "p6_tracker_cpu_ms_per_round": cpu * 1000 / max(rounds + pairs, 1),
+            "p6_tracker_cpu_pct_of_wall": cpu / (pairs * seconds) * 100,
+            "p6_tracked_spread_pct": (max(tracked) - min(tracked)) / tr * 100,
             "p6_untracked_spread_pct": (max(base) - min(base)) / b * 100}
 
 

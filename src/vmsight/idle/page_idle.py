@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 BITMAP = "kernel/mm/page_idle/bitmap"
 KPAGEFLAGS = "kpageflags"
 KPF_CHUNK = 1 << 16            # kpageflags entries per pread
+KPF_GAP = 256                  # read up to 2 KiB of unneeded kpageflags rather than make another call
 HEAD_WINDOW = 512              # a tail's head lies within its naturally aligned folio (<= PMD order for THP)
 READ_GAP_WORDS = 4             # bitmap words between needed ones that may be read along (each costs 64 lookups)
 WRITE_GAP_WORDS = 16           # zero words written along are ignored by the kernel (cheap)
@@ -115,14 +116,23 @@ class PageIdleBackend(Backend):
         if len(pfns) == 0:
             return np.zeros(0, np.uint64)
         uniq = sorted_unique(pfns)
-        vals = np.zeros(len(uniq), np.uint64)
-        for first, count in word_runs(uniq.astype(np.int64), max_gap=64, max_len=KPF_CHUNK):
-            data = self.proc.pread(KPAGEFLAGS, first * 8, count * 8)
-            got = np.frombuffer(data, dtype=np.uint64)
-            sel = (uniq >= np.uint64(first)) & (uniq < np.uint64(first + len(got)))
-            vals[sel] = got[(uniq[sel] - np.uint64(first)).astype(np.int64)]
-            if len(got) < count:  # past the end of memory: NOPAGE
-                vals[(uniq >= np.uint64(first + len(got))) & (uniq < np.uint64(first + count))] = 1 << KPF_NOPAGE
+        firsts, bases, lens, parts = [], [], [], []
+        base = 0
+        for first, count in word_runs(uniq.astype(np.int64), max_gap=KPF_GAP, max_len=KPF_CHUNK):
+            got = np.frombuffer(self.proc.pread(KPAGEFLAGS, first * 8, count * 8), dtype=np.uint64)
+            firsts.append(first)
+            bases.append(base)
+            lens.append(len(got))
+            parts.append(got)
+            base += len(got)
+        flat = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+        fa, ba, la = np.array(firsts, np.int64), np.array(bases, np.int64), np.array(lens, np.int64)
+        u = uniq.astype(np.int64)
+        run = np.searchsorted(fa, u, side="right") - 1
+        off = u - fa[run]
+        ok = off < la[run]                    # beyond the end of kpageflags: no page there
+        vals = np.full(len(uniq), np.uint64(1 << KPF_NOPAGE), np.uint64)
+        vals[ok] = flat[ba[run[ok]] + off[ok]]
         return vals[np.searchsorted(uniq, pfns)]
 
     def _write_bitmap(self, pfns: U64) -> int:
@@ -132,8 +142,8 @@ class PageIdleBackend(Backend):
         calls = 0
         for first, count in word_runs(words, max_gap=WRITE_GAP_WORDS):
             buf = np.zeros(count, np.uint64)
-            sel = (words >= first) & (words < first + count)
-            buf[words[sel] - first] = values[sel]
+            i0, i1 = np.searchsorted(words, [first, first + count])
+            buf[words[i0:i1] - first] = values[i0:i1]
             try:
                 n = self.sysfs.pwrite(BITMAP, first * WORD_BYTES, buf.tobytes())
             except OSError as e:
