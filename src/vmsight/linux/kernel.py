@@ -50,6 +50,7 @@ from vmsight.errors import (
     VmsightError,
 )
 from vmsight.linux import cache as kcache
+from vmsight.linux.btf import Btf
 from vmsight.linux.kallsyms import Kallsyms, decode_kallsyms, find_token_tables
 from vmsight.memory.paging import (
     dtb_from_cr3,
@@ -367,7 +368,7 @@ class Kernel:
 
     def __init__(self, phys: PhysicalMemory, *, text_gva: int, text_gpa: int, image_size: int, la57: bool,
                  symbols: SymbolTable, release: str, banner: str, build_id: str, btf_raw_gva: int,
-                 btf_size: int, btf: Any | None = None, vm: VM | None = None, from_cache: bool = False,
+                 btf_size: int, btf: Btf | None = None, vm: VM | None = None, from_cache: bool = False,
                  timings: dict[str, float] | None = None) -> None:
         self.phys = phys
         self.vm = vm
@@ -533,7 +534,7 @@ class Kernel:
     # --- BTF and typed objects ---
 
     @property
-    def btf(self) -> Any:
+    def btf(self) -> Btf:
         """The guest's parsed BTF (:mod:`vmsight.linux.btf`), parsed on first use if not cached."""
         if self._btf is None:
             self._btf = _parse_btf(self.read(self._btf_gva, self._btf_size))
@@ -651,14 +652,8 @@ def set_hostname(kernel: Kernel, hostname: str) -> None:
 
 # --- BTF adapter -----------------------------------------------------------------------------------
 
-def _parse_btf(raw: bytes) -> Any:
-    from vmsight.linux import btf as kbtf
-
-    for name in ("parse_btf", "parse", "Btf", "BTF"):
-        fn = getattr(kbtf, name, None)
-        if fn is not None:
-            return fn(raw)
-    raise UnsupportedKernel("BTF parser", "vmsight.linux.btf has no parse entry point")
+def _parse_btf(raw: bytes) -> Btf:
+    return Btf(raw)
 
 
 def _check_btf_header(raw: bytes, gva: int) -> None:
@@ -834,11 +829,7 @@ def _discover_cold(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: V
     build_id = _build_id(banner, tt_raw)
     timings["validate"] = time.perf_counter() - t
     t = time.perf_counter()
-    btf = None
-    try:
-        btf = _parse_btf(btf_raw)
-    except ImportError:
-        log.warning("vmsight.linux.btf is not available: typed objects disabled")
+    btf = _parse_btf(btf_raw)
     timings["btf"] = time.perf_counter() - t
     syms = SymbolTable.from_kallsyms(ks)
     k = Kernel(phys, text_gva=cand.text_gva, text_gpa=cand.text_gpa, image_size=image_size, la57=la57,
