@@ -224,13 +224,39 @@ class PagingEntry(NamedTuple):
         return _LEVEL_NAMES.get(self.level, f"L{self.level}")
 
 
-class Translation(NamedTuple):
-    """``gva`` maps to ``gpa`` inside a page of ``page_size`` bytes; ``entries`` is the walk, top first."""
+class Translation:
+    """``gva`` maps to ``gpa`` inside a page of ``page_size`` bytes; ``entries`` is the walk, top first.
 
-    gva: int
-    gpa: int
-    page_size: int
-    entries: tuple[PagingEntry, ...]
+    The :class:`PagingEntry` objects are built on first access to ``entries``: most callers want only the
+    gpa, and building five named tuples costs more than the walk itself."""
+
+    __slots__ = ("gva", "gpa", "page_size", "_walked", "_entries")
+
+    def __init__(self, gva: int, gpa: int, page_size: int,
+                 entries: Sequence[PagingEntry] | Sequence[tuple[int, int, int]]) -> None:
+        self.gva = gva
+        self.gpa = gpa
+        self.page_size = page_size
+        self._walked = entries
+        self._entries: tuple[PagingEntry, ...] | None = None
+
+    @property
+    def entries(self) -> tuple[PagingEntry, ...]:
+        if self._entries is None:
+            self._entries = tuple(e if isinstance(e, PagingEntry) else PagingEntry._make(e) for e in self._walked)
+        return self._entries
+
+    def __iter__(self) -> Iterator[object]:  # unpacking like the NamedTuple it replaces
+        return iter((self.gva, self.gpa, self.page_size, self.entries))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Translation) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash((self.gva, self.gpa, self.page_size))
+
+    def __repr__(self) -> str:
+        return f"Translation(gva={self.gva:#x}, gpa={self.gpa:#x}, page_size={self.page_size:#x}, entries={self.entries})"
 
     @property
     def leaf(self) -> PagingEntry:
@@ -487,7 +513,7 @@ def translate(mem: PhysicalMemory, dtb: int, gva: int, *, la57: bool = False) ->
     entry), :class:`PageProtNone`, :class:`BadPageTable` (table outside RAM, reserved bits)."""
     walked: list[tuple[int, int, int]] = []
     gpa, size = _walk(mem, dtb, gva, la57, None, walked)
-    return Translation(gva, gpa, size, tuple(map(PagingEntry._make, walked)))
+    return Translation(gva, gpa, size, walked)
 
 
 def gva_to_gpa(mem: PhysicalMemory, dtb: int, gva: int, *, la57: bool = False) -> int:
