@@ -257,10 +257,22 @@ class PageIdleBackend(Backend):
             for m in before.values():
                 m.tracked &= m.head < np.uint64(self._pfn_limit)
         segments = segments_for(ranges)
-        for r, m in before.items():
-            after = read_pagemap(self.proc, self.process, *r)
-            state, idle = self._classify(m, after, uniq, idle_uniq)
-            fill(segments, r[0], r[1], state, idle, entries=after, pfn=pagemap_pfn(after))
+        order = list(before)
+        afters = [read_pagemap(self.proc, self.process, *r) for r in order]
+        if order:
+            # classify every range in one vectorised pass (per-call overhead dominates for many small VMAs)
+            ms = [before[r] for r in order]
+            cat = _Scan(0, 0, np.concatenate([m.entries for m in ms]), np.concatenate([m.pfn for m in ms]),
+                        np.concatenate([m.head for m in ms]), np.concatenate([m.kflags for m in ms]),
+                        np.concatenate([m.tracked for m in ms]))
+            after_all = np.concatenate(afters)
+            state, idle = self._classify(cat, after_all, uniq, idle_uniq)
+            pfn_all = pagemap_pfn(after_all)
+            off = 0
+            for r, after in zip(order, afters, strict=True):
+                sl = slice(off, off + len(after))
+                fill(segments, r[0], r[1], state[sl], idle[sl], entries=after, pfn=pfn_all[sl])
+                off += len(after)
         self.process.check_alive("read")
         return segments, {"warnings": warnings, "mark_time_ns": self.mark_time_ns, "known": KNOWN}
 
