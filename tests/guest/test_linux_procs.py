@@ -7,13 +7,17 @@ deleted ("(deleted)"), one as user nobody."""
 
 from __future__ import annotations
 
+import base64
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.conftest import need
 from vmsight.linux import Guest, find_task, for_each_process, for_each_task, kernel_of, processes
 from vmsight.linux.mm import task_vmas
 from vmsight.qemu.launch import VmInstance
@@ -105,6 +109,55 @@ def test_threads_include_every_process(vm: VM, workload: dict[str, int]) -> None
         tasks = [t for t in for_each_task(k)]
     assert leaders <= {t.pid for t in tasks}
     assert len({t.gva for t in tasks}) == len(tasks)
+
+
+# A libc-free static program: three raw clone(CLONE_THREAD) threads, all pausing forever (the busybox
+# guest has nothing multi-threaded of its own).
+THREADS_C = r"""
+#define FLAGS 0x50f00L /* CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM */
+static char stacks[3][4096] __attribute__((aligned(16)));
+static void spawn(char *top) {
+    register long r10 __asm__("r10") = 0;
+    register long r8 __asm__("r8") = 0;
+    long ret;
+    __asm__ volatile("syscall\n\ttest %%rax, %%rax\n\tjnz 1f\n"
+                     "2:\n\tmov $34, %%eax\n\tsyscall\n\tjmp 2b\n1:\n"
+                     : "=a"(ret) : "a"(56L), "D"(FLAGS), "S"(top), "d"(0L), "r"(r10), "r"(r8)
+                     : "rcx", "r11", "memory");
+}
+void _start(void) {
+    for (int i = 0; i < 3; i++) spawn(stacks[i] + sizeof stacks[i]);
+    for (;;) __asm__ volatile("syscall" : : "a"(34L) : "rcx", "r11", "memory");
+}
+"""
+
+
+def test_threads_match_proc_task(guest: VmInstance, vm: VM, tmp_path: Path) -> None:
+    need(shutil.which("gcc") is not None, "gcc is needed to build the threaded test program")
+    (tmp_path / "t.c").write_text(THREADS_C)
+    subprocess.run(["gcc", "-static", "-nostdlib", "-O2", "-fno-stack-protector", "-o", str(tmp_path / "t"),
+                    str(tmp_path / "t.c")], check=True, timeout=120)
+    b64 = base64.b64encode((tmp_path / "t").read_bytes()).decode()
+    guest.agent.run("rm -f /tmp/thr.b64").check()
+    for i in range(0, len(b64), 3000):
+        guest.agent.run(f"printf %s '{b64[i:i + 3000]}' >> /tmp/thr.b64").check()
+    out = guest.agent.run("base64 -d /tmp/thr.b64 > /tmp/thr && chmod +x /tmp/thr && "
+                          "(/tmp/thr >/dev/null 2>&1 & echo $!) && sleep 0.3").check().text
+    pid = int(out.split()[0])
+    try:
+        tids = sorted(int(t) for t in guest.agent.run(f"ls /proc/{pid}/task").check().text.split())
+        assert len(tids) == 4
+        k = kernel_of(vm)
+        with vm.paused():
+            leader = find_task(k, pid)
+            threads = list(leader.threads())
+            assert sorted(t.pid for t in threads) == tids
+            assert {t.tgid for t in threads} == {pid}
+            assert {t.pid for t in for_each_task(k)} >= set(tids)
+            assert find_task(k, tids[-1]).tgid == pid          # a thread is found by its own id
+            assert [t.pid for t in for_each_process(k) if t.tgid == pid] == [pid]
+    finally:
+        guest.agent.run(f"kill {pid}")
 
 
 def norm_maps(text: str) -> list[tuple[int, int, str, int, str]]:
