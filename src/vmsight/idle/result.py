@@ -206,27 +206,29 @@ class IdleSnapshot:
 
 
 def usage_from_segments(vmas: Iterable[Vma], segments: list[IdleSegment]) -> list[VmaUsage]:
-    """Per-VMA counts from per-page data (page- and region-granular backends)."""
+    """Per-VMA counts from per-page data (page- and region-granular backends): prefix sums per segment, so
+    each VMA costs O(1) per overlapping segment."""
+    prefix = []
+    for s in segments:
+        st = s.state
+        idle = s.idle_pages()
+        present = (st & np.uint16(PageState.PRESENT)) != 0
+        tracked = (st & np.uint16(PageState.TRACKED)) != 0
+        cats = np.stack([present, present & tracked & ~idle, present & tracked & idle,
+                         (st & np.uint16(PageState.SWAPPED)) != 0,
+                         present & ((st & np.uint16(PageState.HUGE)) != 0), present & ~tracked])
+        cs = np.zeros((cats.shape[0], cats.shape[1] + 1), np.int64)
+        np.cumsum(cats, axis=1, out=cs[:, 1:])
+        prefix.append((s.start_vfn, s.end_vfn, cs))
     out = []
-    unpacked = [s.idle_pages() for s in segments]
     for v in vmas:
-        u = VmaUsage(v)
         lo, hi = v.start_gva >> PAGE_SHIFT, v.end_gva >> PAGE_SHIFT
-        for s, bits in zip(segments, unpacked, strict=True):
-            a, b = max(lo, s.start_vfn), min(hi, s.end_vfn)
-            if a >= b:
-                continue
-            st = s.state[a - s.start_vfn:b - s.start_vfn]
-            idle = bits[a - s.start_vfn:b - s.start_vfn]
-            present = (st & np.uint16(PageState.PRESENT)) != 0
-            tracked = (st & np.uint16(PageState.TRACKED)) != 0
-            swapped = (st & np.uint16(PageState.SWAPPED)) != 0
-            huge = (st & np.uint16(PageState.HUGE)) != 0
-            u.present_bytes += int(present.sum()) * PAGE_SIZE
-            u.accessed_bytes += int((present & tracked & ~idle).sum()) * PAGE_SIZE
-            u.idle_bytes += int((present & tracked & idle).sum()) * PAGE_SIZE
-            u.swapped_bytes += int(swapped.sum()) * PAGE_SIZE
-            u.huge_bytes += int((present & huge).sum()) * PAGE_SIZE
-            u.untracked_bytes += int((present & ~tracked).sum()) * PAGE_SIZE
-        out.append(u)
+        tot = np.zeros(6, np.int64)
+        for start, end, cs in prefix:
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                tot += cs[:, b - start] - cs[:, a - start]
+        n = [int(x) * PAGE_SIZE for x in tot]
+        out.append(VmaUsage(v, present_bytes=n[0], accessed_bytes=n[1], idle_bytes=n[2], swapped_bytes=n[3],
+                            huge_bytes=n[4], untracked_bytes=n[5]))
     return out
