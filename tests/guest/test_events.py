@@ -5,8 +5,13 @@ while a syscall breakpoint is set, so the agent only gets its answer out while s
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,16 +19,21 @@ import pytest
 from tests.conftest import need
 from vmsight.events import (
     Action,
+    ContextSwitch,
     Dispatcher,
     Event,
+    Lifecycle,
     PageAccess,
     ProcessExec,
+    ProcessExit,
     Reply,
     SingleStep,
     Syscall,
     VcpuPause,
+    VmLifecycle,
 )
 from vmsight.events.linux import LinuxEvents
+from vmsight.linux.tasks import Task
 from vmsight.qemu.agent import AgentResult
 from vmsight.qemu.launch import VmInstance
 from vmsight.vm import VM
@@ -235,3 +245,79 @@ def test_capabilities_under_tcg(vm: VM) -> None:
     with Dispatcher(vm, supervise=False) as d:
         caps = d.capabilities()
     assert caps["accelerator"] == "tcg" and caps["watchpoints"] is None and caps["read_watch"] is True
+
+
+def test_context_switches_to_a_process(guest: VmInstance, vm: VM) -> None:
+    # Started before tracing (every switch of the guest stops the VM while the breakpoint is set): the
+    # sleeper is switched in when its timer fires and out when it exits.
+    pid = int(guest.agent.run("sleep 1 & echo $!", timeout=30).check().text)
+    with Dispatcher(vm) as d:
+        k = d.kernel
+        LinuxEvents(d).context_switches(pid=pid)
+        dtbs: dict[int, int] = {}
+
+        def remember(ev: Any) -> None:
+            if ev.next.pid == pid:
+                dtbs[ev.seq] = Task(k, ev.next.task_gva).kernel_dtb
+
+        d.on(ContextSwitch, remember)
+        sw: list[ContextSwitch] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (any(e.next.pid == pid for e in sw)
+                                                   and any(e.prev.pid == pid for e in sw)):
+            ev = d.listen(0.5)
+            if isinstance(ev, ContextSwitch):
+                sw.append(ev)
+    into = [e for e in sw if e.next.pid == pid]
+    assert into and all(e.next.comm == "sleep" for e in into)
+    assert any(e.prev.pid == pid and e.prev.comm == "sleep" for e in sw)
+    # CR3 at __switch_to is already the next task's page table (switch_mm ran first)
+    assert all(e.cr3 & ~0xFFF == dtbs[e.seq] for e in into), [(hex(e.cr3), hex(dtbs[e.seq])) for e in into]
+    _alive(guest, vm)
+
+
+def test_exit_events_carry_pid_and_code(guest: VmInstance, vm: VM) -> None:
+    with Dispatcher(vm) as d:
+        LinuxEvents(d).exits(comm="sh")
+        bg = Bg(guest, "sh -c 'echo $$; exit 3'; true")
+        events = collect(d, bg)
+    pid = int(bg.done().text.split()[0])
+    mine = [e for e in events if isinstance(e, ProcessExit) and e.pid == pid]
+    assert len(mine) == 1 and mine[0].exit_code == 3 << 8 and mine[0].thread_group_leader
+
+
+def test_external_stop_and_resume_are_lifecycle_events(vm: VM) -> None:
+    with Dispatcher(vm, supervise=False) as d:
+        assert d.listen(0.3) is None
+        vm.qmp.execute("stop")  # someone else pauses the VM (QMP pushes a T02 to the gdb client)
+        ev = d.listen(3)
+        assert isinstance(ev, VmLifecycle) and ev.what is Lifecycle.STOP
+        assert d.listen(0.3) is None and vm.status() == "paused"  # the dispatcher does not resume it
+        vm.qmp.execute("cont")
+        ev = d.listen(3)
+        assert isinstance(ev, VmLifecycle) and ev.what is Lifecycle.RESUME
+    assert vm.status() == "running"
+
+
+def test_cli_trace_exec_json_and_watch(guest: VmInstance, vm: VM, tmp_path: Path) -> None:
+    vm.close()  # the CLI attaches on its own (one QMP client at a time)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cli = [sys.executable, "-m", "vmsight.cli.main", "--vm", guest.dir, "--json"]
+    tr = subprocess.Popen([*cli, "trace", "exec", "--comm", "uname", "--count", "1", "--duration", "120"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert tr.stderr is not None and b"tracing" in tr.stderr.readline()
+    res = guest.agent.run("/bin/uname -r", timeout=120).check()
+    out, err = tr.communicate(timeout=60)
+    assert tr.returncode == 0, err
+    rec = json.loads(out.splitlines()[0])
+    assert rec["format_version"] == 1 and rec["event"] == "process_exec" and rec["argv"][0].endswith("uname")
+    assert res.text.strip()
+    w = subprocess.Popen([*cli, "watch", "total_forks", "8", "--count", "1", "--duration", "120"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert w.stderr is not None and b"watching" in w.stderr.readline()
+    guest.agent.run("/bin/true", timeout=120).check()
+    out, err = w.communicate(timeout=60)
+    assert w.returncode == 0, err
+    rec = json.loads(out.splitlines()[0])
+    assert rec["event"] == "page_access" and rec["access"] == "w" and rec["length"] == 8
+    assert rec["rip_symbol"].startswith(("copy_process", "kernel_clone")) and len(rec["value_hex"]) == 16
