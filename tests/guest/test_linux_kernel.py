@@ -133,3 +133,32 @@ def test_ram_scan_fallback_without_page_tables(guest: VmInstance, vm: VM) -> Non
     assert k.text_gva == text
     assert "ram_scan" in k.timings
     assert gva_to_gpa(vm.phys, k.dtb, text) == k.text_gpa
+
+
+def test_cli_sym_uname_lsmod_json(guest: VmInstance) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> object:
+        r = subprocess.run([sys.executable, "-m", "vmsight.cli.main", "--vm", guest.dir, "--json", *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    truth = kallsyms_truth(guest, ("schedule", "init_task", "_text"))
+    out = cli("sym", "schedule", "init_task", "_text", hex(truth["schedule"] + 5))
+    assert isinstance(out, list)
+    assert [o["address"] for o in out[:3]] == [truth["schedule"], truth["init_task"], truth["_text"]]
+    assert out[3]["symbol"] == "schedule" and out[3]["offset"] == 5
+    u = cli("uname")
+    assert isinstance(u, dict)
+    assert u["release"] == guest.agent.run("uname -r").check().text.strip()
+    assert u["nodename"] == guest.agent.run("hostname").check().text.strip()
+    mods = cli("lsmod")
+    assert isinstance(mods, list)
+    truth_mods = guest.agent.run("cut -d' ' -f1 /proc/modules").check().text.split()
+    assert sorted(m["name"] for m in mods) == sorted(truth_mods)
+    r = subprocess.run([sys.executable, "-m", "vmsight.cli.main", "--vm", guest.dir, "sym", "no_such_symbol_xyz"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no_such_symbol_xyz" in r.stderr
