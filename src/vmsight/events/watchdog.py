@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -103,31 +104,82 @@ def read_until_eof(stream: IO[bytes]) -> tuple[bool, set[tuple[int, int, int]]]:
     return False, points
 
 
+class _RawStub:
+    """The few packets cleanup needs, without GdbStub's start-up (target description, a wait for the
+    pushed stop): after the parent's death every round trip counts."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        from vmsight.qemu.qmp import connect_unix
+
+        self.sock = connect_unix(path, timeout) if not path.startswith("tcp:") else self._tcp(path, timeout)
+        self.timeout = timeout
+        self.buf = b""
+
+    @staticmethod
+    def _tcp(path: str, timeout: float) -> socket.socket:
+        host, _, port = path[4:].rpartition(":")
+        return socket.create_connection((host or "127.0.0.1", int(port)), timeout)
+
+    def request(self, payload: str) -> str:
+        """Send a packet, return its reply (stop replies pushed by the connect itself are skipped)."""
+        from vmsight.qemu.rsp import checksum
+
+        body = payload.encode()
+        self.sock.sendall(b"$" + body + b"#" + f"{checksum(body):02x}".encode())
+        deadline = time.monotonic() + self.timeout
+        while True:
+            start = self.buf.find(b"$")
+            end = self.buf.find(b"#", start) if start >= 0 else -1
+            if start >= 0 and end >= 0 and len(self.buf) >= end + 3:
+                text = self.buf[start + 1:end].decode("latin-1")
+                self.buf = self.buf[end + 3:]
+                self.sock.sendall(b"+")
+                if text[:1] in ("T", "S") and not payload.startswith("?"):
+                    continue  # the T02 that connecting pushes
+                return text
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no reply to {payload!r}")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the gdbstub closed the connection")
+            self.buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def cleanup(gdb_address: str, points: set[tuple[int, int, int]], deadline_s: float = CONNECT_DEADLINE_S) -> bool:
-    """Connect, remove ``points``, detach. True when the VM was left detached and running."""
+    """Connect, remove ``points``, detach (``D;1``: QEMU also drops whatever points it still holds for the
+    client). True when the VM was left detached and running."""
     from vmsight.errors import VmsightError
-    from vmsight.qemu.rsp import GdbStub
 
     deadline = time.monotonic() + deadline_s
     while True:
         try:
-            stub = GdbStub(gdb_address, timeout=1.0)
+            stub = _RawStub(gdb_address, timeout=max(0.5, min(2.0, deadline - time.monotonic())))
+            features = stub.request("qSupported:multiprocess+")
             break
-        except VmsightError as e:
+        except (VmsightError, OSError, TimeoutError) as e:
             if time.monotonic() > deadline:
                 log.error("watchdog: cannot reach the gdbstub at %s: %s", gdb_address, e)
                 return False
             time.sleep(0.05)
-    for kind, gva, length in sorted(points):
-        try:
-            stub.remove_breakpoint(kind, gva, length)
-        except (VmsightError, OSError, TimeoutError) as e:
-            log.warning("watchdog: removing Z%d at %#x: %s", kind, gva, e)
     try:
-        stub.detach()
-    except (VmsightError, OSError) as e:
-        log.error("watchdog: detach failed: %s", e)
+        for kind, gva, length in sorted(points):
+            reply = stub.request(f"z{kind},{gva:x},{length:x}")
+            if reply != "OK":
+                log.warning("watchdog: removing Z%d at %#x: %r", kind, gva, reply)
+        reply = stub.request("D;1" if "multiprocess+" in features else "D")
+        if reply != "OK":
+            log.error("watchdog: detach answered %r", reply)
+            return False
+    except (OSError, TimeoutError) as e:
+        log.error("watchdog: cleanup failed: %s", e)
         return False
+    finally:
+        stub.close()
     log.info("watchdog: removed %d points and detached", len(points))
     return True
 
@@ -138,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vmsight-watchdog: %(message)s")
     # Preload what cleanup needs while the parent is alive: after its death every millisecond counts.
+    import vmsight.errors  # noqa: F401
+    import vmsight.qemu.qmp  # noqa: F401
     import vmsight.qemu.rsp  # noqa: F401
 
     bye, points = read_until_eof(sys.stdin.buffer)
