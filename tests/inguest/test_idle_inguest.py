@@ -215,3 +215,20 @@ def test_tracking_overhead_is_measured() -> None:
     r = p5_mark_read_ratio(mib=32, repeats=1)
     assert r["p5_ratio"] > 0 and r["mark_read_ms_per_gib"] > 0
     print(r, f"{time.monotonic() - t0:.1f}s")
+
+
+@pytest.mark.parametrize("work", [("--mib", "8")], indirect=True)
+def test_cli_live_json_with_page_idle(work: Workload) -> None:
+    """`vmsight idle PID --json`: versioned records; the sleeping workload's 8 MiB reads idle, and its idle age
+    grows by one each interval."""
+    r = subprocess.run([sys.executable, "-m", "vmsight.cli.main", "--json", "idle", str(work.p.pid),
+                        "--interval", "500ms", "--duration", "2s"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    recs = [__import__("json").loads(x) for x in r.stdout.splitlines()]
+    assert recs[0]["backend"] == "page_idle" and "page-granular" in recs[0]["backend_reason"]
+    ivs = [x for x in recs if x["type"] == "interval"]
+    assert len(ivs) >= 3
+    anon = [g for g in ivs[-1]["vmas"] if g["label"] == "[anon]"][0]
+    assert anon["idle_bytes"] >= 8 << 20
+    assert ivs[-1]["idle_age_hist_bytes"]["2"] >= 8 << 20
+    assert ivs[0]["idle_age_hist_bytes"]["2"] == 0
