@@ -28,6 +28,7 @@ from vmsight.idle.backend import (
 )
 from vmsight.idle.errors import AccessDenied, ProcessGone
 from vmsight.idle.kfiles import KernelFiles
+from vmsight.idle.procfs import Process
 from vmsight.idle.result import STATE_DTYPE, IdleSegment, PageState, VmaUsage
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class ClearRefsBackend(Backend):
     def lock_name(self) -> str:
         return f"clear_refs-{self.process.pid}"
 
-    def __init__(self, process, proc, sysfs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, process: Process, proc: KernelFiles, sysfs: KernelFiles) -> None:
         super().__init__(process, proc, sysfs)
         self.mark_time_ns: int | None = None
         self.warnings.append(DISTURBS_RECLAIM)

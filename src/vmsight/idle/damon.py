@@ -39,6 +39,7 @@ from vmsight.idle.backend import (
 from vmsight.idle.errors import AccessDenied, BackendUnavailable
 from vmsight.idle.kfiles import KernelFiles
 from vmsight.idle.lock import default_lock_dir
+from vmsight.idle.procfs import Process
 from vmsight.idle.result import STATE_DTYPE, AccessRegion, IdleSegment, PageState
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class DamonBackend(Backend):
                                "no foreign kdamonds")
         return None
 
-    def __init__(self, process, proc, sysfs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, process: Process, proc: KernelFiles, sysfs: KernelFiles) -> None:
         super().__init__(process, proc, sysfs)
         self.mark_time_ns: int | None = None
         self.start_time_ns: int | None = None

@@ -54,6 +54,7 @@ from vmsight.idle.backend import (
 )
 from vmsight.idle.errors import AccessDenied
 from vmsight.idle.kfiles import KernelFiles
+from vmsight.idle.procfs import Process
 from vmsight.idle.result import STATE_DTYPE, IdleSegment, PageState
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class PageIdleBackend(Backend):
                                "CAP_SYS_ADMIN", "root (CAP_SYS_ADMIN)", permission=True)
         return None
 
-    def __init__(self, process, proc, sysfs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, process: Process, proc: KernelFiles, sysfs: KernelFiles) -> None:
         super().__init__(process, proc, sysfs)
         self._marked: dict[VfnRange, _Scan] = {}
         self._pfn_limit: int | None = None   # first PFN the bitmap does not cover (max_pfn), once seen
