@@ -114,3 +114,35 @@ def test_kernel_thread_and_exit(guest: VmInstance, vm: VM) -> None:
     time.sleep(0.3)
     with pytest.raises(ProcessGone):
         tr.read()
+
+
+def test_cli_idle_on_a_guest_process(guest: VmInstance) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    wl = GuestWorkload(guest, 512)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    cli = [sys.executable, "-m", "vmsight.cli.main", "--vm", guest.dir]
+    try:
+        start, end = wl.addr, wl.addr + wl.size
+        r = subprocess.run(cli + ["--json", "idle", "bitmap", str(wl.pid), "--start", hex(start), "--end", hex(end),
+                                  "--mark", "--wait", "0.3s"], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["backend"] == "guest-pte" and out["offset_bytes"] == (start >> 12) // 64 * 8
+        assert out["words"] == [f"{(1 << 64) - 1:#018x}"] * 8  # 512 untouched pages: every bit idle
+        r = subprocess.run(cli + ["--json", "idle", str(wl.pid), "--interval", "0.5s", "--duration", "1.6s"],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        recs = [json.loads(line) for line in r.stdout.splitlines()]
+        assert recs[0]["backend"] == "guest-pte" and recs[0]["format_version"] == 1
+        intervals = [x for x in recs if x.get("type") == "interval"]
+        assert len(intervals) >= 2 and all("wss_bytes" in x for x in intervals)
+        r = subprocess.run(cli + ["idle", str(wl.pid), "--backend", "clear_refs"], capture_output=True, text=True,
+                           env=env, timeout=60)
+        assert r.returncode == 2 and "guest-pte" in r.stderr
+    finally:
+        wl.stop()

@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from vmsight.errors import VmsightError
@@ -45,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=parse_duration, default=1.0, help="sampling interval (default 1s)")
     p.add_argument("--duration", type=parse_duration, default=None,
                    help="stop after this long (default: until Ctrl-C; record: 30s)")
-    p.add_argument("--backend", default="auto", choices=["auto", "page_idle", "damon", "clear_refs"])
+    p.add_argument("--backend", default="auto", choices=["auto", "page_idle", "damon", "clear_refs", "guest-pte"],
+                   help="auto: the most precise available; with --vm the process is in the VM: guest-pte")
     p.add_argument("--range", dest="ranges", action="append", default=None, metavar="NAME|START-END",
                    help="only this VMA name ([heap], a file path) or gva range (repeatable; default all)")
     p.add_argument("-o", "--output", help="record: output file (JSON lines)")
@@ -89,13 +92,31 @@ def _ranges(args: argparse.Namespace) -> list[Any] | None:
     return out
 
 
+@contextlib.contextmanager
+def _tracker(args: argparse.Namespace, pid: int) -> Iterator[Any]:
+    """A host process (IdleTracker), or with --vm a process inside that VM (GuestIdleTracker)."""
+    if not getattr(args, "vm", None):
+        from vmsight.idle import IdleTracker
+
+        with IdleTracker(pid, args.backend) as t:
+            yield t
+        return
+    if args.backend not in ("auto", "guest-pte"):
+        raise VmsightError(f"--backend {args.backend} runs on the host; a process in a VM (--vm) is tracked "
+                           "through its page tables: --backend guest-pte (or auto)")
+    from vmsight.idle.guest import GuestIdleTracker
+    from vmsight.vm import attach
+
+    with attach(args.vm, gdb=getattr(args, "gdb", None)) as vm, GuestIdleTracker(vm, pid) as t:
+        yield t
+
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f}"
 
 
 # --- live / record ------------------------------------------------------------------------------------------
 def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
-    from vmsight.idle import IdleTracker
     from vmsight.idle.stats import header_record, run_intervals
 
     as_json = getattr(args, "json", False)
@@ -104,7 +125,7 @@ def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
         raise VmsightError("idle record: -o FILE is required")
     out = open(args.output, "w") if record else sys.stdout  # noqa: SIM115 - closed below
     try:
-        with IdleTracker(pid, args.backend) as t:
+        with _tracker(args, pid) as t:
             head = header_record(pid, t.process.comm, t.backend_name, t.reason, t.granularity,
                                  t.backend.approximate, args.interval * 1000)
             if record or as_json:
@@ -261,14 +282,12 @@ def _png_heatmap(mat: Any, labels: list[tuple[int, int]], head: dict[str, Any], 
 
 # --- bitmap -------------------------------------------------------------------------------------------------
 def _bitmap(args: argparse.Namespace, pid: int) -> int:
-    from vmsight.idle import IdleTracker
-
     if args.start is None or args.end is None or args.start >= args.end:
         raise VmsightError("idle bitmap: --start GVA and --end GVA are required, start < end")
     start_vfn = (args.start >> 12) // 64 * 64          # the ABI's offsets are multiples of 8 bytes = 64 pages
     end_page = -(-args.end // 4096)
     end_vfn = -(-end_page // 64) * 64
-    with IdleTracker(pid, args.backend) as t:
+    with _tracker(args, pid) as t:
         rng = [(start_vfn << 12, end_vfn << 12)]
         if args.mark:
             t.mark_idle(rng)

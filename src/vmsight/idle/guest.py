@@ -50,6 +50,11 @@ class GuestIdleTracker:
     :class:`vmsight.idle.IdleTracker`. Raises ProcessNotFound, KernelThread, ProcessGone/PidReused."""
 
     name = BACKEND
+    backend_name = BACKEND
+    granularity = "page"
+    approximate = False
+    reason = ("guest page-table accessed bits, harvested from the host (no guest kernel support needed; "
+              "A bits are given back after each read)")
 
     def __init__(self, vm: VM, pid: int, *, restore_accessed: bool = True,
                  guest: linux.Guest | None = None) -> None:
@@ -64,6 +69,8 @@ class GuestIdleTracker:
                 raise KernelThread(pid, proc.task.comm)
             self.comm = proc.task.comm
             self.start_ns = proc.task.start_boottime_ns
+        self.process = self     # the host tracker's ``process.comm`` / ``backend.approximate``, for reports
+        self.backend = self
         self._marked: list[VfnRange] | None = None
         self._mark_time_ns: int | None = None
         self._cleared: dict[int, int] = {}   # pte_gpa -> entry value we cleared A in
