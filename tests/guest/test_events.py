@@ -321,3 +321,24 @@ def test_cli_trace_exec_json_and_watch(guest: VmInstance, vm: VM, tmp_path: Path
     rec = json.loads(out.splitlines()[0])
     assert rec["event"] == "page_access" and rec["access"] == "w" and rec["length"] == 8
     assert rec["rip_symbol"].startswith(("copy_process", "kernel_clone")) and len(rec["value_hex"]) == 16
+
+
+def test_handler_reply_changes_user_memory(guest: VmInstance, vm: VM) -> None:
+    """A reply with a memory change in the vCPU's own address space: the buffer `echo` passes to write()
+    is rewritten before the kernel copies it."""
+    with Dispatcher(vm) as d:
+        lx = LinuxEvents(d)
+
+        def shout(ev: Any) -> Reply | None:
+            if lx.current(ev).comm != "echo":
+                return None
+            pt_regs = ev.registers()["rdi"]
+            buf, count = ev.read_u64(pt_regs + 104), ev.read_u64(pt_regs + 96)  # si, dx
+            data = ev.read(buf, count)
+            return Reply(memory={buf: data.upper()})
+
+        d.add_breakpoint("__x64_sys_write", shout)
+        bg = Bg(guest, "/bin/echo hello vmsight")
+        collect(d, bg)
+        assert bg.done().text == "HELLO VMSIGHT\n"
+    assert guest.agent.run("/bin/echo hello", timeout=30).check().text == "hello\n"

@@ -426,7 +426,8 @@ class Dispatcher:
                     time.sleep(0.02)
                     continue
                 if not self._running:
-                    self._resume()
+                    with self._io_lock:
+                        self._resume()
                     continue
                 slice_s = _WAIT_SLICE if deadline is None else max(0.0, min(_WAIT_SLICE, deadline - now))
                 try:
@@ -454,7 +455,7 @@ class Dispatcher:
         """Events until ``count`` were seen, ``timeout`` seconds passed with none, :meth:`stop`, or close."""
         n = 0
         while count is None or n < count:
-            if self._closed:
+            if self._closed and not self._pending:
                 return
             ev = self.listen(timeout)
             if ev is None:
@@ -756,6 +757,8 @@ class Dispatcher:
         if not any(isinstance(e, VmLifecycle) and e.what is Lifecycle.SHUTDOWN for e in self._pending):
             self._queue(VmLifecycle(vcpu=-1, what=Lifecycle.SHUTDOWN, data={"reason": why}))
         self._running = False
+        self._bps.clear()      # nothing left to remove: the watchdog need not try
+        self._watches.clear()
         self._finish("closed: the VM is gone", detach=False)
 
     # --- signals and closing -----------------------------------------------------------------------

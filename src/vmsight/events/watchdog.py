@@ -23,6 +23,7 @@ from typing import IO
 log = logging.getLogger(__name__)
 
 CONNECT_DEADLINE_S = 5.0
+_KEEP_UNTIL_EXIT: list[WatchdogClient] = []
 
 
 class WatchdogClient:
@@ -63,22 +64,23 @@ class WatchdogClient:
         self._send(f"{'+' if added else '-'} {kind} {gva:x} {length:x}")
 
     def stop(self, clean: bool) -> None:
-        """``clean``: every point was removed and the VM runs: the watchdog just exits. Otherwise it
-        cleans up as if the parent had died."""
-        if clean:
-            self._send("bye")
+        """``clean``: every point was removed and the VM runs: the watchdog just exits. Otherwise the pipe
+        stays open and the watchdog cleans up once this process is gone (and the gdb socket free)."""
+        if not clean:
+            _KEEP_UNTIL_EXIT.append(self)  # a collected pipe would close: EOF while we still hold the stub
+            return
+        self._send("bye")
         if self._pipe is not None:
             try:
                 self._pipe.close()
             except OSError:
                 pass
             self._pipe = None
-        if clean:
-            try:
-                self.proc.wait(2.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        try:
+            self.proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 # --- the watchdog process ------------------------------------------------------------------------------
