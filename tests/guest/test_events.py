@@ -342,3 +342,13 @@ def test_handler_reply_changes_user_memory(guest: VmInstance, vm: VM) -> None:
         collect(d, bg)
         assert bg.done().text == "HELLO VMSIGHT\n"
     assert guest.agent.run("/bin/echo hello", timeout=30).check().text == "hello\n"
+
+
+@pytest.mark.parametrize("access", ["r", "rw"])
+def test_read_and_access_watch_on_jiffies(guest: VmInstance, vm: VM, access: str) -> None:
+    with Dispatcher(vm) as d:
+        gva = d.kernel.symbol("jiffies_64")  # read by every timer tick and timeout computation
+        w = d.add_watchpoint(gva, 8, access)
+        hits = [e for e in d.events(timeout=10, count=3) if isinstance(e, PageAccess)]
+        assert len(hits) == 3 and all(e.watch_id == w.id and e.access.value == access for e in hits)
+    _alive(guest, vm)
