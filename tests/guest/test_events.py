@@ -181,7 +181,9 @@ def test_gpa_watch_maps_to_kernel_aliases(guest: VmInstance, vm: VM) -> None:
 
 
 def test_pause_and_single_step_know_their_vcpu(guest: VmInstance, vm: VM) -> None:
-    guest.agent.run("(taskset 1 timeout 60 sh -c 'while :; do :; done') >/dev/null 2>&1 & echo", timeout=30).check()
+    # a busy vCPU 0 (a halted one has nothing to step); killed by pid (the agent itself runs under timeout)
+    spin = int(guest.agent.run("taskset 1 sh -c 'while :; do :; done' >/dev/null 2>&1 & echo $!",
+                               timeout=30).check().text)
     try:
         with Dispatcher(vm) as d:
             d.pause_vcpus()
@@ -198,7 +200,7 @@ def test_pause_and_single_step_know_their_vcpu(guest: VmInstance, vm: VM) -> Non
             assert len(steps) == 20 and {e.vcpu for e in steps} == {0}
             assert len({e.rip for e in steps}) > 1
     finally:
-        guest.agent.run("killall timeout; true", timeout=30)
+        guest.agent.run(f"kill {spin}; true", timeout=30)
     _alive(guest, vm)
 
 
