@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import need
+from vmsight.errors import VmsightError
 from vmsight.events import (
     Action,
     ContextSwitch,
@@ -354,3 +355,14 @@ def test_read_and_access_watch_on_jiffies(guest: VmInstance, vm: VM, access: str
         hits = [e for e in d.events(timeout=10, count=3) if isinstance(e, PageAccess)]
         assert len(hits) == 3 and all(e.watch_id == w.id and e.access.value == access for e in hits)
     _alive(guest, vm)
+
+
+def test_one_dispatcher_per_vm(vm: VM) -> None:
+    with Dispatcher(vm, supervise=False) as d:
+        with pytest.raises(VmsightError, match="already has an open event dispatcher"):
+            Dispatcher(vm, supervise=False)
+        d.add_breakpoint("do_exit")
+    with Dispatcher(vm, supervise=False) as d2:  # the first one closed: a new one may run
+        assert d2.listen(0.2) is None  # no breakpoints: nothing to report
+        assert not d._bps and not d2._bps
+    assert vm.status() == "running"

@@ -170,7 +170,10 @@ class Dispatcher:
 
     def __init__(self, vm: VM, *, kernel: Kernel | None = None, supervise: bool = True,
                  handle_signals: bool = True) -> None:
-        self.vm = vm
+        if any(other.vm is vm and not other._closed for other in _live_dispatchers()):
+            raise VmsightError("this VM already has an open event dispatcher: the gdbstub serves one "
+                               "run loop; close it first")
+        self.vm: VM = vm
         self._kernel = kernel
         self._stub: GdbStub = vm.gdb
         self._ids = itertools.count(1)
@@ -747,6 +750,9 @@ class Dispatcher:
             if msg is None:
                 return
             what = _QMP_LIFECYCLE.get(str(msg.get("event")))
+            if what is Lifecycle.RESET and not force and self._bps:
+                log.warning("guest reset: breakpoints stay at their gvas, which the rebooted kernel may not "
+                            "use (KASLR): register them again once it is up")
             if what is not None and not force:
                 self._queue(VmLifecycle(vcpu=-1, what=what, data=dict(msg.get("data") or {})))
 
@@ -873,6 +879,10 @@ def _norm_thread(t: str) -> str:
 
 
 _open_dispatchers: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+
+
+def _live_dispatchers() -> list[Dispatcher]:
+    return list(_open_dispatchers)
 
 
 @atexit.register
