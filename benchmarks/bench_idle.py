@@ -220,8 +220,7 @@ def run_in_guest() -> dict[str, Any]:
 
     kernel = subprocess.run([str(ROOT / "guest" / "build-idle-kernel.sh")], capture_output=True, text=True,
                             check=True).stdout.strip()
-    cfg = LaunchConfig(kernel=kernel, memory="1G", smp=2, host_root=True, gdb=False,
-                       extra_args=["-cpu", "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"])
+    cfg = LaunchConfig(kernel=kernel, memory="1G", smp=2, host_root=True, gdb=False)
     with tempfile.TemporaryDirectory(prefix="vmsight-bench-idle-") as d, launch(cfg, d) as vm:
         r = vm.agent.run(f"cd {ROOT} && .venv/bin/python -m benchmarks.bench_idle --here", timeout=1500,
                          root="host")

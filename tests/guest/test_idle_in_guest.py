@@ -16,9 +16,7 @@ from vmsight.qemu.launch import LaunchConfig, VmInstance, launch
 pytestmark = pytest.mark.guest
 
 ROOT = Path(__file__).resolve().parents[2]
-# numpy's wheels need x86-64-v2 (SSE4.2, POPCNT); TCG's default qemu64 CPU lacks them ("Illegal instruction").
 # Staying close to qemu64 keeps the TLB behaviour FIELD-NOTES measured (no PCID, 4-level paging).
-CPU = ["-cpu", "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"]
 
 
 def idle_kernel() -> Path:
@@ -32,7 +30,7 @@ def idle_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmInstance]
     need(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 not installed")
     k = idle_kernel()
     need(k.is_file(), f"idle-tracking kernel not built: run guest/build-idle-kernel.sh (expects {k})")
-    cfg = LaunchConfig(kernel=str(k), memory="1G", smp=2, host_root=True, gdb=False, extra_args=CPU)
+    cfg = LaunchConfig(kernel=str(k), memory="1G", smp=2, host_root=True, gdb=False)  # the launcher gives TCG an x86-64-v2 CPU (numpy)
     with launch(cfg, tmp_path_factory.mktemp("idle-vm")) as vm:
         yield vm
 

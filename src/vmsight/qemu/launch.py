@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 QEMU = os.environ.get("VMSIGHT_QEMU", "qemu-system-x86_64")
 _PR_SET_PDEATHSIG = 1
 _SOCK_MAX = 100  # sun_path is 108 bytes
+TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"
 
 
 def parse_size(text: str) -> int:
@@ -54,6 +55,7 @@ class LaunchConfig:
     gdb: bool = True                 # -gdb socket (run control); without it one can be added at runtime
     ram_backend: str = "file"        # file (shared /dev/shm file) | memfd (shared memfd) | anonymous (QEMU default)
     guest_files: dict[str, str] = field(default_factory=dict)  # guest path -> host file, added to the initramfs
+    cpu: str | None = None           # -cpu; default: host under KVM, an x86-64-v2 qemu64 under TCG
     extra_args: list[str] = field(default_factory=list)
     boot_timeout: float = 180.0
 
@@ -173,8 +175,8 @@ def qemu_command(cfg: LaunchConfig, *, kernel: Path, initrd: Path, accel: str, r
         cmd += ["-object", f"memory-backend-memfd,id=mem,size={ram_size},share=on"]
     elif cfg.ram_backend != "anonymous":
         raise VmsightError(f"unknown ram_backend {cfg.ram_backend!r}: file, memfd or anonymous")
-    if accel == "kvm":
-        cmd += ["-cpu", "host"]
+    # TCG's default qemu64 lacks SSE4.2/POPCNT (x86-64-v2): the host's numpy dies with SIGILL in host_root guests.
+    cmd += ["-cpu", cfg.cpu or ("host" if accel == "kvm" else TCG_CPU)]
     if cfg.gdb:
         cmd += ["-gdb", f"unix:{socks['gdb']},server=on,wait=off"]
     if cfg.host_root:
