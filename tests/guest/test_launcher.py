@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import need
 from vmsight.qemu.kernels import cached_kernel
+from vmsight.qemu.launch import reap_stale_ram_files
 
 pytestmark = pytest.mark.guest
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -46,7 +47,10 @@ def test_qemu_dies_with_a_killed_parent(tmp_path: Path) -> None:
     while _alive(int(qemu_pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(int(qemu_pid)), "QEMU outlived its killed parent"
-    Path(ram_file).unlink(missing_ok=True)  # the RAM file is the parent's to remove; it could not
+    # The parent could not remove its RAM file; the next launch reaps files nobody maps any more.
+    os.utime(ram_file, (time.time() - 60, time.time() - 60))
+    assert ram_file in reap_stale_ram_files()
+    assert not Path(ram_file).exists()
 
 
 def test_cli_launch_exec_stop(tmp_path: Path) -> None:

@@ -184,6 +184,31 @@ def qemu_command(cfg: LaunchConfig, *, kernel: Path, initrd: Path, accel: str, r
     return cmd + list(cfg.extra_args)
 
 
+def reap_stale_ram_files(shm: str = "/dev/shm", min_age_s: float = 10.0) -> list[str]:
+    """Remove our guests' RAM files that no process maps any more. A launcher killed with SIGKILL takes
+    its QEMU with it (PR_SET_PDEATHSIG) but cannot remove the file; the next launch does."""
+    candidates = [p for p in Path(shm).glob("vmsight-*.ram") if time.time() - p.stat().st_mtime > min_age_s]
+    if not candidates:
+        return []
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        if "/vmsight-" in text:
+            mapped.update(line.split(None, 5)[-1].removesuffix(" (deleted)") for line in text.splitlines()
+                          if "/vmsight-" in line)
+    removed = []
+    for p in candidates:
+        if str(p) not in mapped:
+            p.unlink(missing_ok=True)
+            removed.append(str(p))
+    if removed:
+        log.info("removed %d stale guest RAM file(s): %s", len(removed), ", ".join(removed))
+    return removed
+
+
 def launch(cfg: LaunchConfig, directory: str | os.PathLike[str], *, detach: bool = False) -> VmInstance:
     """Start a guest and return once its agent answers. With ``detach`` QEMU outlives this process
     (``vmsight vm launch --detach``); otherwise it dies with it."""
@@ -196,6 +221,7 @@ def launch(cfg: LaunchConfig, directory: str | os.PathLike[str], *, detach: bool
         prev = load(d)
         if prev.alive():
             raise VmsightError(f"{d} already holds a running VM (pid {prev.pid}): `vmsight vm stop --dir {d}` first")
+    reap_stale_ram_files()
     kernel = kernel_path(cfg.kernel)
     initrd = Path(cfg.initrd) if cfg.initrd else build_initramfs()
     if cfg.guest_files:
