@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: system packages (apt), the project's venv, and guest kernels in ~/.cache/vmsight.
-# Usage: scripts/setup.sh [--no-kernels]
+# Usage: scripts/setup.sh [--no-kernels | --test]   (--test also builds the idle-tracking test kernel, once)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -36,4 +36,9 @@ if [ "${1:-}" != "--no-kernels" ]; then
     [ "$(id -u)" -eq 0 ] && apt-get update -qq
     .venv/bin/python -m vmsight.qemu.kernels fetch debian-6.1 debian-6.12
   fi
+fi
+
+if [ "${1:-}" = "--test" ]; then
+  # The idle-tracking guest kernel (page_idle, DAMON, zram, 9p): ~5 min on 2 idle cores the first time, then cached.
+  guest/build-idle-kernel.sh >/dev/null
 fi
