@@ -29,7 +29,13 @@ def main(argv: list[str]) -> int:
         print(f"== {name} ({time.monotonic() - t:.1f} s)")
         for k, v in res.items():
             print(f"  {k:<48} {v:.4g}" if isinstance(v, float) else f"  {k:<48} {v}")
-    Path("benchmarks/last-results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # Merge, so that running one benchmark keeps the others' last numbers.
+    out = Path(__file__).parent / "last-results.json"
+    try:
+        previous = json.loads(out.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    out.write_text(json.dumps({**previous, **results}, indent=2) + "\n")
     return 0
 
 
