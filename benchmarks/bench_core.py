@@ -8,22 +8,13 @@ from __future__ import annotations
 
 import mmap
 import tempfile
-import time
 
 import numpy as np
 
+from benchmarks.timing import best_of
 from vmsight.memory.paging import translate, walk_range
 from vmsight.qemu.launch import LaunchConfig, launch
 from vmsight.vm import attach
-
-
-def _best(fn, repeat: int = 5) -> float:  # type: ignore[no-untyped-def]
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def run() -> dict[str, float]:
@@ -41,8 +32,8 @@ def run() -> dict[str, float]:
                     vm.phys.read_into(r.gpa, memoryview(dst)[pos:pos + r.size])  # type: ignore[attr-defined]
                     pos += r.size
 
-            t_vm = _best(read_all)
-            t_np = _best(lambda: np.copyto(dst, src))
+            t_vm = best_of(read_all)
+            t_np = best_of(lambda: np.copyto(dst, src))
             # Guest RAM is a shared file mapping: 4 KiB pages (shmem THP is off on most hosts), while a
             # local numpy buffer gets transparent huge pages. On a virtualised host the TLB misses of 4 KiB
             # pages alone cost ~3x (measured), so also compare with a local buffer on 4 KiB pages.
@@ -50,7 +41,7 @@ def run() -> dict[str, float]:
             small.madvise(mmap.MADV_NOHUGEPAGE)
             src4k = np.frombuffer(small, dtype=np.uint8)
             src4k[:] = 1
-            t_np4k = _best(lambda: np.copyto(dst, src4k))
+            t_np4k = best_of(lambda: np.copyto(dst, src4k))
             out["P1 guest RAM read GB/s"] = size / t_vm / 1e9
             out["P1 numpy copy GB/s (baseline, THP buffer)"] = size / t_np / 1e9
             out["P1 ratio (target >= 0.8)"] = t_np / t_vm
@@ -67,12 +58,12 @@ def run() -> dict[str, float]:
             for g in gvas:
                 space.read(g, 8)  # warm the translation cache
             n = 20
-            t_gva = _best(lambda: [space.read(g, 8) for _ in range(n) for g in gvas]) / (n * len(gvas))
-            t_gpa = _best(lambda: [vm.phys.read_gpa(p, 8) for _ in range(n) for p in gpas]) / (n * len(gpas))
+            t_gva = best_of(lambda: [space.read(g, 8) for _ in range(n) for g in gvas]) / (n * len(gvas))
+            t_gpa = best_of(lambda: [vm.phys.read_gpa(p, 8) for _ in range(n) for p in gpas]) / (n * len(gpas))
             out["P2 warm 8-byte gva read us"] = t_gva * 1e6
             out["P2 8-byte gpa read us (baseline)"] = t_gpa * 1e6
             out["P2 ratio (target <= 1.5)"] = t_gva / t_gpa
-            t_cold = _best(lambda: [translate(vm.phys, cr3, g) for g in gvas]) / len(gvas)
+            t_cold = best_of(lambda: [translate(vm.phys, cr3, g) for g in gvas]) / len(gvas)
             out["P2 cold 4-level walk us (target <= 10)"] = t_cold * 1e6
             out["4 KiB kernel pages sampled"] = float(len(gvas))
     return out

@@ -7,10 +7,9 @@ best of several runs (the machine is shared)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.timing import best_of
 from vmsight.linux import kallsyms as K
 from vmsight.linux.btf import Btf
 from vmsight.linux.vmlinux import elf_sections, vmlinux_from_bzimage
@@ -20,14 +19,6 @@ BOOT = Path.home() / ".cache/vmsight/debs/x/boot"
 KERNELS = {"6.1": "vmlinuz-6.1.0-*-cloud-amd64", "6.12": "vmlinuz-6.12.*+deb12-amd64"}
 FETCHED = {"6.1": "linux-image-6.1.*-cloud-amd64/vmlinuz", "6.12": "linux-image-6.12.*+deb12-amd64/vmlinuz"}
 
-
-def _best(fn: Callable[[], object], repeat: int = 5) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def _bench_kernel(version: str, image: Path) -> dict[str, float | int | str]:
@@ -50,22 +41,22 @@ def _bench_kernel(version: str, image: Path) -> dict[str, float | int | str]:
     ks = K.find_kallsyms(rodata)
     out[f"{version}_symbols"] = len(ks)
     out[f"{version}_kallsyms_layout"] = layout.order
-    out[f"{version}_kallsyms_scan_s"] = _best(lambda: next(K.find_token_tables(rodata)))
-    out[f"{version}_kallsyms_layout_detect_s"] = _best(lambda: K.detect_layout(rodata, tt))
-    out[f"{version}_kallsyms_decode_cold_s"] = _best(cold)
-    out[f"{version}_kallsyms_decode_warm_s"] = _best(lambda: K.decode_kallsyms(rodata, tt, layout))
-    out[f"{version}_kallsyms_end_to_end_cold_s"] = _best(end_to_end)
+    out[f"{version}_kallsyms_scan_s"] = best_of(lambda: next(K.find_token_tables(rodata)))
+    out[f"{version}_kallsyms_layout_detect_s"] = best_of(lambda: K.detect_layout(rodata, tt))
+    out[f"{version}_kallsyms_decode_cold_s"] = best_of(cold)
+    out[f"{version}_kallsyms_decode_warm_s"] = best_of(lambda: K.decode_kallsyms(rodata, tt, layout))
+    out[f"{version}_kallsyms_end_to_end_cold_s"] = best_of(end_to_end)
     # 1000 lookups timed, reported per lookup in microseconds.
-    out[f"{version}_lookup_us"] = _best(lambda: [ks.lookup(ks.relative_base + i) for i in range(1000)]) * 1e3
+    out[f"{version}_lookup_us"] = best_of(lambda: [ks.lookup(ks.relative_base + i) for i in range(1000)]) * 1e3
 
     b = secs[".BTF"]
     raw = elf[b.offset:b.offset + b.size]
     btf = Btf(raw)
     out[f"{version}_btf_types"] = len(btf)
     out[f"{version}_btf_bytes"] = len(raw)
-    out[f"{version}_btf_index_s"] = _best(lambda: Btf(raw))
-    out[f"{version}_btf_index_plus_names_s"] = _best(lambda: Btf(raw).find("task_struct"))
-    out[f"{version}_btf_first_member_lookup_s"] = _best(lambda: Btf(raw).member_offset("mm_struct", "pgd"))
+    out[f"{version}_btf_index_s"] = best_of(lambda: Btf(raw))
+    out[f"{version}_btf_index_plus_names_s"] = best_of(lambda: Btf(raw).find("task_struct"))
+    out[f"{version}_btf_first_member_lookup_s"] = best_of(lambda: Btf(raw).member_offset("mm_struct", "pgd"))
     out[f"{version}_mm_struct_pgd_offset"] = btf.member_offset("mm_struct", "pgd")
     return out
 
