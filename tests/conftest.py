@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from vmsight.qemu.initramfs import build_workload
 from vmsight.qemu.kernels import cached_kernel
 from vmsight.qemu.launch import LaunchConfig, VmInstance, launch
+from vmsight.qemu.qmp import Qmp
 from vmsight.vm import VM, attach
 
 # tests/inguest runs inside the idle-tracking guest (driven by tests/guest/test_idle_in_guest.py); on a host
@@ -53,12 +55,24 @@ def guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     yield from _boot(tmp_path_factory, request.param)
 
 
+def _status(guest: VmInstance) -> str:
+    with Qmp(guest.qmp) as q:
+        return q.status()
+
+
 @pytest.fixture()
-def vm(guest: VmInstance) -> Iterator[VM]:
-    """vmsight attached to ``guest``; detached (VM left running) after the test."""
+def vm(guest: VmInstance, request: pytest.FixtureRequest) -> Iterator[VM]:
+    """vmsight attached to ``guest``; detached after the test, which must leave the VM running (a VM left
+    paused would hang the next test's guest agent, far from the culprit)."""
+    status = _status(guest)
+    assert status == "running", f"the guest was left {status} by an earlier test (before {request.node.name})"
     with attach(guest.dir) as v:
         yield v
     assert guest.alive()
+    deadline = time.monotonic() + 2.0
+    while (status := _status(guest)) != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert status == "running", f"{request.node.name} left the guest {status}"
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,9 +81,14 @@ def test_second_gdb_client(guest: VmInstance) -> None:
             assert guest.gdb
             with pytest.raises(GdbStubError, match="another debugger"):
                 GdbStub(guest.gdb, timeout=1.0)
-    # The refused client queued a connection; QEMU accepts it once we leave and pauses the VM.
-    # Our next attach must still find and leave a running VM.
+    # The refused client's connection stayed queued: QEMU accepts it once we detach, which stops the VM
+    # (CHR_EVENT_OPENED), then sees it closed. Wait for that to happen, then resume, so no later test
+    # inherits a paused VM.
     with attach(guest.dir) as vm:
+        deadline = time.monotonic() + 5
+        while vm.status() == "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert vm.status() != "running", "expected QEMU to stop the VM for the queued connection"
         vm.resume()
         assert vm.status() == "running"
     assert guest.agent.run("true", timeout=20).rc == 0

@@ -122,7 +122,9 @@ class GdbStub:
         except TimeoutError:
             self._sock.close()
             raise GdbStubError(f"gdbstub at {address} does not answer: another debugger is attached "
-                               "(QEMU's stub serves one client; detach it first)") from None
+                               "(QEMU's stub serves one client; detach it first). QEMU keeps this attempt "
+                               "queued and will stop the VM when the other debugger leaves: resume it then "
+                               "(QMP cont)") from None
         self.multiprocess = "multiprocess+" in self.features
         self.registers = self._fetch_target_description()
         self.g_size = sum(r.bitsize // 8 for r in self.registers)
