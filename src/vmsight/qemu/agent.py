@@ -95,7 +95,9 @@ class GuestAgent:
         filesystem (guests launched with ``host_root=True``). The guest kills it after ``timeout`` s."""
         n = next(self._ids)
         payload = base64.b64encode(command.encode()).decode()
-        self._sock.sendall(f"RUN {n} {root or '-'} {max(1, int(timeout))} {payload}\n".encode())
+        # The leading newline ends any partial line left by an earlier, interrupted exchange: the agent
+        # ignores an empty or unknown line instead of gluing it to this command.
+        self._sock.sendall(f"\nRUN {n} {root or '-'} {max(1, int(timeout))} {payload}\n".encode())
         deadline = time.monotonic() + timeout + 10.0
         out: list[bytes] = []
         err: list[bytes] = []
