@@ -8,4 +8,4 @@ export PYTHONUNBUFFERED=1
 [ "${CI:-}" = "true" ] && export VMSIGHT_REQUIRE_ALL=1
 # A guest-agent timeout (serial line to the busybox guest) is retried once and reported as a rerun (R):
 # a rare lost line on the emulated UART under heavy TCG load is not what these tests test.
-exec .venv/bin/pytest -p no:cacheprovider -q --reruns 1 --only-rerun GuestAgentError "$@" tests
+exec .venv/bin/pytest -p no:cacheprovider -q -rR --reruns 1 --only-rerun GuestAgentError "$@" tests

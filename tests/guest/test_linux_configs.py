@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import _boot
+from tests.guest.workload import norm_maps
 from vmsight.linux import Guest, processes
 from vmsight.linux.kernel import DEFAULT_TEXT_GPA, DEFAULT_TEXT_GVA, discover, discover_in_memory
 from vmsight.linux.mm import task_vmas
@@ -28,15 +29,6 @@ def special(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     for inst in _boot(tmp_path_factory, kernel, append=append):
         inst.agent.run("sleep 2001 >/dev/null 2>&1 &").check()
         yield request.param, inst
-
-
-def norm_maps(text: str) -> list[tuple[int, int, str, int, str]]:
-    out = []
-    for line in text.splitlines():
-        f = line.split(None, 5)
-        start, end = (int(x, 16) for x in f[0].split("-"))
-        out.append((start, end, f[1], int(f[2], 16), f[5].strip() if len(f) > 5 else ""))
-    return out
 
 
 def test_discovery_and_processes(special: tuple[str, VmInstance], tmp_path: Path,

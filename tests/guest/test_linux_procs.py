@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import need
+from tests.guest.workload import norm_maps
 from vmsight.linux import Guest, find_task, for_each_process, for_each_task, kernel_of, processes
 from vmsight.linux.mm import task_vmas
 from vmsight.qemu.launch import VmInstance
@@ -158,15 +159,6 @@ def test_threads_match_proc_task(guest: VmInstance, vm: VM, tmp_path: Path) -> N
             assert [t.pid for t in for_each_process(k) if t.tgid == pid] == [pid]
     finally:
         guest.agent.run(f"kill {pid}")
-
-
-def norm_maps(text: str) -> list[tuple[int, int, str, int, str]]:
-    out = []
-    for line in text.splitlines():
-        f = line.split(None, 5)
-        start, end = (int(x, 16) for x in f[0].split("-"))
-        out.append((start, end, f[1], int(f[2], 16), f[5].strip() if len(f) > 5 else ""))
-    return out
 
 
 def test_maps_match_proc(guest: VmInstance, vm: VM, workload: dict[str, int]) -> None:

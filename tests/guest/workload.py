@@ -10,6 +10,16 @@ from vmsight.qemu.launch import VmInstance
 _ids = itertools.count(1)
 
 
+def norm_maps(text: str) -> list[tuple[int, int, str, int, str]]:
+    """/proc/PID/maps lines as (start, end, perms, offset, path), for comparing with vmsight's VMAs."""
+    out = []
+    for line in text.splitlines():
+        f = line.split(None, 5)
+        start, end = (int(x, 16) for x in f[0].split("-"))
+        out.append((start, end, f[1], int(f[2], 16), f[5].strip() if len(f) > 5 else ""))
+    return out
+
+
 class GuestWorkload:
     """A guest process with PAGES pages mapped at ``addr``; ``touch`` writes a byte in chosen pages."""
 

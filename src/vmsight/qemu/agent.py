@@ -14,6 +14,8 @@ from vmsight.errors import GuestAgentError
 
 log = logging.getLogger(__name__)
 
+NUDGE_S = 1.0  # send an empty line after this long without a reply
+
 
 @dataclass(frozen=True)
 class AgentResult:
@@ -104,7 +106,15 @@ class GuestAgent:
         sink: list[bytes] | None = None
         try:
             while True:
-                line = self._readline(deadline)
+                try:
+                    line = self._readline(min(deadline, time.monotonic() + NUDGE_S))
+                except TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    # Silence: nudge the line. Seen under TCG: the tail of a request (< the UART's FIFO
+                    # trigger level) sits unread until more bytes arrive; the agent ignores empty lines.
+                    self._sock.sendall(b"\n")
+                    continue
                 if line == f"BEGIN {n}".encode():
                     sink = out
                 elif line == f"STDERR {n}".encode():
