@@ -239,3 +239,61 @@ def test_words_match_an_independent_encoding(env) -> None:  # type: ignore[no-un
         if i not in touched:
             expect[i // 8] |= 1 << (i % 8)   # little-endian u64 words == byte-wise bit order
     assert snap.words(VFN0, VFN0 + N).astype("<u8").tobytes() == bytes(expect)
+
+
+def _written_pfns(sysfs: FakePageIdleSys) -> set[int]:
+    out = set()
+    for off, data in sysfs.writes:
+        for i, (w,) in enumerate(struct.iter_unpack("<Q", data)):
+            out.update((off // 8 + i) * 64 + b for b in range(64) if w >> b & 1)
+    return out
+
+
+def test_read_and_mark_rewrites_only_what_was_not_idle(env) -> None:  # type: ignore[no-untyped-def]
+    proc, sysfs, pfns, kflags = env
+    rng = [(BASE, BASE + N * 4096)]
+    with tracker(proc, sysfs) as t:
+        t.mark_idle(rng)
+        for i in (1, 2, 70):
+            sysfs.access(pfns[VFN0 + i])
+        entries = {v: present(p) for v, p in pfns.items()}
+        entries[VFN0 + 9] = present(0x9000)               # migrated during the interval: a new frame
+        kflags[0x9000] = LRU
+        proc.set_kpageflags(kflags)
+        proc.set_pagemap(entries)
+        sysfs.writes.clear()
+        snap1 = t.read_and_mark(rng)
+        # the read's verdicts are those of a plain read...
+        assert set((snap1.pages(PageState.TRACKED, idle=False) - VFN0).tolist()) == {1, 2, 70}
+        assert PageState.CHANGED in snap1.state_of(BASE + 9 * 4096)
+        # ...and the re-mark wrote only the accessed pages and the new frame, not the 252 still marked
+        assert _written_pfns(sysfs) == {pfns[VFN0 + 1], pfns[VFN0 + 2], pfns[VFN0 + 70], 0x9000}
+        assert sysfs.idle >= set(pfns.values()) | {0x9000}
+        for _ in range(3):                               # rounds of read_and_mark agree with the truth
+            touched = set(np.random.default_rng(len(sysfs.writes)).choice(N, 17, replace=False).tolist())
+            for i in touched:
+                sysfs.access(entries[VFN0 + i] & ((1 << 55) - 1))
+            snap = t.read_and_mark(rng)
+            assert set((snap.pages(PageState.TRACKED, idle=False) - VFN0).tolist()) == touched
+        assert t.read().count(PageState.TRACKED, idle=False) == 0
+
+
+def test_read_and_mark_of_an_untouched_thp_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMSIGHT_LOCK_DIR", lock_dir(tmp_path))
+    proc = FakeProc(tmp_path / "proc")
+    base = 0x40000000
+    proc.set_maps([(base, base + (2 << 20), "rw-p", "")])
+    head = 0x2000
+    proc.set_pagemap({(base >> 12) + i: present(head + i) for i in range(512)})
+    kflags = thp_flags(head)
+    proc.set_kpageflags(kflags)
+    sysfs = FakePageIdleSys(tmp_path / "sys", kflags)
+    with IdleTracker(proc.pid, "page_idle", proc=proc, sysfs=sysfs) as t:
+        t.mark_idle()
+        sysfs.writes.clear()
+        assert t.read_and_mark().count(PageState.TRACKED, idle=True) == 512
+        assert sysfs.writes == []
+        sysfs.access(head)                              # the folio is touched
+        assert t.read_and_mark().count(PageState.TRACKED, idle=False) == 512
+        assert _written_pfns(sysfs) == {head}
+        assert t.read().count(PageState.TRACKED, idle=True) == 512

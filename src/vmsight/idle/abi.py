@@ -49,7 +49,7 @@ BoolArray = npt.NDArray[np.bool_]
 
 def bit(flags: U64, n: int) -> BoolArray:
     """Boolean array: bit ``n`` of each u64 in ``flags``."""
-    return ((flags >> np.uint64(n)) & np.uint64(1)).astype(bool)
+    return (flags & np.uint64(1 << n)) != 0
 
 
 def has(entries: U64, mask: int) -> BoolArray:
@@ -88,44 +88,6 @@ def word_runs(words: npt.NDArray[np.int64], max_gap: int = 8, max_len: int = WOR
             runs.append((first, n))
             first += n
     return runs
-
-
-def sorted_unique(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """np.unique for u64 via one sort (numpy's hash-based unique is several times slower here)."""
-    v = np.sort(np.asarray(values, dtype=np.uint64))
-    if len(v) < 2:
-        return v
-    keep = np.empty(len(v), bool)
-    keep[0] = True
-    np.not_equal(v[1:], v[:-1], out=keep[1:])
-    return v[keep]
-
-
-def pfn_bitmap_words(pfns: U64) -> tuple[npt.NDArray[np.int64], U64]:
-    """Words of a PFN-indexed bitmap with exactly ``pfns`` set: (sorted word indices, word values).
-    Word ``pfn // 64`` bit ``pfn % 64`` — the layout of both page_idle bitmaps."""
-    if len(pfns) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
-    p = sorted_unique(pfns)
-    widx = (p >> np.uint64(6)).astype(np.int64)
-    bits = np.left_shift(np.uint64(1), p & np.uint64(63))
-    starts = np.concatenate(([0], np.nonzero(np.diff(widx))[0] + 1))
-    # distinct pfns have distinct bits within a word, so OR == sum; reduceat avoids the slow ufunc.at
-    vals = np.bitwise_or.reduceat(bits, starts).astype(np.uint64)
-    return widx[starts], vals
-
-
-def bits_at(word_index: npt.NDArray[np.int64], word_values: U64, pfns: U64) -> BoolArray:
-    """For each pfn, its bit in a sparse bitmap given as sorted ``word_index`` -> ``word_values``
-    (missing words read 0)."""
-    if len(pfns) == 0:
-        return np.zeros(0, bool)
-    w = (pfns >> np.uint64(6)).astype(np.int64)
-    pos = np.searchsorted(word_index, w)
-    pos_c = np.minimum(pos, max(len(word_index) - 1, 0))
-    found = (len(word_index) > 0) & (word_index[pos_c] == w) if len(word_index) else np.zeros(len(w), bool)
-    vals = np.where(found, word_values[pos_c] if len(word_values) else np.uint64(0), np.uint64(0)).astype(np.uint64)
-    return ((vals >> (pfns & np.uint64(63))) & np.uint64(1)).astype(bool)
 
 
 def pack_bits(flags: BoolArray) -> U64:

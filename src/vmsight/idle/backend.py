@@ -71,6 +71,13 @@ class Backend:
         """Per-page data for ``ranges`` and backend extras (``usage``, ``regions``, ``warnings``...)."""
         raise NotImplementedError
 
+    def read_and_mark(self, ranges: list[VfnRange], next_ranges: list[VfnRange]
+                      ) -> tuple[list[IdleSegment], dict[str, object]]:
+        """``read(ranges)`` then ``mark(next_ranges)``; backends that can do it cheaper override this."""
+        out = self.read(ranges)
+        self.mark(next_ranges)
+        return out
+
     def close(self) -> None:
         pass
 

@@ -145,6 +145,12 @@ class GuestIdleTracker:
             approximate=False, segments=segments, vmas=in_range, usage=usage_from_segments(in_range, segments),
             read_time_ns=now_ns(), mark_time_ns=self._mark_time_ns, known=KNOWN, warnings=warnings)
 
+    def read_and_mark(self, ranges: Ranges = None) -> IdleSnapshot:
+        """``read()`` then ``mark_idle(ranges)``: end this interval and start the next."""
+        snap = self.read()
+        self.mark_idle(ranges)
+        return snap
+
     def _restore(self, leaves: list[LeafMapping]) -> None:
         """Give the guest back the A bits we took, where the entry still maps the same frame."""
         phys = self.vm.phys

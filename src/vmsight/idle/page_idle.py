@@ -33,13 +33,13 @@ from vmsight.idle.abi import (
     PM_PRESENT,
     PM_SWAP,
     U64,
+    WORD_BITS,
     WORD_BYTES,
     bit,
-    bits_at,
     has,
+    pack_bits,
     pagemap_pfn,
-    pfn_bitmap_words,
-    sorted_unique,
+    unpack_bits,
     word_runs,
 )
 from vmsight.idle.backend import (
@@ -61,8 +61,8 @@ log = logging.getLogger(__name__)
 
 BITMAP = "kernel/mm/page_idle/bitmap"
 KPAGEFLAGS = "kpageflags"
-KPF_CHUNK = 1 << 16            # kpageflags entries per pread
-KPF_GAP = 256                  # read up to 2 KiB of unneeded kpageflags rather than make another call
+KPF_RUN_WORDS = 1024           # blocks per kpageflags pread (512 KiB)
+KPF_GAP_WORDS = 4              # read up to 2 KiB of unneeded kpageflags rather than make another call
 HEAD_WINDOW = 512              # a tail's head lies within its naturally aligned folio (<= PMD order for THP)
 READ_GAP_WORDS = 4             # bitmap words between needed ones that may be read along (each costs 64 lookups)
 WRITE_GAP_WORDS = 16           # zero words written along are ignored by the kernel (cheap)
@@ -70,18 +70,89 @@ WRITE_GAP_WORDS = 16           # zero words written along are ignored by the ker
 KNOWN = (PageState.PRESENT | PageState.SWAPPED | PageState.FILE | PageState.EXCLUSIVE | PageState.HUGE
          | PageState.SOFT_DIRTY | PageState.TRACKED | PageState.CHANGED | PageState.ZERO_PAGE | PageState.NEW)
 
+I64 = npt.NDArray[np.int64]
+
+
+class _Frames:
+    """The frames a scan looked at, held as whole 64-PFN blocks: block ``w`` is PFNs [64w, 64w + 64), i.e.
+    page_idle bitmap word ``w`` and 512 bytes of kpageflags. A PFN's data sits at its *slot*
+    (position of its block * 64 + pfn % 64), so mark and read index flat arrays instead of sorting and
+    searching PFNs (sorts and binary searches dominated the cost under emulation)."""
+
+    def __init__(self, words: I64, flags: U64) -> None:
+        self.words = words          # sorted, unique block indices
+        self.flags = flags          # kpageflags, 64 per block
+        self._w0 = int(words[0]) if len(words) else 0
+        self._slot = np.full(int(words[-1]) - self._w0 + 1 if len(words) else 0, -1, np.int64)
+        self._slot[words - self._w0] = np.arange(len(words), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.flags)
+
+    def slots(self, pfns: U64) -> I64:
+        """Slot of each PFN, -1 where its block was not read."""
+        if len(pfns) == 0:
+            return np.zeros(0, np.int64)
+        w = (pfns >> np.uint64(6)).astype(np.int64)
+        w -= self._w0
+        low = pfns.astype(np.int64) & 63
+        if w.min() >= 0 and w.max() < len(self._slot):
+            s = self._slot[w]
+            if s.min() >= 0:                       # the common case: every block was read
+                s *= WORD_BITS
+                s += low
+                return s
+        ok = (w >= 0) & (w < len(self._slot))
+        out = np.full(len(pfns), -1, np.int64)
+        s = self._slot[w[ok]]
+        out[ok] = np.where(s >= 0, s * WORD_BITS + low[ok], -1)
+        return out
+
+    def pfns(self, slots: I64) -> U64:
+        return (self.words[slots >> 6] * WORD_BITS + (slots & 63)).astype(np.uint64)
+
+    def head_slots(self, tail_slots: I64) -> I64:
+        """Slot of each tail page's head: the nearest COMPOUND_HEAD at or below it in the same aligned
+        512-page window (folios are naturally aligned), -1 if none (e.g. a hugetlb page above PMD size).
+        Needs every block from the window start to the tail read (``_frames`` makes sure)."""
+        idx = np.arange(len(self.flags), dtype=np.int64)
+        last = np.maximum.accumulate(np.where(bit(self.flags, KPF_COMPOUND_HEAD), idx, -1))
+        h = last[tail_slots]
+        ok = h >= 0
+        same = np.zeros(len(h), bool)
+        same[ok] = (self.pfns(h[ok]) // HEAD_WINDOW) == (self.pfns(tail_slots[ok]) // HEAD_WINDOW)
+        return np.where(same, h, -1)
+
 
 @dataclass
 class _Scan:
-    """pagemap + kpageflags view of [lo, hi) at one moment."""
+    """pagemap + kpageflags view of some vfn ranges at one moment, the ranges' pages concatenated."""
 
-    lo: int
-    hi: int
+    ranges: list[VfnRange]
     entries: U64
     pfn: U64            # 0 where not present
     head: U64           # PFN whose idle bit stands for this page (the folio head), 0 = none
+    head_slot: I64      # the head's slot in ``frames`` (-1 = none)
     kflags: U64         # kpageflags of the page (0 where not present)
     tracked: npt.NDArray[np.bool_]  # present, on the LRU, not the zero page, head known
+    frames: _Frames
+
+    def offsets(self) -> dict[VfnRange, int]:
+        out, off = {}, 0
+        for lo, hi in self.ranges:
+            out[(lo, hi)] = off
+            off += hi - lo
+        return out
+
+    def select(self, ranges: list[VfnRange]) -> _Scan:
+        """The same scan restricted to ``ranges`` (each one of ours), in that order."""
+        if ranges == self.ranges:
+            return self
+        offs = self.offsets()
+        idx = np.concatenate([np.arange(offs[r], offs[r] + r[1] - r[0]) for r in ranges]) if ranges \
+            else np.zeros(0, np.int64)
+        return _Scan(list(ranges), self.entries[idx], self.pfn[idx], self.head[idx], self.head_slot[idx],
+                     self.kflags[idx], self.tracked[idx], self.frames)
 
 
 class PageIdleBackend(Backend):
@@ -105,41 +176,56 @@ class PageIdleBackend(Backend):
 
     def __init__(self, process: Process, proc: KernelFiles, sysfs: KernelFiles) -> None:
         super().__init__(process, proc, sysfs)
-        self._marked: dict[VfnRange, _Scan] = {}
+        self._marked: _Scan | None = None
+        self._still_idle: tuple[_Frames, I64] | None = None  # heads the last read found idle
         self._pfn_limit: int | None = None   # first PFN the bitmap does not cover (max_pfn), once seen
         self.mark_time_ns: int | None = None
+        self.written_last_mark = 0           # folios whose bits the last mark wrote
         sysfs.open_binary(BITMAP, write=True)
         proc.open_binary(f"{process.pid}/pagemap")  # pins the mm: a reused pid cannot leak another's pages
 
     # --- kernel traffic ---------------------------------------------------------------------------------
-    def _kpageflags(self, pfns: U64) -> U64:
-        """kpageflags of each pfn (any order, repeats allowed), reading sorted runs in batches."""
-        if len(pfns) == 0:
-            return np.zeros(0, np.uint64)
-        uniq = sorted_unique(pfns)
-        firsts, bases, lens, parts = [], [], [], []
-        base = 0
-        for first, count in word_runs(uniq.astype(np.int64), max_gap=KPF_GAP, max_len=KPF_CHUNK):
-            got = np.frombuffer(self.proc.pread(KPAGEFLAGS, first * 8, count * 8), dtype=np.uint64)
-            firsts.append(first)
-            bases.append(base)
-            lens.append(len(got))
-            parts.append(got)
-            base += len(got)
-        flat = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
-        fa, ba, la = np.array(firsts, np.int64), np.array(bases, np.int64), np.array(lens, np.int64)
-        u = uniq.astype(np.int64)
-        run = np.searchsorted(fa, u, side="right") - 1
-        off = u - fa[run]
-        ok = off < la[run]                    # beyond the end of kpageflags: no page there
-        vals = np.full(len(uniq), np.uint64(1 << KPF_NOPAGE), np.uint64)
-        vals[ok] = flat[ba[run[ok]] + off[ok]]
-        return vals[np.searchsorted(uniq, pfns)]
+    def _read_blocks(self, words: I64, max_gap: int = KPF_GAP_WORDS) -> tuple[I64, U64]:
+        """kpageflags of whole blocks: (block indices read, sorted and unique; their flags, 64 per block).
+        Blocks closer than ``max_gap`` to a needed one are read along; beyond kpageflags' end reads NOPAGE."""
+        got_words, parts = [], []
+        for first, count in word_runs(words, max_gap=max_gap, max_len=KPF_RUN_WORDS):
+            data = self.proc.pread(KPAGEFLAGS, first * WORD_BITS * 8, count * WORD_BITS * 8)
+            flags = np.full(count * WORD_BITS, np.uint64(1 << KPF_NOPAGE), np.uint64)
+            n = len(data) // 8
+            flags[:n] = np.frombuffer(data, dtype=np.uint64, count=n)
+            got_words.append(np.arange(first, first + count, dtype=np.int64))
+            parts.append(flags)
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+        return np.concatenate(got_words), np.concatenate(parts)
 
-    def _write_bitmap(self, pfns: U64) -> int:
-        """Set exactly ``pfns``' bits in the page_idle bitmap: words at offset ``pfn // 64 * 8``, <= 4 KiB a call.
+    def _frames(self, pfns: U64) -> tuple[_Frames, I64]:
+        """kpageflags of the blocks holding ``pfns``, plus every block of the 512-page window of each tail
+        page (so its head is in view); and the slot of each of ``pfns``."""
+        if len(pfns) == 0:
+            return _Frames(np.zeros(0, np.int64), np.zeros(0, np.uint64)), np.zeros(0, np.int64)
+        frames = _Frames(*self._read_blocks(_unique_blocks(pfns)))
+        slots = frames.slots(pfns)
+        tails = pfns[bit(frames.flags[slots], KPF_COMPOUND_TAIL)]
+        if len(tails):
+            wins = _unique_blocks(tails, shift=9)
+            want = (wins[:, None] * (HEAD_WINDOW // WORD_BITS) + np.arange(HEAD_WINDOW // WORD_BITS)).ravel()
+            missing = want[frames.slots(want.astype(np.uint64) * np.uint64(WORD_BITS)) < 0]
+            if len(missing):
+                w2, f2 = self._read_blocks(missing, max_gap=1)
+                words = np.concatenate((frames.words, w2))
+                order = np.argsort(words, kind="stable")
+                flags = np.concatenate((frames.flags.reshape(-1, WORD_BITS), f2.reshape(-1, WORD_BITS)))[order]
+                frames = _Frames(words[order], flags.ravel())
+                slots = frames.slots(pfns)
+        return frames, slots
+
+    def _write_bitmap(self, words: I64, values: U64) -> int:
+        """Write the non-zero ``values`` at their bitmap ``words`` (offset ``word * 8``, <= 4 KiB a call).
         Returns the number of write calls."""
-        words, values = pfn_bitmap_words(pfns)
+        nz = values != 0
+        words, values = words[nz], values[nz]
         calls = 0
         for first, count in word_runs(words, max_gap=WRITE_GAP_WORDS):
             buf = np.zeros(count, np.uint64)
@@ -159,20 +245,25 @@ class PageIdleBackend(Backend):
                 break
         return calls
 
-    def _read_bitmap(self, pfns: U64) -> npt.NDArray[np.bool_]:
-        """Idle bit of each pfn, reading only the words that hold them (<= 4 KiB a call)."""
-        if len(pfns) == 0:
-            return np.zeros(0, bool)
-        words, _ = pfn_bitmap_words(pfns)
-        idx_parts, val_parts = [], []
-        for first, count in word_runs(words, max_gap=READ_GAP_WORDS):
-            data = self.sysfs.pread(BITMAP, first * WORD_BYTES, count * WORD_BYTES)
-            got = np.frombuffer(data, dtype=np.uint64)
+    def _idle_bits(self, scan: _Scan) -> npt.NDArray[np.bool_]:
+        """The bitmap's idle bit for each tracked page of ``scan`` (False elsewhere), reading only the words
+        that hold tracked heads (<= 4 KiB a call)."""
+        out = np.zeros(len(scan.entries), bool)
+        slots = scan.head_slot[scan.tracked]
+        if len(slots) == 0:
+            return out
+        words = scan.frames.words
+        need = np.zeros(len(words), bool)
+        need[slots >> 6] = True
+        values = np.zeros(len(words), np.uint64)
+        for first, count in word_runs(words[need], max_gap=READ_GAP_WORDS):
+            got = np.frombuffer(self.sysfs.pread(BITMAP, first * WORD_BYTES, count * WORD_BYTES), dtype=np.uint64)
             if len(got) < count:
                 self._limit_pfn((first + len(got)) * 64)
-            idx_parts.append(np.arange(first, first + len(got), dtype=np.int64))
-            val_parts.append(got)
-        return bits_at(np.concatenate(idx_parts), np.concatenate(val_parts), pfns)
+            i0, i1 = np.searchsorted(words, [first, first + len(got)])
+            values[i0:i1] = got[words[i0:i1] - first]
+        out[scan.tracked] = unpack_bits(values)[slots]
+        return out
 
     def _limit_pfn(self, pfn: int) -> None:
         if self._pfn_limit is None or pfn < self._pfn_limit:
@@ -180,94 +271,97 @@ class PageIdleBackend(Backend):
             self._pfn_limit = pfn
 
     # --- scanning -----------------------------------------------------------------------------------------
-    def _scan(self, ranges: list[VfnRange]) -> list[_Scan]:
-        """pagemap of every range, then one batched kpageflags lookup for all their frames."""
+    def _scan(self, ranges: list[VfnRange]) -> _Scan:
+        """pagemap of every range, then kpageflags of the blocks holding their frames."""
         entries = [read_pagemap(self.proc, self.process, lo, hi) for lo, hi in ranges]
-        if not entries:
-            return []
-        allents = np.concatenate(entries)
-        present = (allents >> np.uint64(63)).astype(bool)
+        allents = np.concatenate(entries) if entries else np.zeros(0, np.uint64)
+        present = has(allents, PM_PRESENT)
         pfn = pagemap_pfn(allents)
-        if present.any() and not pfn[present].any():
+        ppfn = pfn[present]
+        if len(ppfn) and not ppfn.any():
             raise AccessDenied(self.proc.path(f"{self.process.pid}/pagemap"),
                                "PFNs read as 0: reading them needs CAP_SYS_ADMIN (run as root)")
-        kflags = np.zeros(len(allents), np.uint64)
-        kflags[present] = self._kpageflags(pfn[present])
-        head = pfn.copy()
-        tail = present & bit(kflags, KPF_COMPOUND_TAIL)
+        frames, pslot = self._frames(ppfn)
+        pflags = frames.flags[pslot]
+        hslot = pslot.copy()
+        tail = bit(pflags, KPF_COMPOUND_TAIL)
         if tail.any():
-            head[tail] = self._heads(pfn[tail])
+            hslot[tail] = frames.head_slots(pslot[tail])
         judge = np.uint64((1 << KPF_LRU) | (1 << KPF_ZERO_PAGE) | (1 << KPF_NOPAGE))
-        tracked = present & ((kflags & judge) == np.uint64(1 << KPF_LRU)) & (head != 0)
+        ptracked = ((pflags & judge) == np.uint64(1 << KPF_LRU)) & (hslot >= 0)
+        phead = np.zeros(len(ppfn), np.uint64)
+        phead[hslot >= 0] = frames.pfns(hslot[hslot >= 0])
         if self._pfn_limit is not None:
-            tracked &= head < np.uint64(self._pfn_limit)
-        out, off = [], 0
-        for (lo, hi), e in zip(ranges, entries, strict=True):
-            sl = slice(off, off + len(e))
-            out.append(_Scan(lo, hi, e, pfn[sl], head[sl], kflags[sl], tracked[sl]))
-            off += len(e)
-        return out
-
-    def _heads(self, tails: U64) -> U64:
-        """Head PFN of each tail PFN: the nearest COMPOUND_HEAD at or below it within its aligned 512-page
-        window (folios are naturally aligned). 0 where none is found (e.g. a hugetlb page above PMD size)."""
-        blocks = sorted_unique(tails & ~np.uint64(HEAD_WINDOW - 1))
-        out = np.zeros(len(tails), np.uint64)
-        for b in blocks.tolist():
-            data = self.proc.pread(KPAGEFLAGS, b * 8, HEAD_WINDOW * 8)
-            flags = np.frombuffer(data, dtype=np.uint64)
-            heads = np.nonzero(bit(flags, KPF_COMPOUND_HEAD))[0]
-            sel = (tails & ~np.uint64(HEAD_WINDOW - 1)) == np.uint64(b)
-            off = (tails[sel] - np.uint64(b)).astype(np.int64)
-            pos = np.searchsorted(heads, off, side="right") - 1
-            ok = pos >= 0
-            res = np.zeros(len(off), np.uint64)
-            res[ok] = np.uint64(b) + heads[pos[ok]].astype(np.uint64)
-            out[sel] = res
-        return out
+            ptracked &= phead < np.uint64(self._pfn_limit)
+        n = len(allents)
+        kflags, head, tracked = np.zeros(n, np.uint64), np.zeros(n, np.uint64), np.zeros(n, bool)
+        head_slot = np.full(n, -1, np.int64)
+        kflags[present], head[present], tracked[present], head_slot[present] = pflags, phead, ptracked, hslot
+        return _Scan(list(ranges), allents, pfn, head, head_slot, kflags, tracked, frames)
 
     # --- interface ----------------------------------------------------------------------------------------
-    def mark(self, ranges: list[VfnRange]) -> None:
-        self._marked.clear()
-        scans = self._scan(ranges)
-        heads = [s.head[s.tracked] for s in scans]
-        pfns = sorted_unique(np.concatenate(heads)) if heads else np.zeros(0, np.uint64)
+    def mark(self, ranges: list[VfnRange], keep: tuple[_Frames, I64] | None = None) -> None:
+        """Mark every tracked page of ``ranges`` idle. ``keep``: heads (slots in some frames) whose mark still
+        stands — a read just found them idle, which leaves PG_idle set and their accessed bits clear — are not
+        written again."""
+        self._marked = None
+        scan = self._scan(ranges)
+        write = scan.tracked.copy()
+        if keep is not None and len(keep[1]):
+            frames, kslots = keep
+            if not np.array_equal(frames.words, scan.frames.words):   # other blocks now: map by PFN
+                kslots = scan.frames.slots(frames.pfns(kslots))
+                kslots = kslots[kslots >= 0]
+            kept = np.zeros(len(scan.frames), bool)
+            kept[kslots] = True
+            write[write] = ~kept[scan.head_slot[write]]
+        bits = np.zeros(len(scan.frames), bool)
+        bits[scan.head_slot[write]] = True
         self.process.check_alive("mark")
-        calls = self._write_bitmap(pfns)
+        calls = self._write_bitmap(scan.frames.words, pack_bits(bits))
         if self._pfn_limit is not None:
-            for s in scans:
-                s.tracked &= s.head < np.uint64(self._pfn_limit)
+            scan.tracked &= scan.head < np.uint64(self._pfn_limit)
         self.mark_time_ns = now_ns()
-        for s in scans:
-            self._marked[(s.lo, s.hi)] = s
-        log.debug("page_idle: marked %d folios in %d bitmap writes", len(pfns), calls)
+        self._marked = scan
+        self.written_last_mark = int(np.count_nonzero(bits))
+        log.debug("page_idle: marked %d folios in %d bitmap writes", self.written_last_mark, calls)
 
     def read(self, ranges: list[VfnRange]) -> tuple[list[IdleSegment], dict[str, object]]:
         warnings = list(self.warnings) + self._concurrent_users()
-        before = {r: self._marked[r] for r in ranges if r in self._marked}
-        unmarked = [r for r in ranges if r not in self._marked]
-        for r, m in zip(unmarked, self._scan(unmarked), strict=True):
+        marked = self._marked.offsets() if self._marked is not None else {}
+        views = []
+        ours = [r for r in ranges if r in marked]
+        if ours:
+            assert self._marked is not None
+            views.append(self._marked.select(ours))
+        unmarked = [r for r in ranges if r not in marked]
+        if unmarked:
             # not marked by us: report the idle flags as they are (whoever set them)
-            before[r] = m
-            warnings.append(f"range {r[0] << 12:#x}-{r[1] << 12:#x} was not marked by this tracker: "
-                            "idle bits reflect the last mark by anyone")
-        all_heads = np.concatenate([m.head[m.tracked] for m in before.values()]) if before else np.zeros(0, np.uint64)
-        uniq = sorted_unique(all_heads)
-        idle_uniq = self._read_bitmap(uniq)
+            views.append(self._scan(unmarked))
+            warnings.extend(f"range {lo << 12:#x}-{hi << 12:#x} was not marked by this tracker: "
+                            "idle bits reflect the last mark by anyone" for lo, hi in unmarked)
+        bit_idle = [self._idle_bits(v) for v in views]
         if self._pfn_limit is not None:
-            for m in before.values():
-                m.tracked &= m.head < np.uint64(self._pfn_limit)
+            for v, b in zip(views, bit_idle, strict=True):
+                v.tracked &= v.head < np.uint64(self._pfn_limit)
+                b &= v.tracked
         segments = segments_for(ranges)
-        order = list(before)
+        order = [r for v in views for r in v.ranges]
         afters = [read_pagemap(self.proc, self.process, *r) for r in order]
+        self._still_idle = None
         if order:
             # classify every range in one vectorised pass (per-call overhead dominates for many small VMAs)
-            ms = [before[r] for r in order]
-            cat = _Scan(0, 0, np.concatenate([m.entries for m in ms]), np.concatenate([m.pfn for m in ms]),
-                        np.concatenate([m.head for m in ms]), np.concatenate([m.kflags for m in ms]),
-                        np.concatenate([m.tracked for m in ms]))
-            after_all = np.concatenate(afters)
-            state, idle = self._classify(cat, after_all, uniq, idle_uniq)
+            def cat(f: str) -> np.ndarray:
+                return np.concatenate([getattr(v, f) for v in views])
+
+            # (head slots of two scans index different frames: not used past this point)
+            m = views[0] if len(views) == 1 else _Scan(order, cat("entries"), cat("pfn"), cat("head"),
+                                                       cat("head_slot"), cat("kflags"), cat("tracked"),
+                                                       views[0].frames)
+            after_all = np.concatenate(afters) if len(afters) > 1 else afters[0]
+            state, idle, confirmed = self._classify(m, after_all, np.concatenate(bit_idle))
+            if len(views) == 1:
+                self._still_idle = (m.frames, m.head_slot[confirmed])
             pfn_all = pagemap_pfn(after_all)
             off = 0
             for r, after in zip(order, afters, strict=True):
@@ -277,15 +371,21 @@ class PageIdleBackend(Backend):
         self.process.check_alive("read")
         return segments, {"warnings": warnings, "mark_time_ns": self.mark_time_ns, "known": KNOWN}
 
-    def _classify(self, m: _Scan, after: U64, uniq: U64, idle_uniq: npt.NDArray[np.bool_]
-                  ) -> tuple[npt.NDArray[np.uint16], npt.NDArray[np.bool_]]:
-        """State and idle bit per page from the mark-time scan ``m`` and the pagemap read after the bitmap."""
+    def read_and_mark(self, ranges: list[VfnRange], next_ranges: list[VfnRange]
+                      ) -> tuple[list[IdleSegment], dict[str, object]]:
+        """End the interval and start the next one at once. The kernel's read already restarted it for every
+        page it found idle (PG_idle still set, accessed bits clear), so only the others are written again:
+        for mostly idle memory this halves the kernel's rmap walks."""
+        out = self.read(ranges)
+        self.mark(next_ranges, keep=self._still_idle)
+        return out
+
+    def _classify(self, m: _Scan, after: U64, bit_idle: npt.NDArray[np.bool_]
+                  ) -> tuple[npt.NDArray[np.uint16], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+        """State and idle bit per page from the mark-time scan ``m``, the pagemap read after the bitmap and the
+        bitmap's idle bits; and which pages the bitmap itself confirmed idle (same frame as at the mark)."""
         n = len(after)
         state = base_state(after)
-        bit_idle = np.zeros(n, bool)
-        if len(uniq):
-            pos = np.minimum(np.searchsorted(uniq, m.head), len(uniq) - 1)
-            bit_idle = m.tracked & (uniq[pos] == m.head) & idle_uniq[pos]
         big = np.uint64((1 << KPF_THP) | (1 << KPF_HUGE))
         if np.array_equal(after, m.entries):
             # fast path, the common case: no page changed between mark and read
@@ -295,7 +395,7 @@ class PageIdleBackend(Backend):
             state |= ((m.kflags & big) != 0).astype(np.uint16) * np.uint16(PageState.HUGE)
             state |= bit(m.kflags, KPF_ZERO_PAGE).astype(np.uint16) * np.uint16(PageState.ZERO_PAGE)
             state |= tracked.astype(np.uint16) * np.uint16(PageState.TRACKED)
-            return state, idle
+            return state, idle, bit_idle
         was_present = has(m.entries, PM_PRESENT)
         was_swapped = has(m.entries, PM_SWAP) & ~was_present
         now_present = has(after, PM_PRESENT)
@@ -331,7 +431,7 @@ class PageIdleBackend(Backend):
         zero = now_present & same & was_zero
         state |= np.where(zero, np.uint16(PageState.ZERO_PAGE), np.uint16(0)).astype(STATE_DTYPE)
         state |= np.where(tracked, np.uint16(PageState.TRACKED), np.uint16(0)).astype(STATE_DTYPE)
-        return state, idle
+        return state, idle, t1 & bit_idle
 
     def _concurrent_users(self) -> list[str]:
         """Running kdamonds flip the same PG_idle/accessed bits (read-only check, never writes DAMON)."""
@@ -345,6 +445,15 @@ class PageIdleBackend(Backend):
         except (OSError, AccessDenied):
             pass
         return out
+
+
+def _unique_blocks(pfns: U64, shift: int = 6) -> I64:
+    """Sorted distinct ``pfn >> shift``, without a sort: a mask over the span they cover."""
+    b = (pfns >> np.uint64(shift)).astype(np.int64)
+    lo = int(b.min())
+    mask = np.zeros(int(b.max()) - lo + 1, bool)
+    mask[b - lo] = True
+    return np.flatnonzero(mask).astype(np.int64) + lo
 
 
 __all__ = ["PageIdleBackend", "BITMAP", "KPAGEFLAGS", "PAGEMAP_ENTRY"]

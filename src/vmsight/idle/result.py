@@ -16,6 +16,7 @@ Layout (shared by every backend, including future ones that harvest guest page-t
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -206,10 +207,22 @@ class IdleSnapshot:
 
 
 def usage_from_segments(vmas: Iterable[Vma], segments: list[IdleSegment]) -> list[VmaUsage]:
-    """Per-VMA counts from per-page data (page- and region-granular backends): prefix sums per segment, so
-    each VMA costs O(1) per overlapping segment."""
-    prefix = []
+    """Per-VMA counts from per-page data (page- and region-granular backends): one ``add.reduceat`` per
+    segment over the VMA boundaries (VMAs never overlap, so each VMA is exactly one stretch between two)."""
+    vmas = list(vmas)
+    totals = np.zeros((len(vmas), 6), np.int64)
+    order = sorted(range(len(vmas)), key=lambda i: vmas[i].start_gva)
+    ends = [vmas[i].end_gva >> PAGE_SHIFT for i in order]
     for s in segments:
+        inside = []
+        for k in range(bisect.bisect_right(ends, s.start_vfn), len(order)):
+            v = vmas[order[k]]
+            if v.start_gva >> PAGE_SHIFT >= s.end_vfn:
+                break
+            inside.append((order[k], max(v.start_gva >> PAGE_SHIFT, s.start_vfn) - s.start_vfn,
+                           min(v.end_gva >> PAGE_SHIFT, s.end_vfn) - s.start_vfn))
+        if not inside:
+            continue
         st = s.state
         idle = s.idle_pages()
         present = (st & np.uint16(PageState.PRESENT)) != 0
@@ -217,17 +230,13 @@ def usage_from_segments(vmas: Iterable[Vma], segments: list[IdleSegment]) -> lis
         cats = np.stack([present, present & tracked & ~idle, present & tracked & idle,
                          (st & np.uint16(PageState.SWAPPED)) != 0,
                          present & ((st & np.uint16(PageState.HUGE)) != 0), present & ~tracked])
-        cs = np.zeros((cats.shape[0], cats.shape[1] + 1), np.int64)
-        np.cumsum(cats, axis=1, out=cs[:, 1:])
-        prefix.append((s.start_vfn, s.end_vfn, cs))
+        cuts = sorted({a for _, a, _ in inside} | {b for _, _, b in inside if b < s.nr_pages})
+        sums = np.add.reduceat(cats, cuts, axis=1, dtype=np.int64)
+        where = {c: k for k, c in enumerate(cuts)}
+        for i, a, _ in inside:
+            totals[i] += sums[:, where[a]]
     out = []
-    for v in vmas:
-        lo, hi = v.start_gva >> PAGE_SHIFT, v.end_gva >> PAGE_SHIFT
-        tot = np.zeros(6, np.int64)
-        for start, end, cs in prefix:
-            a, b = max(lo, start), min(hi, end)
-            if a < b:
-                tot += cs[:, b - start] - cs[:, a - start]
+    for v, tot in zip(vmas, totals, strict=True):
         n = [int(x) * PAGE_SIZE for x in tot]
         out.append(VmaUsage(v, present_bytes=n[0], accessed_bytes=n[1], idle_bytes=n[2], swapped_bytes=n[3],
                             huge_bytes=n[4], untracked_bytes=n[5]))

@@ -202,7 +202,7 @@ def _pos_to_gva(pos: int, merged: list[list[int]], offsets: npt.NDArray[np.int64
 def run_intervals(tracker: Any, interval_s: float, duration_s: float | None,
                   on_interval: Callable[[dict[str, Any], IdleSnapshot], None], ranges: Any = None,
                   with_bitmap: bool = False, sleep: Callable[[float], None] = time.sleep) -> str:
-    """mark, then every ``interval_s``: read + re-mark, calling ``on_interval(record, snapshot)``. Returns why
+    """mark, then every ``interval_s``: read and re-mark (``read_and_mark``), calling ``on_interval(record, snapshot)``. Returns why
     it stopped ("duration", or the error text when the process exited)."""
     from vmsight.idle.errors import ProcessGone
 
@@ -214,9 +214,8 @@ def run_intervals(tracker: Any, interval_s: float, duration_s: float | None,
     while duration_s is None or time.monotonic() - t0 < duration_s - 1e-3:
         sleep(max(0.0, last + interval_s - time.monotonic()))
         try:
-            snap = tracker.read()
+            snap = tracker.read_and_mark(ranges)
             now = time.monotonic()
-            tracker.mark_idle(ranges)
         except ProcessGone as e:
             return str(e)
         ages.update(snap)
