@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
 from vmsight.cli.common import open_vm
@@ -97,14 +96,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 lx.context_switches(pid=args.pid, comm=args.comm)
         print(f"vmsight: tracing {args.what} (Ctrl-C to stop)", file=sys.stderr, flush=True)
-        deadline = None if args.duration is None else time.monotonic() + args.duration
-        while args.count is None or n < args.count:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            ev = d.listen(left)
-            if ev is None:
-                break
+        for ev in d.events(count=args.count, duration=args.duration):
             n += 1
             if args.json:
                 sys.stdout.write(json.dumps(ev.as_dict()) + "\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
 from vmsight.cli.common import open_vm
@@ -64,14 +63,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"vmsight: watching {h.gva:#x}+{h.length:#x} for {h.access.value}"
                   + (f" (alias of gpa {h.alias_of_gpa:#x})" if h.alias_of_gpa is not None else ""),
                   file=sys.stderr, flush=True)
-        deadline = None if args.duration is None else time.monotonic() + args.duration
-        while args.count is None or n < args.count:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            ev = d.listen(left)
-            if ev is None:
-                break
+        for ev in d.events(duration=args.duration):
             if not isinstance(ev, PageAccess):
                 continue
             n += 1
@@ -86,4 +78,6 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write(f"{ev.time_ns / 1e9:.6f} cpu{ev.vcpu} {ev.access.value} {ev.gva:#x}+{ev.length:#x} "
                                  f"rip={sym or hex(ev.rip)} value={val.hex()}\n")
             sys.stdout.flush()
+            if args.count is not None and n >= args.count:
+                break
     return 0

@@ -454,13 +454,22 @@ class Dispatcher:
     def __iter__(self) -> Iterator[Event]:
         return self.events()
 
-    def events(self, timeout: float | None = None, count: int | None = None) -> Iterator[Event]:
-        """Events until ``count`` were seen, ``timeout`` seconds passed with none, :meth:`stop`, or close."""
+    def events(self, timeout: float | None = None, count: int | None = None,
+               duration: float | None = None) -> Iterator[Event]:
+        """Events until ``count`` were seen, ``timeout`` seconds passed with none, ``duration`` seconds passed
+        in all, :meth:`stop`, or close."""
+        deadline = None if duration is None else time.monotonic() + duration
         n = 0
         while count is None or n < count:
             if self._closed and not self._pending:
                 return
-            ev = self.listen(timeout)
+            wait = timeout
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                wait = left if wait is None else min(wait, left)
+            ev = self.listen(wait)
             if ev is None:
                 return
             n += 1

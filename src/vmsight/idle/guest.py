@@ -29,7 +29,7 @@ from vmsight.idle.backend import VfnRange, fill, now_ns, segments_for
 from vmsight.idle.errors import KernelThread, PidReused, ProcessGone
 from vmsight.idle.procfs import Vma
 from vmsight.idle.result import STATE_DTYPE, IdleSegment, IdleSnapshot, PageState, usage_from_segments
-from vmsight.idle.tracker import IdleTracker, Ranges
+from vmsight.idle.tracker import Ranges, resolve_ranges
 from vmsight.memory.paging import PAGE_ACCESSED, PTE_ADDR_MASK, LeafMapping, clear_accessed, walk_range
 from vmsight.vm import VM
 
@@ -97,7 +97,7 @@ class GuestIdleTracker:
 
     def _resolve(self, ranges: Ranges, vmas: list[Vma]) -> list[VfnRange]:
         # Same range language as the host tracker (VMA names, gva pairs, Vma objects, None = all mapped).
-        out, _truncated = IdleTracker.resolve(self, ranges, vmas)  # type: ignore[arg-type]
+        out, _truncated = resolve_ranges(ranges, vmas)
         return out
 
     def _leaves(self, dtb: int, ranges: Sequence[VfnRange], include_nonpresent: bool) -> list[LeafMapping]:

@@ -72,6 +72,50 @@ def choose_backend(pid: int, backend: str = "auto", proc: KernelFiles | None = N
                              + "; ".join(f"{n}: {r}" for n, r in reasons.items()), reasons=reasons)
 
 
+def resolve_ranges(ranges: Ranges, vmas: list[Vma]) -> tuple[list[VfnRange], bool]:
+    """Sorted, merged vfn ranges for a range spec, and whether the default set was truncated.
+
+    A spec is a VMA name ("[heap]", "[stack]", a file path: every VMA with that name), a (start_gva, end_gva)
+    pair (end exclusive, rounded out to pages), or a Vma. None = every mapped VMA except PROT_NONE ones
+    (reservations and guard gaps hold no pages)."""
+    out: list[VfnRange] = []
+    truncated = False
+    if ranges is None:
+        total = 0
+        for v in vmas:
+            if v.perms.startswith("---"):
+                continue
+            n = (v.end_gva - v.start_gva) >> PAGE_SHIFT
+            if total + n > MAX_DEFAULT_PAGES:
+                truncated = True
+                continue
+            total += n
+            out.append((v.start_gva >> PAGE_SHIFT, v.end_gva >> PAGE_SHIFT))
+    else:
+        specs: Sequence[RangeSpec] = [ranges] if isinstance(ranges, (str, tuple, Vma)) else ranges
+        for spec in specs:
+            if isinstance(spec, Vma):
+                out.append((spec.start_gva >> PAGE_SHIFT, spec.end_gva >> PAGE_SHIFT))
+            elif isinstance(spec, str):
+                hit = [v for v in vmas if v.name == spec or (spec == "[anon]" and v.kind == "anon")]
+                if not hit:
+                    raise BadRange(repr(spec), sorted({v.name for v in vmas if v.name}))
+                out.extend((v.start_gva >> PAGE_SHIFT, v.end_gva >> PAGE_SHIFT) for v in hit)
+            else:
+                start_gva, end_gva = int(spec[0]), int(spec[1])
+                if not 0 <= start_gva < end_gva or end_gva > 1 << 57:
+                    raise BadRange(f"{start_gva:#x}-{end_gva:#x} (need 0 <= start < end)")
+                out.append((start_gva >> PAGE_SHIFT, -(-end_gva >> PAGE_SHIFT)))
+    out.sort()
+    merged: list[VfnRange] = []
+    for lo, hi in out:
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged, truncated
+
+
 class IdleTracker:
     """Track which pages of process ``pid`` are idle, by virtual page.
 
@@ -115,51 +159,12 @@ class IdleTracker:
         return self.process.maps()
 
     def resolve(self, ranges: Ranges = None, vmas: list[Vma] | None = None) -> tuple[list[VfnRange], bool]:
-        """Sorted, merged vfn ranges for a range spec, and whether the default set was truncated.
-
-        A spec is a VMA name ("[heap]", "[stack]", a file path: every VMA with that name), a (start_gva, end_gva)
-        pair (end exclusive, rounded out to pages), or a Vma. None = every mapped VMA except PROT_NONE ones
-        (reservations and guard gaps hold no pages)."""
+        """:func:`resolve_ranges` against this process's VMAs (read only when the spec names some)."""
         needs_maps = ranges is None or isinstance(ranges, str) or (
             not isinstance(ranges, (tuple, Vma)) and any(isinstance(r, str) for r in ranges))
         if vmas is None:
             vmas = self.vmas() if needs_maps else []
-        out: list[VfnRange] = []
-        truncated = False
-        if ranges is None:
-            total = 0
-            for v in vmas:
-                if v.perms.startswith("---"):
-                    continue
-                n = (v.end_gva - v.start_gva) >> PAGE_SHIFT
-                if total + n > MAX_DEFAULT_PAGES:
-                    truncated = True
-                    continue
-                total += n
-                out.append((v.start_gva >> PAGE_SHIFT, v.end_gva >> PAGE_SHIFT))
-        else:
-            specs: Sequence[RangeSpec] = [ranges] if isinstance(ranges, (str, tuple, Vma)) else ranges
-            for spec in specs:
-                if isinstance(spec, Vma):
-                    out.append((spec.start_gva >> PAGE_SHIFT, spec.end_gva >> PAGE_SHIFT))
-                elif isinstance(spec, str):
-                    hit = [v for v in vmas if v.name == spec or (spec == "[anon]" and v.kind == "anon")]
-                    if not hit:
-                        raise BadRange(repr(spec), sorted({v.name for v in vmas if v.name}))
-                    out.extend((v.start_gva >> PAGE_SHIFT, v.end_gva >> PAGE_SHIFT) for v in hit)
-                else:
-                    start_gva, end_gva = int(spec[0]), int(spec[1])
-                    if not 0 <= start_gva < end_gva or end_gva > 1 << 57:
-                        raise BadRange(f"{start_gva:#x}-{end_gva:#x} (need 0 <= start < end)")
-                    out.append((start_gva >> PAGE_SHIFT, -(-end_gva >> PAGE_SHIFT)))
-        out.sort()
-        merged: list[VfnRange] = []
-        for lo, hi in out:
-            if merged and lo <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-            else:
-                merged.append((lo, hi))
-        return merged, truncated
+        return resolve_ranges(ranges, vmas)
 
     # --- the two operations -------------------------------------------------------------------------------
     def mark_idle(self, ranges: Ranges = None) -> None:
@@ -232,4 +237,4 @@ class IdleTracker:
         self.close()
 
 
-__all__ = ["IdleTracker", "BACKENDS", "choose_backend", "probe_backends", "RangeSpec", "Ranges", "VmaUsage"]
+__all__ = ["IdleTracker", "resolve_ranges", "BACKENDS", "choose_backend", "probe_backends", "RangeSpec", "Ranges", "VmaUsage"]

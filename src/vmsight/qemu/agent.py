@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import itertools
 import logging
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ class GuestAgent:
 
     def __init__(self, path: str, connect_timeout: float = 5.0) -> None:
         self.path = path
-        self._ids = itertools.count(1)
+        # request ids unique across connections: the agent drops a RUN whose id it already ran (a resend)
+        self._ids = (f"{secrets.token_hex(4)}.{i}" for i in itertools.count(1))
         self._buf = b""
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         deadline = time.monotonic() + connect_timeout
@@ -99,7 +101,8 @@ class GuestAgent:
         payload = base64.b64encode(command.encode()).decode()
         # The leading newline ends any partial line left by an earlier, interrupted exchange: the agent
         # ignores an empty or unknown line instead of gluing it to this command.
-        self._sock.sendall(f"\nRUN {n} {root or '-'} {max(1, int(timeout))} {payload}\n".encode())
+        request = f"\nRUN {n} {root or '-'} {max(1, int(timeout))} {payload}\n".encode()
+        self._sock.sendall(request)
         deadline = time.monotonic() + timeout + 10.0
         out: list[bytes] = []
         err: list[bytes] = []
@@ -115,7 +118,11 @@ class GuestAgent:
                     # trigger level) sits unread until more bytes arrive; the agent ignores empty lines.
                     self._sock.sendall(b"\n")
                     continue
-                if line == f"BEGIN {n}".encode():
+                if line == b"READY" and sink is None:
+                    # the agent (re)started and announces it: a request it was sent meanwhile is lost
+                    log.warning("guest agent restarted; sending request %d again", n)
+                    self._sock.sendall(request)
+                elif line == f"BEGIN {n}".encode():
                     sink = out
                 elif line == f"STDERR {n}".encode():
                     sink = err

@@ -36,6 +36,10 @@ agent() {
     case "$verb" in
       PING) echo "PONG $id" >&3 ;;
       RUN)
+        # a request sent again after an agent restart (the host resends on READY): run it once
+        last=; read -r last < /tmp/.agent.last 2>/dev/null
+        if [ "$id" = "$last" ]; then continue; fi
+        echo "$id" > /tmp/.agent.last
         echo "$cmd" | base64 -d > /tmp/.cmd.$id
         if [ "$root" = host ]; then
           timeout -s KILL "$tmo" chroot /hostroot /bin/sh /tmp/.cmd.$id </dev/null >/tmp/.out.$id 2>/tmp/.err.$id
@@ -52,4 +56,7 @@ agent() {
 
 # The chroot reads the script from the overlay's /tmp, so keep /tmp shared: bind it after the agent writes there.
 [ -d /hostroot/tmp ] && mount --bind /tmp /hostroot/tmp
-while true; do agent; sleep 0.2; done
+# The agent runs in a child process, not as PID 1: orphaned background jobs (a command's `prog &`) are
+# reparented to PID 1, and their SIGCHLD interrupted busybox `read` (it polls and fails on EINTR), which
+# ended the loop and lost any request that arrived while the agent restarted.
+while true; do (agent); sleep 0.2; done

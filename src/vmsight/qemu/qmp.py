@@ -53,7 +53,14 @@ class Qmp:
             raise TargetError(f"{path}: not a QMP socket or the handshake failed ({cause})") from None
 
     def _run(self, aw: Awaitable[_T], timeout: float | None = None) -> _T:
-        return self._loop.run_until_complete(asyncio.wait_for(aw, timeout))
+        coro = asyncio.wait_for(aw, timeout)
+        try:
+            return self._loop.run_until_complete(coro)
+        finally:
+            # a loop that refused to start it (closed, or already failing) leaves it never awaited
+            coro.close()
+            if asyncio.iscoroutine(aw):
+                aw.close()
 
     def _close_quietly(self) -> None:
         try:
