@@ -3,6 +3,7 @@ independent path — HMP `info registers`, QMP `gva2gpa`, gdbstub physical reads
 
 from __future__ import annotations
 
+import base64
 import random
 import re
 
@@ -134,6 +135,19 @@ def test_agent_ground_truth(guest: VmInstance) -> None:
     assert (r.rc, r.stdout, r.stderr) == (7, b"out\n", b"err\n")
     big = guest.agent.run("head -c 200000 /dev/zero | tr '\\0' x").check()
     assert big.stdout == b"x" * 200000
+
+
+def test_agent_survives_orphans_exiting_and_runs_a_resent_request_once(guest: VmInstance) -> None:
+    """Background jobs of a command are orphans reparented to PID 1; their exit used to interrupt the agent's
+    read (busybox read fails on EINTR), and a request sent while it restarted was lost (CI timeouts)."""
+    for _ in range(15):
+        guest.agent.run("(sleep 0.05; exit 0) >/dev/null 2>&1 & true", timeout=20).check()
+        assert guest.agent.run("echo ok", timeout=20).check().text == "ok\n"
+    # the same request id twice (what the host sends after an agent restart): run once, answered once
+    n = next(guest.agent._ids)
+    cmd = base64.b64encode(b"echo x >> /tmp/resent; cat /tmp/resent").decode()
+    guest.agent._sock.sendall(f"\nRUN {n} - 20 {cmd}\nRUN {n} - 20 {cmd}\n".encode())
+    assert guest.agent.run("sleep 0.5; cat /tmp/resent; rm /tmp/resent", timeout=20).check().text == "x\n"
 
 
 def test_set_register_explicit_and_restored(vm: VM) -> None:

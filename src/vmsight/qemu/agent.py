@@ -9,6 +9,7 @@ import logging
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vmsight.errors import GuestAgentError
@@ -16,6 +17,12 @@ from vmsight.errors import GuestAgentError
 log = logging.getLogger(__name__)
 
 NUDGE_S = 1.0  # send an empty line after this long without a reply
+
+
+def request_ids() -> Iterator[str]:
+    """Request ids unique across connections (the agent drops a RUN whose id it just ran: a resend)."""
+    session = secrets.token_hex(4)
+    return (f"{session}.{i}" for i in itertools.count(1))
 
 
 @dataclass(frozen=True)
@@ -40,8 +47,7 @@ class GuestAgent:
 
     def __init__(self, path: str, connect_timeout: float = 5.0) -> None:
         self.path = path
-        # request ids unique across connections: the agent drops a RUN whose id it already ran (a resend)
-        self._ids = (f"{secrets.token_hex(4)}.{i}" for i in itertools.count(1))
+        self._ids = request_ids()
         self._buf = b""
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         deadline = time.monotonic() + connect_timeout
@@ -120,7 +126,7 @@ class GuestAgent:
                     continue
                 if line == b"READY" and sink is None:
                     # the agent (re)started and announces it: a request it was sent meanwhile is lost
-                    log.warning("guest agent restarted; sending request %d again", n)
+                    log.warning("guest agent restarted; sending request %s again", n)
                     self._sock.sendall(request)
                 elif line == f"BEGIN {n}".encode():
                     sink = out
