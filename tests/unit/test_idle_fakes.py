@@ -6,6 +6,7 @@ every write (offset, bytes) so tests can assert the exact traffic."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from pathlib import Path
@@ -87,6 +88,13 @@ class FakePageIdleSys(KernelFiles):
         f = self.kflags.get(pfn, 0)
         return bool(f & LRU) and not f & (1 << KPF_COMPOUND_TAIL)
 
+    def _clip(self, offset: int, size: int) -> int:
+        """Like mm/page_idle.c: ENXIO at or beyond max_pfn, else stop at the word holding max_pfn - 1."""
+        first = offset // 8 * 64
+        if first >= self.max_pfn:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        return min(size // 8, -(-(self.max_pfn - first) // 64)) * 8
+
     def access(self, pfn: int) -> None:
         self.idle.discard(pfn)
 
@@ -94,6 +102,7 @@ class FakePageIdleSys(KernelFiles):
         if rel != BITMAP:
             return super().pwrite(rel, offset, data)
         assert offset % 8 == 0 and len(data) % 8 == 0 and 0 < len(data) <= 4096, (offset, len(data))
+        data = data[:self._clip(offset, len(data))]
         self.writes.append((offset, bytes(data)))
         for i, (word,) in enumerate(struct.iter_unpack("<Q", data)):
             for b in range(64):
@@ -106,6 +115,7 @@ class FakePageIdleSys(KernelFiles):
         if rel != BITMAP:
             return super().pread(rel, offset, size)
         assert offset % 8 == 0 and size % 8 == 0 and 0 < size <= 4096, (offset, size)
+        size = self._clip(offset, size)
         self.reads.append((offset, size))
         out = bytearray()
         for w in range(offset // 8, offset // 8 + size // 8):

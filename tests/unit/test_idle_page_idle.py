@@ -297,3 +297,26 @@ def test_read_and_mark_of_an_untouched_thp_writes_nothing(tmp_path: Path, monkey
         assert t.read_and_mark().count(PageState.TRACKED, idle=False) == 512
         assert _written_pfns(sysfs) == {head}
         assert t.read().count(PageState.TRACKED, idle=True) == 512
+
+
+def test_frames_beyond_the_bitmaps_end_are_not_tracked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kpageflags covers whole memory sections; the bitmap stops at max_pfn (short write, then ENXIO)."""
+    monkeypatch.setenv("VMSIGHT_LOCK_DIR", lock_dir(tmp_path))
+    proc = FakeProc(tmp_path / "proc")
+    proc.set_maps([(BASE, BASE + N * 4096, "rw-p", "")])
+    pfns = {VFN0 + i: 0x1000 + 64 * i for i in range(N)}             # one frame per bitmap word
+    proc.set_pagemap({v: present(p) for v, p in pfns.items()})
+    kflags = {p: LRU for p in pfns.values()}
+    proc.set_kpageflags(kflags)
+    limit = 0x1000 + 64 * 100                                          # frames 100.. lie beyond max_pfn
+    sysfs = FakePageIdleSys(tmp_path / "sys", kflags, max_pfn=limit)
+    with IdleTracker(proc.pid, "page_idle", proc=proc, sysfs=sysfs) as t:
+        t.mark_idle()
+        sysfs.access(pfns[VFN0 + 5])
+        snap = t.read()
+        tracked = set((snap.pages(PageState.TRACKED) - VFN0).tolist())
+        assert tracked == set(range(100))
+        assert set((snap.pages(PageState.TRACKED, idle=False) - VFN0).tolist()) == {5}
+        assert all(off // 8 * 64 < limit for off, _ in sysfs.reads)  # once known, the end is not read again
+        snap = t.read_and_mark()
+        assert set((snap.pages(PageState.TRACKED) - VFN0).tolist()) == set(range(100))

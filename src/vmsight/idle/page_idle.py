@@ -118,9 +118,8 @@ class _Frames:
         idx = np.arange(len(self.flags), dtype=np.int64)
         last = np.maximum.accumulate(np.where(bit(self.flags, KPF_COMPOUND_HEAD), idx, -1))
         h = last[tail_slots]
-        ok = h >= 0
-        same = np.zeros(len(h), bool)
-        same[ok] = (self.pfns(h[ok]) // HEAD_WINDOW) == (self.pfns(tail_slots[ok]) // HEAD_WINDOW)
+        per_window = HEAD_WINDOW // WORD_BITS
+        same = (h >= 0) & (self.words[h >> 6] // per_window == self.words[tail_slots >> 6] // per_window)
         return np.where(same, h, -1)
 
 
@@ -131,11 +130,17 @@ class _Scan:
     ranges: list[VfnRange]
     entries: U64
     pfn: U64            # 0 where not present
-    head: U64           # PFN whose idle bit stands for this page (the folio head), 0 = none
-    head_slot: I64      # the head's slot in ``frames`` (-1 = none)
+    head_slot: I64      # slot in ``frames`` of the folio head whose idle bit stands for this page (-1 = none)
     kflags: U64         # kpageflags of the page (0 where not present)
     tracked: npt.NDArray[np.bool_]  # present, on the LRU, not the zero page, head known
     frames: _Frames
+
+    def below(self, pfn_limit: int) -> npt.NDArray[np.bool_]:
+        """Pages whose head lies below ``pfn_limit`` (the bitmap ends at max_pfn)."""
+        out = np.zeros(len(self.head_slot), bool)
+        has_head = self.head_slot >= 0
+        out[has_head] = self.frames.pfns(self.head_slot[has_head]) < np.uint64(pfn_limit)
+        return out
 
     def offsets(self) -> dict[VfnRange, int]:
         out, off = {}, 0
@@ -151,7 +156,7 @@ class _Scan:
         offs = self.offsets()
         idx = np.concatenate([np.arange(offs[r], offs[r] + r[1] - r[0]) for r in ranges]) if ranges \
             else np.zeros(0, np.int64)
-        return _Scan(list(ranges), self.entries[idx], self.pfn[idx], self.head[idx], self.head_slot[idx],
+        return _Scan(list(ranges), self.entries[idx], self.pfn[idx], self.head_slot[idx],
                      self.kflags[idx], self.tracked[idx], self.frames)
 
 
@@ -255,6 +260,9 @@ class PageIdleBackend(Backend):
         words = scan.frames.words
         need = np.zeros(len(words), bool)
         need[slots >> 6] = True
+        # Words of nothing but tail pages cost the kernel almost nothing (page_idle_get_folio refuses tails
+        # first thing), so read them along: a THP's head words are then one run, not one call each.
+        need |= bit(scan.frames.flags, KPF_COMPOUND_TAIL).reshape(-1, WORD_BITS).all(axis=1)
         values = np.zeros(len(words), np.uint64)
         for first, count in word_runs(words[need], max_gap=READ_GAP_WORDS):
             got = np.frombuffer(self.sysfs.pread(BITMAP, first * WORD_BYTES, count * WORD_BYTES), dtype=np.uint64)
@@ -289,15 +297,14 @@ class PageIdleBackend(Backend):
             hslot[tail] = frames.head_slots(pslot[tail])
         judge = np.uint64((1 << KPF_LRU) | (1 << KPF_ZERO_PAGE) | (1 << KPF_NOPAGE))
         ptracked = ((pflags & judge) == np.uint64(1 << KPF_LRU)) & (hslot >= 0)
-        phead = np.zeros(len(ppfn), np.uint64)
-        phead[hslot >= 0] = frames.pfns(hslot[hslot >= 0])
-        if self._pfn_limit is not None:
-            ptracked &= phead < np.uint64(self._pfn_limit)
         n = len(allents)
-        kflags, head, tracked = np.zeros(n, np.uint64), np.zeros(n, np.uint64), np.zeros(n, bool)
+        kflags, tracked = np.zeros(n, np.uint64), np.zeros(n, bool)
         head_slot = np.full(n, -1, np.int64)
-        kflags[present], head[present], tracked[present], head_slot[present] = pflags, phead, ptracked, hslot
-        return _Scan(list(ranges), allents, pfn, head, head_slot, kflags, tracked, frames)
+        kflags[present], tracked[present], head_slot[present] = pflags, ptracked, hslot
+        scan = _Scan(list(ranges), allents, pfn, head_slot, kflags, tracked, frames)
+        if self._pfn_limit is not None:
+            scan.tracked &= scan.below(self._pfn_limit)
+        return scan
 
     # --- interface ----------------------------------------------------------------------------------------
     def mark(self, ranges: list[VfnRange], keep: tuple[_Frames, I64] | None = None) -> None:
@@ -320,7 +327,7 @@ class PageIdleBackend(Backend):
         self.process.check_alive("mark")
         calls = self._write_bitmap(scan.frames.words, pack_bits(bits))
         if self._pfn_limit is not None:
-            scan.tracked &= scan.head < np.uint64(self._pfn_limit)
+            scan.tracked &= scan.below(self._pfn_limit)
         self.mark_time_ns = now_ns()
         self._marked = scan
         self.written_last_mark = int(np.count_nonzero(bits))
@@ -343,7 +350,7 @@ class PageIdleBackend(Backend):
         bit_idle = [self._idle_bits(v) for v in views]
         if self._pfn_limit is not None:
             for v, b in zip(views, bit_idle, strict=True):
-                v.tracked &= v.head < np.uint64(self._pfn_limit)
+                v.tracked &= v.below(self._pfn_limit)
                 b &= v.tracked
         segments = segments_for(ranges)
         order = [r for v in views for r in v.ranges]
@@ -355,7 +362,7 @@ class PageIdleBackend(Backend):
                 return np.concatenate([getattr(v, f) for v in views])
 
             # (head slots of two scans index different frames: not used past this point)
-            m = views[0] if len(views) == 1 else _Scan(order, cat("entries"), cat("pfn"), cat("head"),
+            m = views[0] if len(views) == 1 else _Scan(order, cat("entries"), cat("pfn"),
                                                        cat("head_slot"), cat("kflags"), cat("tracked"),
                                                        views[0].frames)
             after_all = np.concatenate(afters) if len(afters) > 1 else afters[0]
