@@ -1,7 +1,8 @@
 """Idle tracking benchmarks (page_idle backend), measured inside the idle-tracking test guest.
 
 P5: mark+read of a populated range with page_idle, per GiB, divided by one sequential read of the same range's
-    pagemap. Target <= 3 and <= 60 ms/GiB on real hardware. Split into the kernel's share (time inside pread/
+    pagemap. Target <= 3 and <= 60 ms/GiB on real hardware. ``c_floor``: the same work done by the least
+    possible C program (benchmarks/c/page_idle_floor.c), i.e. what the kernel interface itself costs. Split into the kernel's share (time inside pread/
     pwrite of pagemap, kpageflags and the bitmap: the floor for any page_idle user) and ours (the rest); also
     the steady state of continuous tracking (``read_and_mark``) and the same on THP-backed memory.
 P6: slowdown of a memory-bound process while it is tracked (mark+read of all its ranges) every second.
@@ -13,7 +14,9 @@ instruction is emulated, so absolute times are ~10-50x real hardware; the ratios
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -42,6 +45,29 @@ while time.monotonic() < end:
         n += 1
 print(n, flush=True)
 """
+
+
+FLOOR_SRC = ROOT / "benchmarks" / "c" / "page_idle_floor.c"
+
+
+def floor_binary() -> Path:
+    """benchmarks/c/page_idle_floor.c compiled (cached by source hash under ~/.cache/vmsight/bench; built on
+    the host before the guest boots, so the guest finds it through the host root)."""
+    src = FLOOR_SRC.read_bytes()
+    out = Path.home() / ".cache" / "vmsight" / "bench" / f"page_idle_floor-{hashlib.sha256(src).hexdigest()[:12]}"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out.with_suffix(".part")), str(FLOOR_SRC)], check=True)
+        os.replace(out.with_suffix(".part"), out)
+    return out
+
+
+def _c_floor(pid: int, addr: int, size: int, repeats: int) -> tuple[float, float]:
+    """(pagemap read s, least possible page_idle mark+read s) measured by the C program."""
+    r = subprocess.run([str(floor_binary()), str(pid), f"{addr:x}", str(size), str(repeats)],
+                       capture_output=True, text=True, check=True)
+    pm, floor = (float(x) for x in r.stdout.split())
+    return pm, floor
 
 
 def _pagemap_read_s(pid: int, start_vfn: int, end_vfn: int) -> float:
@@ -147,6 +173,7 @@ def p5_mark_read_ratio(mib: int = 256, repeats: int = 5, thp: bool = False) -> d
                     t.read_and_mark(rng)
                 steady = time.perf_counter() - t0
         base = (base + baseline()) / 2     # the machine may have drifted meanwhile
+        c_pagemap, c_floor = _c_floor(p.pid, addr, size, repeats)
         gib = size / (1 << 30)
         per = 1000 / gib / repeats
         total = mark + read
@@ -157,6 +184,9 @@ def p5_mark_read_ratio(mib: int = 256, repeats: int = 5, thp: bool = False) -> d
             f"{key}_mark_read_ms_per_gib": total * per,
             f"{key}_ratio": total / repeats / base,
             f"{key}_kernel_ratio": kernel / repeats / base,
+            # the least any page_idle user does (C, no kpageflags or checks), against its own pagemap read
+            f"{key}_c_floor_ratio": c_floor / c_pagemap,
+            f"{key}_c_floor_ms_per_gib": c_floor * 1000 / gib,
             # the page_idle bitmap's own work (rmap walks per page): a floor for any page_idle user
             f"{key}_bitmap_ratio": sum(v for k, v in clock.seconds.items() if k.startswith("bitmap")) / repeats / base,
             f"{key}_ours_ratio": (total - kernel) / repeats / base,
@@ -174,8 +204,9 @@ def p5_mark_read_ratio(mib: int = 256, repeats: int = 5, thp: bool = False) -> d
         p.wait()
 
 
-def _hog_rate(mib: int, seconds: float, tracked: bool, cpu: int) -> tuple[float, int, float]:
-    """(hog MiB/s, tracker rounds, tracker CPU seconds)."""
+def _hog_rate(mib: int, seconds: float, tracked: bool, cpu: int, burn_s: float = 0.0) -> tuple[float, int, float]:
+    """(hog MiB/s, tracker rounds, this process's CPU seconds). ``tracked``: read_and_mark every second, as
+    `vmsight idle` does; ``burn_s``: instead burn that much CPU every second (the control)."""
     from vmsight.idle import IdleTracker, ProcessGone
 
     p = subprocess.Popen([sys.executable, "-c", HOG, str(mib), str(seconds), str(cpu)], stdin=subprocess.PIPE,
@@ -189,13 +220,19 @@ def _hog_rate(mib: int, seconds: float, tracked: bool, cpu: int) -> tuple[float,
             c0 = os.times()
             p.stdin.write("go\n")
             p.stdin.flush()
-            if t is not None:
-                t.mark_idle()
+            if t is not None or burn_s:
+                if t is not None:
+                    t.mark_idle()
                 end = time.monotonic() + seconds
                 while time.monotonic() + 1.5 < end:
                     time.sleep(1.0)
+                    if t is None:
+                        stop = time.perf_counter() + burn_s
+                        while time.perf_counter() < stop:
+                            pass
+                        continue
                     try:
-                        t.read_and_mark()         # what `vmsight idle` does every interval
+                        t.read_and_mark()
                     except ProcessGone:  # the hog finished while we read
                         break
                     rounds += 1
@@ -210,21 +247,39 @@ def _hog_rate(mib: int, seconds: float, tracked: bool, cpu: int) -> tuple[float,
         p.wait()
 
 
-def p6_slowdown(mib: int = 64, seconds: float = 6.0, pairs: int = 4) -> dict[str, Any]:
+def p6_slowdown(mib: int = 64, seconds: float = 5.0, pairs: int = 6) -> dict[str, Any]:
+    """Untracked, tracked and control runs alternate, so drift affects all alike; a slowdown is the mean of
+    the per-round slowdowns, with its standard error (under TCG the run-to-run spread is several percent).
+    The control burns, on the tracker's vCPU, as much CPU as tracking took: under TCG every guest vCPU is a
+    host thread on this 2-core host, so any guest CPU use slows the other vCPU; tracked vs control is the
+    interference of tracking itself (cleared accessed bits, rmap walks), which is what real hardware shows."""
     cpus = sorted(os.sched_getaffinity(0))
     hog_cpu = cpus[-1]
     os.sched_setaffinity(0, {cpus[0]})  # tracker on another vCPU than the workload (when there are two)
-    base, tracked, rounds, cpu = [], [], 0, 0.0
-    for _ in range(pairs):      # alternate, so drift affects both sides alike
+    base, tracked, control, rounds, cpu = [], [], [], 0, 0.0
+    for _ in range(pairs):
         base.append(_hog_rate(mib, seconds, False, hog_cpu)[0])
         r, n, c = _hog_rate(mib, seconds, True, hog_cpu)
         tracked.append(r)
         rounds += n
         cpu += c
+        control.append(_hog_rate(mib, seconds, False, hog_cpu, burn_s=c / max(n, 1))[0])
+
+    def slowdown(ref: list[float], other: list[float]) -> tuple[float, float]:
+        per = [(a - b) / a * 100 for a, b in zip(ref, other, strict=True)]
+        return statistics.mean(per), statistics.stdev(per) / math.sqrt(len(per))
+
+    sd, sd_err = slowdown(base, tracked)
+    ctl, ctl_err = slowdown(base, control)
+    own, own_err = slowdown(control, tracked)
     b, tr = statistics.median(base), statistics.median(tracked)
-    return {"p6_mib": mib, "p6_untracked_mib_per_s": b, "p6_tracked_mib_per_s": tr,
-            "p6_slowdown_pct": (b - tr) / b * 100, "p6_tracker_rounds": rounds,
-            "p6_tracker_cpu_ms_per_round": cpu * 1000 / max(rounds + pairs, 1),
+    return {"p6_mib": mib, "p6_pairs": pairs, "p6_untracked_mib_per_s": b, "p6_tracked_mib_per_s": tr,
+            "p6_control_mib_per_s": statistics.median(control),
+            "p6_slowdown_pct": sd, "p6_slowdown_stderr_pct": sd_err,
+            "p6_control_slowdown_pct": ctl, "p6_control_slowdown_stderr_pct": ctl_err,
+            "p6_tracking_vs_control_pct": own, "p6_tracking_vs_control_stderr_pct": own_err,
+            "p6_tracker_rounds": rounds,
+            "p6_tracker_cpu_ms_per_round": cpu * 1000 / max(rounds, 1),
             "p6_tracker_cpu_pct_of_wall": cpu / (pairs * seconds) * 100,
             "p6_tracked_spread_pct": (max(tracked) - min(tracked)) / tr * 100,
             "p6_untracked_spread_pct": (max(base) - min(base)) / b * 100}
@@ -239,6 +294,7 @@ def run_here() -> dict[str, Any]:
 
 
 def run() -> dict[str, Any]:
+    floor_binary()
     if os.path.exists("/sys/kernel/mm/page_idle/bitmap"):
         return run_here()
     return run_in_guest()
