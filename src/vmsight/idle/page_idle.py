@@ -30,6 +30,7 @@ from vmsight.idle.abi import (
     KPF_ZERO_PAGE,
     PAGEMAP_ENTRY,
     PM_MMAP_EXCLUSIVE,
+    PM_PFN_MASK,
     PM_PRESENT,
     PM_SWAP,
     U64,
@@ -205,26 +206,28 @@ class PageIdleBackend(Backend):
             return np.zeros(0, np.int64), np.zeros(0, np.uint64)
         return np.concatenate(got_words), np.concatenate(parts)
 
-    def _frames(self, pfns: U64) -> tuple[_Frames, I64]:
+    def _frames(self, pfns: U64) -> tuple[_Frames, I64, U64, npt.NDArray[np.bool_]]:
         """kpageflags of the blocks holding ``pfns``, plus every block of the 512-page window of each tail
-        page (so its head is in view); and the slot of each of ``pfns``."""
+        page (so its head is in view); and each of ``pfns``' slot, flags and whether it is a tail page."""
         if len(pfns) == 0:
-            return _Frames(np.zeros(0, np.int64), np.zeros(0, np.uint64)), np.zeros(0, np.int64)
+            empty = np.zeros(0, np.int64)
+            return _Frames(empty, np.zeros(0, np.uint64)), empty, np.zeros(0, np.uint64), np.zeros(0, bool)
         frames = _Frames(*self._read_blocks(_unique_blocks(pfns)))
         slots = frames.slots(pfns)
-        tails = pfns[bit(frames.flags[slots], KPF_COMPOUND_TAIL)]
-        if len(tails):
-            wins = _unique_blocks(tails, shift=9)
+        flags = frames.flags[slots]
+        tail = bit(flags, KPF_COMPOUND_TAIL)
+        if tail.any():
+            wins = _unique_blocks(pfns[tail], shift=9)
             want = (wins[:, None] * (HEAD_WINDOW // WORD_BITS) + np.arange(HEAD_WINDOW // WORD_BITS)).ravel()
             missing = want[frames.slots(want.astype(np.uint64) * np.uint64(WORD_BITS)) < 0]
             if len(missing):
                 w2, f2 = self._read_blocks(missing, max_gap=1)
                 words = np.concatenate((frames.words, w2))
                 order = np.argsort(words, kind="stable")
-                flags = np.concatenate((frames.flags.reshape(-1, WORD_BITS), f2.reshape(-1, WORD_BITS)))[order]
-                frames = _Frames(words[order], flags.ravel())
+                both = np.concatenate((frames.flags.reshape(-1, WORD_BITS), f2.reshape(-1, WORD_BITS)))[order]
+                frames = _Frames(words[order], both.ravel())
                 slots = frames.slots(pfns)
-        return frames, slots
+        return frames, slots, flags, tail
 
     def _write_bitmap(self, words: I64, values: U64) -> int:
         """Write the non-zero ``values`` at their bitmap ``words`` (offset ``word * 8``, <= 4 KiB a call).
@@ -284,15 +287,14 @@ class PageIdleBackend(Backend):
         entries = [read_pagemap(self.proc, self.process, lo, hi) for lo, hi in ranges]
         allents = np.concatenate(entries) if entries else np.zeros(0, np.uint64)
         present = has(allents, PM_PRESENT)
-        pfn = pagemap_pfn(allents)
-        ppfn = pfn[present]
+        ppfn = allents[present] & np.uint64(PM_PFN_MASK)
         if len(ppfn) and not ppfn.any():
             raise AccessDenied(self.proc.path(f"{self.process.pid}/pagemap"),
                                "PFNs read as 0: reading them needs CAP_SYS_ADMIN (run as root)")
-        frames, pslot = self._frames(ppfn)
-        pflags = frames.flags[pslot]
+        pfn = np.zeros(len(allents), np.uint64)
+        pfn[present] = ppfn
+        frames, pslot, pflags, tail = self._frames(ppfn)
         hslot = pslot.copy()
-        tail = bit(pflags, KPF_COMPOUND_TAIL)
         if tail.any():
             hslot[tail] = frames.head_slots(pslot[tail])
         judge = np.uint64((1 << KPF_LRU) | (1 << KPF_ZERO_PAGE) | (1 << KPF_NOPAGE))
@@ -366,14 +368,17 @@ class PageIdleBackend(Backend):
                                                        cat("head_slot"), cat("kflags"), cat("tracked"),
                                                        views[0].frames)
             after_all = np.concatenate(afters) if len(afters) > 1 else afters[0]
-            state, idle, confirmed = self._classify(m, after_all, np.concatenate(bit_idle))
+            unchanged = np.array_equal(after_all, m.entries)     # the common case: no page changed
+            state, idle, confirmed = self._classify(m, after_all, np.concatenate(bit_idle), unchanged)
             if len(views) == 1:
                 self._still_idle = (m.frames, m.head_slot[confirmed])
-            pfn_all = pagemap_pfn(after_all)
+            pfn_all = m.pfn if unchanged else pagemap_pfn(after_all)
+            swapped = bool((state & np.uint16(PageState.SWAPPED)).any())
             off = 0
             for r, after in zip(order, afters, strict=True):
                 sl = slice(off, off + len(after))
-                fill(segments, r[0], r[1], state[sl], idle[sl], entries=after, pfn=pfn_all[sl])
+                # segments start zeroed: swap fields only where some page is swapped
+                fill(segments, r[0], r[1], state[sl], idle[sl], entries=after if swapped else None, pfn=pfn_all[sl])
                 off += len(after)
         self.process.check_alive("read")
         return segments, {"warnings": warnings, "mark_time_ns": self.mark_time_ns, "known": KNOWN}
@@ -387,15 +392,15 @@ class PageIdleBackend(Backend):
         self.mark(next_ranges, keep=self._still_idle)
         return out
 
-    def _classify(self, m: _Scan, after: U64, bit_idle: npt.NDArray[np.bool_]
+    def _classify(self, m: _Scan, after: U64, bit_idle: npt.NDArray[np.bool_], unchanged: bool
                   ) -> tuple[npt.NDArray[np.uint16], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
         """State and idle bit per page from the mark-time scan ``m``, the pagemap read after the bitmap and the
         bitmap's idle bits; and which pages the bitmap itself confirmed idle (same frame as at the mark)."""
         n = len(after)
         state = base_state(after)
         big = np.uint64((1 << KPF_THP) | (1 << KPF_HUGE))
-        if np.array_equal(after, m.entries):
-            # fast path, the common case: no page changed between mark and read
+        if unchanged:
+            # fast path: no page changed between mark and read
             was_swapped = (state & np.uint16(PageState.SWAPPED)) != 0
             tracked = m.tracked | was_swapped
             idle = bit_idle | was_swapped

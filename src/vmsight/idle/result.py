@@ -206,9 +206,26 @@ class IdleSnapshot:
         return sum(u.swapped_bytes for u in self.usage)
 
 
+def _usage_predicates() -> npt.NDArray[np.int64]:
+    """(6, 256) 0/1 matrix: which usage categories a per-page code counts in. A code is the page's PRESENT,
+    SWAPPED, HUGE and TRACKED bits (all below bit 7) plus bit 7 = idle."""
+    c = np.arange(256)
+
+    def on(flag: int) -> npt.NDArray[np.bool_]:
+        return (c & flag) != 0
+
+    present, tracked, idle = on(PageState.PRESENT), on(PageState.TRACKED), on(0x80)
+    return np.stack([present, present & tracked & ~idle, present & tracked & idle, on(PageState.SWAPPED),
+                     present & on(PageState.HUGE), present & ~tracked]).astype(np.int64)
+
+
+_USAGE_CODE_MASK = np.uint16(PageState.PRESENT | PageState.SWAPPED | PageState.HUGE | PageState.TRACKED)
+_USAGE_PREDICATES = _usage_predicates()
+
+
 def usage_from_segments(vmas: Iterable[Vma], segments: list[IdleSegment]) -> list[VmaUsage]:
-    """Per-VMA counts from per-page data (page- and region-granular backends): one ``add.reduceat`` per
-    segment over the VMA boundaries (VMAs never overlap, so each VMA is exactly one stretch between two)."""
+    """Per-VMA counts from per-page data (page- and region-granular backends). Per segment, one bincount of
+    (stretch between VMA boundaries, page code): VMAs never overlap, so each is exactly one stretch."""
     vmas = list(vmas)
     totals = np.zeros((len(vmas), 6), np.int64)
     order = sorted(range(len(vmas)), key=lambda i: vmas[i].start_gva)
@@ -223,18 +240,14 @@ def usage_from_segments(vmas: Iterable[Vma], segments: list[IdleSegment]) -> lis
                            min(v.end_gva >> PAGE_SHIFT, s.end_vfn) - s.start_vfn))
         if not inside:
             continue
-        st = s.state
-        idle = s.idle_pages()
-        present = (st & np.uint16(PageState.PRESENT)) != 0
-        tracked = (st & np.uint16(PageState.TRACKED)) != 0
-        cats = np.stack([present, present & tracked & ~idle, present & tracked & idle,
-                         (st & np.uint16(PageState.SWAPPED)) != 0,
-                         present & ((st & np.uint16(PageState.HUGE)) != 0), present & ~tracked])
-        cuts = sorted({a for _, a, _ in inside} | {b for _, _, b in inside if b < s.nr_pages})
-        sums = np.add.reduceat(cats, cuts, axis=1, dtype=np.int64)
+        cuts = sorted({0} | {a for _, a, _ in inside} | {b for _, _, b in inside if b < s.nr_pages})
+        key = np.repeat(np.arange(0, len(cuts) << 8, 256, dtype=np.int64), np.diff(np.append(cuts, s.nr_pages)))
+        key |= s.state & _USAGE_CODE_MASK
+        key |= s.idle_pages().view(np.uint8) << np.uint8(7)
+        hist = np.bincount(key, minlength=len(cuts) << 8).reshape(len(cuts), 256)
         where = {c: k for k, c in enumerate(cuts)}
         for i, a, _ in inside:
-            totals[i] += sums[:, where[a]]
+            totals[i] += _USAGE_PREDICATES @ hist[where[a]]
     out = []
     for v, tot in zip(vmas, totals, strict=True):
         n = [int(x) * PAGE_SIZE for x in tot]
