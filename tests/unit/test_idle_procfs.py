@@ -105,8 +105,16 @@ def test_frames_index_pfns_by_block_and_find_heads() -> None:
     flags[8] = 1 << KPF_COMPOUND_HEAD
     flags[9:16] = 1 << KPF_COMPOUND_TAIL
     frames = _Frames(words, flags)
-    tails = frames.slots(np.array([512 + 9, 512 + 15, 512 + 2], np.uint64))
-    assert frames.head_slots(tails).tolist() == [8, 8, -1]
+    tail_pfns = np.array([512 + 9, 512 + 15, 512 + 2], np.uint64)
+    assert frames.head_slots(frames.slots(tail_pfns), tail_pfns).tolist() == [8, 8, -1]
+    # a head in the window below does not count: the next window (pfn 1024..) starts with tails
+    words = np.arange(8, 24, dtype=np.int64)
+    flags = np.zeros(1024, np.uint64)
+    flags[8] = 1 << KPF_COMPOUND_HEAD
+    flags[512:520] = 1 << KPF_COMPOUND_TAIL
+    frames = _Frames(words, flags)
+    tail_pfns = np.array([1024 + 3], np.uint64)
+    assert frames.head_slots(frames.slots(tail_pfns), tail_pfns).tolist() == [-1]
 
 
 def test_usage_counts_each_vma_once_against_brute_force() -> None:
