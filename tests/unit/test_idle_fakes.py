@@ -6,12 +6,23 @@ every write (offset, bytes) so tests can assert the exact traffic."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import struct
 from pathlib import Path
 
-from vmsight.idle.abi import KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL, KPF_LRU, KPF_THP, PM_PRESENT, PM_SWAP
+from vmsight.idle.abi import (
+    KPF_COMPOUND_HEAD,
+    KPF_COMPOUND_TAIL,
+    KPF_LRU,
+    KPF_THP,
+    PAGE_IS_HUGE,
+    PAGEMAP_SCAN,
+    PM_PRESENT,
+    PM_SCAN_ARG,
+    PM_SWAP,
+)
 from vmsight.idle.kfiles import KernelFiles
 
 BITMAP = "kernel/mm/page_idle/bitmap"
@@ -52,6 +63,31 @@ class FakeProc(KernelFiles):
             for vfn, e in entries.items():
                 f.seek(vfn * 8)
                 f.write(struct.pack("<Q", e))
+
+    pmd_vfns: list[tuple[int, int]] | None = None   # PMD-mapped [lo, hi) vfn runs; None: no PAGEMAP_SCAN
+    kpf_reads: int = 0                               # kpageflags entries read
+
+    def pread(self, rel: str, offset: int, size: int) -> bytes:
+        data = super().pread(rel, offset, size)
+        if rel == "kpageflags":
+            self.kpf_reads += len(data) // 8
+        return data
+
+    def ioctl(self, rel: str, request: int, arg: bytearray) -> int:
+        """PAGEMAP_SCAN over ``pmd_vfns`` (category PAGE_IS_HUGE only), like fs/proc/task_mmu.c: regions
+        clipped to [start, end), at most vec_len of them, walk_end where it stopped."""
+        if self.pmd_vfns is None or request != PAGEMAP_SCAN:
+            raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+        f = list(struct.unpack(PM_SCAN_ARG, arg))
+        start, end, vec, vec_len = f[2], f[3], f[5], f[6]
+        regions = [(max(lo << 12, start), min(hi << 12, end)) for lo, hi in sorted(self.pmd_vfns)]
+        regions = [(a, b) for a, b in regions if a < b]
+        out = regions[:vec_len]
+        walk_end = end if len(regions) <= vec_len else regions[vec_len][0]
+        buf = b"".join(struct.pack("<3Q", a, b, PAGE_IS_HUGE) for a, b in out)
+        ctypes.memmove(vec, buf, len(buf))
+        struct.pack_into("<Q", arg, 32, walk_end)
+        return len(out)
 
     def set_kpageflags(self, flags: dict[int, int], max_pfn: int = 1 << 16) -> None:
         path = self.path("kpageflags")

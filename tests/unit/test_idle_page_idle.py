@@ -320,3 +320,58 @@ def test_frames_beyond_the_bitmaps_end_are_not_tracked(tmp_path: Path, monkeypat
         assert all(off // 8 * 64 < limit for off, _ in sysfs.reads)  # once known, the end is not read again
         snap = t.read_and_mark()
         assert set((snap.pages(PageState.TRACKED) - VFN0).tolist()) == set(range(100))
+
+
+def _thp_env(tmp_path: Path, n_thp: int) -> tuple[FakeProc, FakePageIdleSys, int, list[int]]:
+    proc = FakeProc(tmp_path / "proc")
+    base = 0x40000000
+    proc.set_maps([(base, base + n_thp * (2 << 20), "rw-p", "")])
+    heads = [0x2000 + 0x400 * i for i in range(n_thp)]              # 512-aligned, not adjacent
+    proc.set_pagemap({(base >> 12) + 512 * k + i: present(h + i) for k, h in enumerate(heads) for i in range(512)})
+    kflags: dict[int, int] = {}
+    for h in heads:
+        kflags.update(thp_flags(h))
+    proc.set_kpageflags(kflags)
+    return proc, FakePageIdleSys(tmp_path / "sys", kflags), base, heads
+
+
+@pytest.mark.parametrize("regions_per_call", [256, 1])
+def test_pmd_mapped_thps_need_only_their_heads_kpageflags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         regions_per_call: int) -> None:
+    """With PAGEMAP_SCAN (v6.7+) a PMD-mapped THP costs one kpageflags block, not 512 entries; the verdicts
+    are those of the general path. One region per call exercises the walk_end continuation."""
+    monkeypatch.setenv("VMSIGHT_LOCK_DIR", lock_dir(tmp_path))
+    monkeypatch.setattr("vmsight.idle.page_idle.SCAN_REGIONS", regions_per_call)
+    proc, sysfs, base, heads = _thp_env(tmp_path, 3)
+    v0 = base >> 12
+    proc.pmd_vfns = [(v0 + 512 * k, v0 + 512 * (k + 1)) for k in (0, 2)]  # THP 1 is PTE-mapped (no PMD)
+    with IdleTracker(proc.pid, "page_idle", proc=proc, sysfs=sysfs) as t:
+        t.mark_idle()
+        # heads' blocks for the PMD-mapped two, the whole folio for the PTE-mapped one
+        assert proc.kpf_reads == 2 * 64 + 512
+        assert _written_pfns(sysfs) == set(heads)
+        sysfs.access(heads[2])
+        snap = t.read()
+    assert snap.count(PageState.HUGE) == 3 * 512
+    assert set((snap.pages(PageState.TRACKED, idle=False) - v0).tolist()) == set(range(1024, 1536))
+    assert snap.count(PageState.TRACKED, idle=True) == 1024
+
+
+def test_pmd_mapped_range_that_split_meanwhile_is_read_page_by_page(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """PAGEMAP_SCAN said PMD-mapped, but kpageflags now shows 512 plain pages (split since): each page is its
+    own folio again."""
+    monkeypatch.setenv("VMSIGHT_LOCK_DIR", lock_dir(tmp_path))
+    proc, sysfs, base, heads = _thp_env(tmp_path, 1)
+    split = {heads[0] + i: LRU for i in range(512)}
+    proc.set_kpageflags(split)
+    sysfs.kflags.clear()
+    sysfs.kflags.update(split)
+    proc.pmd_vfns = [(base >> 12, (base >> 12) + 512)]
+    with IdleTracker(proc.pid, "page_idle", proc=proc, sysfs=sysfs) as t:
+        t.mark_idle()
+        assert _written_pfns(sysfs) == set(split)
+        sysfs.access(heads[0] + 7)
+        snap = t.read()
+    assert set(((snap.pages(PageState.TRACKED, idle=False)) - (base >> 12)).tolist()) == {7}
+    assert snap.count(PageState.HUGE) == 0

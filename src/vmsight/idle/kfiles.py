@@ -10,6 +10,7 @@ EACCES/EPERM -> :class:`AccessDenied`.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 
@@ -73,6 +74,14 @@ class KernelFiles:
             return os.pwrite(fd, data, offset)
         except OSError as e:
             raise self._translate(e, rel, "write") from e
+
+    def ioctl(self, rel: str, request: int, arg: bytearray) -> int:
+        """ioctl on the cached read-only descriptor of ``rel``; ``arg`` is passed by address and updated."""
+        fd = self._fd(rel, os.O_RDONLY)
+        try:
+            return int(fcntl.ioctl(fd, request, arg))
+        except OSError as e:
+            raise self._translate(e, rel, "ioctl") from e
 
     def open_binary(self, rel: str, write: bool = False) -> None:
         """Open (and cache) a binary file now, e.g. to pin a process's mm before scanning it."""

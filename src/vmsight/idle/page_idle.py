@@ -12,9 +12,12 @@ with /proc/kpageflags, which reports folio flags (COMPOUND_HEAD/TAIL, LRU, THP) 
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import errno
 import logging
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,10 +31,13 @@ from vmsight.idle.abi import (
     KPF_NOPAGE,
     KPF_THP,
     KPF_ZERO_PAGE,
+    PAGE_IS_HUGE,
     PAGEMAP_ENTRY,
+    PAGEMAP_SCAN,
     PM_MMAP_EXCLUSIVE,
     PM_PFN_MASK,
     PM_PRESENT,
+    PM_SCAN_ARG,
     PM_SWAP,
     U64,
     WORD_BITS,
@@ -67,6 +73,7 @@ KPF_GAP_WORDS = 4              # read up to 2 KiB of unneeded kpageflags rather 
 HEAD_WINDOW = 512              # a tail's head lies within its naturally aligned folio (<= PMD order for THP)
 READ_GAP_WORDS = 4             # bitmap words between needed ones that may be read along (each costs 64 lookups)
 WRITE_GAP_WORDS = 16           # zero words written along are ignored by the kernel (cheap)
+SCAN_REGIONS = 256             # page_region entries per PAGEMAP_SCAN call
 
 KNOWN = (PageState.PRESENT | PageState.SWAPPED | PageState.FILE | PageState.EXCLUSIVE | PageState.HUGE
          | PageState.SOFT_DIRTY | PageState.TRACKED | PageState.CHANGED | PageState.ZERO_PAGE | PageState.NEW)
@@ -136,6 +143,7 @@ class _Scan:
     kflags: U64         # kpageflags of the page (0 where not present)
     tracked: npt.NDArray[np.bool_]  # present, on the LRU, not the zero page, head known
     frames: _Frames
+    tail_words: I64 = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # bitmap words of tails
 
     def below(self, pfn_limit: int) -> npt.NDArray[np.bool_]:
         """Pages whose head lies below ``pfn_limit`` (the bitmap ends at max_pfn)."""
@@ -159,7 +167,7 @@ class _Scan:
         idx = np.concatenate([np.arange(offs[r], offs[r] + r[1] - r[0]) for r in ranges]) if ranges \
             else np.zeros(0, np.int64)
         return _Scan(list(ranges), self.entries[idx], self.pfn[idx], self.head_slot[idx],
-                     self.kflags[idx], self.tracked[idx], self.frames)
+                     self.kflags[idx], self.tracked[idx], self.frames, self.tail_words)
 
 
 class PageIdleBackend(Backend):
@@ -186,6 +194,7 @@ class PageIdleBackend(Backend):
         self._marked: _Scan | None = None
         self._still_idle: tuple[_Frames, I64] | None = None  # heads the last read found idle
         self._pfn_limit: int | None = None   # first PFN the bitmap does not cover (max_pfn), once seen
+        self._no_pagemap_scan = False
         self.mark_time_ns: int | None = None
         self.written_last_mark = 0           # folios whose bits the last mark wrote
         sysfs.open_binary(BITMAP, write=True)
@@ -207,12 +216,12 @@ class PageIdleBackend(Backend):
             return np.zeros(0, np.int64), np.zeros(0, np.uint64)
         return np.concatenate(got_words), np.concatenate(parts)
 
-    def _frames(self, pfns: U64) -> tuple[_Frames, I64, U64, npt.NDArray[np.bool_]]:
+    def _frames(self, pfns: U64) -> tuple[_Frames, U64, I64]:
         """kpageflags of the blocks holding ``pfns``, plus every block of the 512-page window of each tail
-        page (so its head is in view); and each of ``pfns``' slot, flags and whether it is a tail page."""
+        page (so its head is in view); and for each of ``pfns`` its flags and its folio head's slot."""
         if len(pfns) == 0:
             empty = np.zeros(0, np.int64)
-            return _Frames(empty, np.zeros(0, np.uint64)), empty, np.zeros(0, np.uint64), np.zeros(0, bool)
+            return _Frames(empty, np.zeros(0, np.uint64)), np.zeros(0, np.uint64), empty
         frames = _Frames(*self._read_blocks(_unique_blocks(pfns)))
         slots = frames.slots(pfns)
         flags = frames.flags[slots]
@@ -231,7 +240,69 @@ class PageIdleBackend(Backend):
                 both = np.concatenate((frames.flags.reshape(-1, WORD_BITS), f2.reshape(-1, WORD_BITS)))[order]
                 frames = _Frames(words[order], both.ravel())
                 slots = frames.slots(pfns)
-        return frames, slots, flags, tail
+            slots[tail] = frames.head_slots(slots[tail], pfns[tail])
+        return frames, flags, slots
+
+    def _frames_pmd(self, pfns: U64, pmd: npt.NDArray[np.bool_]) -> tuple[_Frames, U64, I64, I64]:
+        """``_frames`` where ``pmd`` marks frames of PMD-mapped THPs: a PMD maps a whole PMD-order folio, so
+        its head is the 512-aligned frame and only the head's block of kpageflags is read (not the 511
+        tails'). Also returns the bitmap words between such heads (all tails: free to read along)."""
+        heads = pfns[pmd] & ~np.uint64(HEAD_WINDOW - 1)
+        slow = pfns[~pmd]
+        frames, flags, hslot = self._frames(np.concatenate((slow, heads)))
+        hs = hslot[len(slow):]
+        # check what kpageflags says now: a compound head at the block start, tails after it in the block
+        blocks = frames.flags.reshape(-1, WORD_BITS)          # per block read: few (one per THP)
+        head_block = bit(blocks[:, 0], KPF_COMPOUND_HEAD) & bit(blocks[:, 1:], KPF_COMPOUND_TAIL).all(axis=1)
+        ok = ((hs & 63) == 0) & head_block[hs >> 6]
+        if not ok.all():
+            # split or migrated since the scan, or a larger hugetlb page: those pages the general way
+            log.debug("page_idle: %d PMD-mapped pages failed the head check", int(np.count_nonzero(~ok)))
+            pmd = pmd.copy()
+            pmd[np.flatnonzero(pmd)[~ok]] = False
+            return self._frames_pmd(pfns, pmd) if pmd.any() else (*self._frames(pfns), np.zeros(0, np.int64))
+        n = len(pfns)
+        out_flags, out_hslot = np.empty(n, np.uint64), np.empty(n, np.int64)
+        out_flags[~pmd], out_hslot[~pmd] = flags[:len(slow)], hslot[:len(slow)]
+        hflags = flags[len(slow):]
+        is_head = (pfns[pmd] & np.uint64(HEAD_WINDOW - 1)) == 0
+        tail_flags = (hflags & ~np.uint64(1 << KPF_COMPOUND_HEAD)) | np.uint64(1 << KPF_COMPOUND_TAIL)
+        out_flags[pmd] = np.where(is_head, hflags, tail_flags)
+        out_hslot[pmd] = hs
+        hw = (heads[is_head] >> np.uint64(6)).astype(np.int64)
+        between = (hw[:, None] + np.arange(1, HEAD_WINDOW // WORD_BITS)).ravel()
+        return frames, out_flags, out_hslot, between
+
+    def _pmd_mapped(self, ranges: list[VfnRange]) -> npt.NDArray[np.bool_] | None:
+        """Pages of ``ranges`` (concatenated) mapped by a PMD, by PAGEMAP_SCAN; None where the kernel has no
+        PAGEMAP_SCAN (before v6.7) or it failed (then every frame's kpageflags is read)."""
+        if self._no_pagemap_scan:
+            return None
+        out = np.zeros(sum(hi - lo for lo, hi in ranges), bool)
+        vec = (ctypes.c_uint64 * (3 * SCAN_REGIONS))()
+        off = 0
+        for lo, hi in ranges:
+            start, end = lo << 12, hi << 12
+            while start < end:
+                arg = bytearray(struct.pack(PM_SCAN_ARG, struct.calcsize(PM_SCAN_ARG), 0, start, end, 0,
+                                            ctypes.addressof(vec), SCAN_REGIONS, 0, 0, 0, PAGE_IS_HUGE, PAGE_IS_HUGE))
+                try:
+                    n = self.proc.ioctl(f"{self.process.pid}/pagemap", PAGEMAP_SCAN, arg)
+                except (OSError, AccessDenied) as e:
+                    if isinstance(e, OSError) and e.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                        self._no_pagemap_scan = True
+                    log.debug("page_idle: no PAGEMAP_SCAN (%s): reading every frame's kpageflags", e)
+                    return None
+                for i in range(n):
+                    a = max(int(vec[3 * i]) >> 12, lo) - lo + off
+                    b = min(int(vec[3 * i + 1]) >> 12, hi) - lo + off
+                    out[a:b] = True
+                walk_end = struct.unpack_from("<Q", arg, 32)[0]
+                if n < SCAN_REGIONS or walk_end <= start:
+                    break
+                start = walk_end
+            off += hi - lo
+        return out
 
     def _write_bitmap(self, words: I64, values: U64) -> int:
         """Write the non-zero ``values`` at their bitmap ``words`` (offset ``word * 8``, <= 4 KiB a call).
@@ -270,8 +341,11 @@ class PageIdleBackend(Backend):
         # Words of nothing but tail pages cost the kernel almost nothing (page_idle_get_folio refuses tails
         # first thing), so read them along: a THP's head words are then one run, not one call each.
         need |= bit(scan.frames.flags, KPF_COMPOUND_TAIL).reshape(-1, WORD_BITS).all(axis=1)
+        to_read = words[need]
+        if len(scan.tail_words):
+            to_read = _unique_blocks(np.concatenate((to_read, scan.tail_words)).astype(np.uint64), shift=0)
         values = np.zeros(len(words), np.uint64)
-        for first, count in word_runs(words[need], max_gap=READ_GAP_WORDS):
+        for first, count in word_runs(to_read, max_gap=READ_GAP_WORDS):
             got = np.frombuffer(self.sysfs.pread(BITMAP, first * WORD_BYTES, count * WORD_BYTES), dtype=np.uint64)
             if len(got) < count:
                 self._limit_pfn((first + len(got)) * 64)
@@ -297,17 +371,22 @@ class PageIdleBackend(Backend):
                                "PFNs read as 0: reading them needs CAP_SYS_ADMIN (run as root)")
         pfn = np.zeros(len(allents), np.uint64)
         pfn[present] = ppfn
-        frames, pslot, pflags, tail = self._frames(ppfn)
-        hslot = pslot.copy()
-        if tail.any():
-            hslot[tail] = frames.head_slots(pslot[tail], ppfn[tail])
+        pmd = self._pmd_mapped(ranges) if len(ppfn) else None
+        between = np.zeros(0, np.int64)
+        if pmd is not None and pmd.any():
+            vfn = np.concatenate([np.arange(lo, hi, dtype=np.uint64) for lo, hi in ranges])
+            # a PMD maps a naturally aligned folio: the frame's offset in it equals the page's in the 2 MiB
+            ppmd = (pmd & ((pfn & np.uint64(HEAD_WINDOW - 1)) == (vfn & np.uint64(HEAD_WINDOW - 1))))[present]
+            frames, pflags, hslot, between = self._frames_pmd(ppfn, ppmd)
+        else:
+            frames, pflags, hslot = self._frames(ppfn)
         judge = np.uint64((1 << KPF_LRU) | (1 << KPF_ZERO_PAGE) | (1 << KPF_NOPAGE))
         ptracked = ((pflags & judge) == np.uint64(1 << KPF_LRU)) & (hslot >= 0)
         n = len(allents)
         kflags, tracked = np.zeros(n, np.uint64), np.zeros(n, bool)
         head_slot = np.full(n, -1, np.int64)
         kflags[present], tracked[present], head_slot[present] = pflags, ptracked, hslot
-        scan = _Scan(list(ranges), allents, pfn, head_slot, kflags, tracked, frames)
+        scan = _Scan(list(ranges), allents, pfn, head_slot, kflags, tracked, frames, between)
         if self._pfn_limit is not None:
             scan.tracked &= scan.below(self._pfn_limit)
         return scan
