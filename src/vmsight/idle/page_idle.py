@@ -195,6 +195,7 @@ class PageIdleBackend(Backend):
         self._still_idle: tuple[_Frames, I64] | None = None  # heads the last read found idle
         self._pfn_limit: int | None = None   # first PFN the bitmap does not cover (max_pfn), once seen
         self._no_pagemap_scan = False
+        self.pmd_pages_last_scan = 0         # pages the last scan found PMD-mapped (PAGEMAP_SCAN), for diagnosis
         self.mark_time_ns: int | None = None
         self.written_last_mark = 0           # folios whose bits the last mark wrote
         sysfs.open_binary(BITMAP, write=True)
@@ -378,6 +379,7 @@ class PageIdleBackend(Backend):
             # a PMD maps a naturally aligned folio: the frame's offset in it equals the page's in the 2 MiB
             ppmd = (pmd & ((pfn & np.uint64(HEAD_WINDOW - 1)) == (vfn & np.uint64(HEAD_WINDOW - 1))))[present]
             frames, pflags, hslot, between = self._frames_pmd(ppfn, ppmd)
+            self.pmd_pages_last_scan = int(np.count_nonzero(ppmd))
         else:
             frames, pflags, hslot = self._frames(ppfn)
         judge = np.uint64((1 << KPF_LRU) | (1 << KPF_ZERO_PAGE) | (1 << KPF_NOPAGE))
