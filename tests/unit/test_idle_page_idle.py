@@ -375,3 +375,19 @@ def test_pmd_mapped_range_that_split_meanwhile_is_read_page_by_page(tmp_path: Pa
         snap = t.read()
     assert set(((snap.pages(PageState.TRACKED, idle=False)) - (base >> 12)).tolist()) == {7}
     assert snap.count(PageState.HUGE) == 0
+
+
+def test_frames_past_the_end_of_kpageflags_read_as_no_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kpageflags ends mid-block (a short read): the frames after its end are not tracked."""
+    monkeypatch.setenv("VMSIGHT_LOCK_DIR", lock_dir(tmp_path))
+    proc = FakeProc(tmp_path / "proc")
+    proc.set_maps([(BASE, BASE + 2 * 4096, "rw-p", "")])
+    proc.set_pagemap({VFN0: present(0x100F), VFN0 + 1: present(0x1020)})
+    kflags = {0x100F: LRU, 0x1020: LRU}
+    proc.set_kpageflags({0x100F: LRU}, max_pfn=0x1010)
+    sysfs = FakePageIdleSys(tmp_path / "sys", kflags)
+    with IdleTracker(proc.pid, "page_idle", proc=proc, sysfs=sysfs) as t:
+        t.mark_idle()
+        snap = t.read()
+    assert (snap.pages(PageState.TRACKED) - VFN0).tolist() == [0]
+    assert PageState.PRESENT in snap.state_of(BASE + 4096)

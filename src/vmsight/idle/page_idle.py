@@ -205,17 +205,22 @@ class PageIdleBackend(Backend):
     def _read_blocks(self, words: I64, max_gap: int = KPF_GAP_WORDS) -> tuple[I64, U64]:
         """kpageflags of whole blocks: (block indices read, sorted and unique; their flags, 64 per block).
         Blocks closer than ``max_gap`` to a needed one are read along; beyond kpageflags' end reads NOPAGE."""
-        got_words, parts = [], []
-        for first, count in word_runs(words, max_gap=max_gap, max_len=KPF_RUN_WORDS):
-            data = self.proc.pread(KPAGEFLAGS, first * WORD_BITS * 8, count * WORD_BITS * 8)
-            flags = np.full(count * WORD_BITS, np.uint64(1 << KPF_NOPAGE), np.uint64)
-            n = len(data) // 8
-            flags[:n] = np.frombuffer(data, dtype=np.uint64, count=n)
-            got_words.append(np.arange(first, first + count, dtype=np.int64))
-            parts.append(flags)
-        if not parts:
+        runs = word_runs(words, max_gap=max_gap, max_len=KPF_RUN_WORDS)
+        if not runs:
             return np.zeros(0, np.int64), np.zeros(0, np.uint64)
-        return np.concatenate(got_words), np.concatenate(parts)
+        block = WORD_BITS * 8
+        datas = [self.proc.pread(KPAGEFLAGS, first * block, count * block) for first, count in runs]
+        firsts = np.array([f for f, _ in runs], np.int64)
+        counts = np.array([c for _, c in runs], np.int64)
+        starts = np.cumsum(counts) - counts
+        # one pass for all runs (per-run numpy calls dominated with one short run per THP head)
+        got_words = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(firsts - starts, counts)
+        if all(len(d) == c * block for d, (_, c) in zip(datas, runs, strict=True)):
+            return got_words, np.frombuffer(b"".join(datas), dtype=np.uint64).copy()
+        flags = np.full(len(got_words) * WORD_BITS, np.uint64(1 << KPF_NOPAGE), np.uint64)
+        for d, s in zip(datas, starts.tolist(), strict=True):
+            flags[s * WORD_BITS:s * WORD_BITS + len(d) // 8] = np.frombuffer(d, dtype=np.uint64, count=len(d) // 8)
+        return got_words, flags
 
     def _frames(self, pfns: U64) -> tuple[_Frames, U64, I64]:
         """kpageflags of the blocks holding ``pfns``, plus every block of the 512-page window of each tail
