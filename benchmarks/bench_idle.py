@@ -14,6 +14,7 @@ instruction is emulated, so absolute times are ~10-50x real hardware; the ratios
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,20 @@ class _SyscallClock:
         setattr(self.cls, "pwrite", self.orig[1])  # noqa: B010
 
 
+@contextlib.contextmanager
+def _workload(mib: int, thp: bool) -> Iterator[tuple[int, int, int]]:
+    """tests/inguest/workload.py mapping ``mib`` MiB (THP-backed with ``thp``): (pid, start gva, bytes)."""
+    p = subprocess.Popen([sys.executable, str(WORKLOAD), "--mib", str(mib)] + (["--thp"] if thp else []),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        _, addr_s, size_s, _ = p.stdout.readline().split()
+        yield p.pid, int(addr_s, 16), int(size_s)
+    finally:
+        p.kill()
+        p.wait()
+
+
 def p5_mark_read_ratio(mib: int = 256, repeats: int = 5, thp: bool = False) -> dict[str, Any]:
     """mark+read of an idle ``mib`` MiB mapping (4 KiB pages, or THP with ``thp``), and the steady state of
     continuous tracking (``read_and_mark``), each per GiB and as a ratio to one sequential pagemap read of the
@@ -135,12 +151,7 @@ def p5_mark_read_ratio(mib: int = 256, repeats: int = 5, thp: bool = False) -> d
     from vmsight.idle import IdleTracker, PageState
 
     key = "p5_thp" if thp else "p5"
-    p = subprocess.Popen([sys.executable, str(WORKLOAD), "--mib", str(mib)] + (["--thp"] if thp else []),
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout is not None
-        _, addr_s, size_s, _ = p.stdout.readline().split()
-        addr, size = int(addr_s, 16), int(size_s)
+    with _workload(mib, thp) as (pid, addr, size):
         rng = [(addr, addr + size)]
 
         def baseline() -> float:
@@ -148,12 +159,12 @@ def p5_mark_read_ratio(mib: int = 256, repeats: int = 5, thp: bool = False) -> d
             t0 = time.perf_counter()
             n = 0
             while n < repeats or time.perf_counter() - t0 < 0.05:
-                _pagemap_read_s(p.pid, addr >> 12, (addr + size) >> 12)
+                _pagemap_read_s(pid, addr >> 12, (addr + size) >> 12)
                 n += 1
             return (time.perf_counter() - t0) / n
 
         base = baseline()
-        with IdleTracker(p.pid, "page_idle") as t:
+        with IdleTracker(pid, "page_idle") as t:
             t.mark_idle(rng)  # warm up (first kpageflags/bitmap opens)
             t.read()
             mark = read = 0.0
@@ -173,7 +184,7 @@ def p5_mark_read_ratio(mib: int = 256, repeats: int = 5, thp: bool = False) -> d
                     t.read_and_mark(rng)
                 steady = time.perf_counter() - t0
         base = (base + baseline()) / 2     # the machine may have drifted meanwhile
-        c_pagemap, c_floor = _c_floor(p.pid, addr, size, repeats)
+        c_pagemap, c_floor = _c_floor(pid, addr, size, repeats)
         gib = size / (1 << 30)
         per = 1000 / gib / repeats
         total = mark + read
@@ -199,9 +210,6 @@ def p5_mark_read_ratio(mib: int = 256, repeats: int = 5, thp: bool = False) -> d
             res[f"{key}_syscall_{k}_ms_per_gib"] = v * per
             res[f"{key}_syscall_{k}_calls"] = clock.calls[k] // repeats
         return res
-    finally:
-        p.kill()
-        p.wait()
 
 
 def _hog_rate(mib: int, seconds: float, tracked: bool, cpu: int, burn_s: float = 0.0) -> tuple[float, int, float]:
@@ -308,17 +316,12 @@ def host_native_ours(mib: int = 1024, repeats: int = 5) -> dict[str, Any]:
             f.truncate(os.sysconf("SC_PHYS_PAGES") // 8 + (1 << 20))
         for thp in (False, True):
             key = "p5_host_thp" if thp else "p5_host"
-            p = subprocess.Popen([sys.executable, str(WORKLOAD), "--mib", str(mib)] + (["--thp"] if thp else []),
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            try:
-                assert p.stdout is not None
-                _, addr_s, size_s, _ = p.stdout.readline().split()
-                addr, size = int(addr_s, 16), int(size_s)
+            with _workload(mib, thp) as (pid, addr, size):
                 rng = [(addr, addr + size)]
-                with IdleTracker(p.pid, "page_idle", sysfs=KernelFiles(d), lock_dir=d) as t:
+                with IdleTracker(pid, "page_idle", sysfs=KernelFiles(d), lock_dir=d) as t:
                     t.mark_idle(rng)
                     snap = t.read()
-                    base = min(_pagemap_read_s(p.pid, addr >> 12, (addr + size) >> 12) for _ in range(repeats))
+                    base = min(_pagemap_read_s(pid, addr >> 12, (addr + size) >> 12) for _ in range(repeats))
                     t0 = time.perf_counter()
                     for _ in range(repeats):
                         t.mark_idle(rng)
@@ -328,9 +331,6 @@ def host_native_ours(mib: int = 1024, repeats: int = 5) -> dict[str, Any]:
                 out.update({f"{key}_pagemap_read_ms_per_gib": base * 1000 / gib,
                             f"{key}_ours_ms_per_gib": total * 1000 / gib,
                             f"{key}_huge_pages": snap.count(PageState.HUGE)})
-            finally:
-                p.kill()
-                p.wait()
     return out
 
 

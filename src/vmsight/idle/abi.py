@@ -30,10 +30,10 @@ PM_FILE = 1 << 61             # file page or shared anon
 PM_SWAP = 1 << 62
 PM_PRESENT = 1 << 63
 
-# PAGEMAP_SCAN ioctl on /proc/PID/pagemap (v6.7+, commit 52526ca7fdb9): runs of pages by category
+# PAGEMAP_SCAN ioctl on /proc/PID/pagemap: runs of pages by category. Since v6.7 ("fs/proc/task_mmu:
+# Implement IOCTL to get and optionally clear info about PTEs"); ENOTTY before.
 PAGEMAP_SCAN = 0xC0606610     # _IOWR('f', 16, struct pm_scan_arg), sizeof = 96
 PM_SCAN_ARG = "<12Q"          # size flags start end walk_end vec vec_len max_pages inverted mask anyof return
-PAGE_IS_PRESENT = 1 << 3
 PAGE_IS_HUGE = 1 << 6         # mapped by a PMD (THP) or hugetlb; a PTE-mapped large folio is not
 
 # /proc/kpageflags bits

@@ -7,7 +7,9 @@ kernel re-checks the accessed bits first), then re-read pagemap to check no PFN 
 Kernel facts used (mm/page_idle.c, v6.12): offsets and sizes are multiples of 8 and at most 4 KiB per call;
 only LRU pages are tracked (others never read idle); tail pages of a large folio are ignored both ways
 (``page_idle_get_folio`` returns NULL for PageTail), so a tail page takes its head page's bit — heads are found
-with /proc/kpageflags, which reports folio flags (COMPOUND_HEAD/TAIL, LRU, THP) for every page.
+with /proc/kpageflags, which reports folio flags (COMPOUND_HEAD/TAIL, LRU, THP) for every page. Where the
+PAGEMAP_SCAN ioctl (v6.7+) says a range is PMD-mapped, the head is the 512-aligned frame and only its
+kpageflags are read. ``read_and_mark`` re-marks only what the read did not find idle.
 """
 
 from __future__ import annotations
