@@ -60,6 +60,8 @@ class Backend:
         self.proc = proc
         self.sysfs = sysfs
         self.warnings: list[str] = []
+        # the caller named the ranges of the next mark (else: all mapped); DAMON then monitors only those
+        self.named_ranges = False
 
     def lock_name(self) -> str:
         return self.name

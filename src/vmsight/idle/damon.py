@@ -186,10 +186,9 @@ class DamonBackend(Backend):
     def mark(self, ranges: list[VfnRange]) -> None:
         if not self._created:
             self._ranges = ranges
-            self._create(ranges if self._explicit else None)
+            self._create(ranges if self.named_ranges else None)
         self.mark_time_ns = now_ns()
 
-    _explicit = False  # set by the tracker when the caller named ranges (DAMON then monitors only those)
 
     def _regions(self) -> list[AccessRegion]:
         self._w("0/state", "update_schemes_tried_regions")

@@ -199,7 +199,6 @@ class PageIdleBackend(Backend):
         self._no_pagemap_scan = False
         self.pmd_pages_last_scan = 0         # pages the last scan found PMD-mapped (PAGEMAP_SCAN), for diagnosis
         self.mark_time_ns: int | None = None
-        self.written_last_mark = 0           # folios whose bits the last mark wrote
         sysfs.open_binary(BITMAP, write=True)
         proc.open_binary(f"{process.pid}/pagemap")  # pins the mm: a reused pid cannot leak another's pages
 
@@ -424,8 +423,7 @@ class PageIdleBackend(Backend):
             scan.tracked &= scan.below(self._pfn_limit)
         self.mark_time_ns = now_ns()
         self._marked = scan
-        self.written_last_mark = int(np.count_nonzero(bits))
-        log.debug("page_idle: marked %d folios in %d bitmap writes", self.written_last_mark, calls)
+        log.debug("page_idle: marked %d folios in %d bitmap writes", int(np.count_nonzero(bits)), calls)
 
     def read(self, ranges: list[VfnRange]) -> tuple[list[IdleSegment], dict[str, object]]:
         warnings = list(self.warnings) + self._concurrent_users()

@@ -170,8 +170,7 @@ class IdleTracker:
     def mark_idle(self, ranges: Ranges = None) -> None:
         """Start an interval: mark the pages of ``ranges`` (default: all mapped) idle."""
         vfn_ranges, self._mark_partial = self.resolve(ranges)
-        if isinstance(self.backend, DamonBackend):
-            self.backend._explicit = ranges is not None
+        self.backend.named_ranges = ranges is not None
         self.backend.mark(vfn_ranges)
         self._marked = vfn_ranges
 
@@ -189,8 +188,7 @@ class IdleTracker:
         vmas = self.vmas()
         vfn_ranges, partial = self._read_ranges(None, vmas)
         next_ranges, next_partial = self.resolve(ranges, vmas)
-        if isinstance(self.backend, DamonBackend):
-            self.backend._explicit = ranges is not None
+        self.backend.named_ranges = ranges is not None
         segments, extra = self.backend.read_and_mark(vfn_ranges, next_ranges)
         self._marked, self._mark_partial = next_ranges, next_partial
         return self._snapshot(segments, extra, vmas, vfn_ranges, partial)
