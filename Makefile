@@ -17,6 +17,7 @@ bench: setup
 	.venv/bin/python -m benchmarks
 
 lint:
+	scripts/setup.sh --no-kernels
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/mypy
 
