@@ -1,16 +1,19 @@
 """``vmsight`` command line: one module per command, one table of commands.
 
 Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-Commands that look at a VM read the global ``--vm DIR|QMP_SOCKET``; ``--json`` is global too.
-Library errors (:class:`vmsight.errors.VmsightError`) become one line on stderr and a non-zero exit."""
+The global options (``--vm DIR|QMP_SOCKET``, ``--gdb``, ``--json``, ``-v``) go before or after the command.
+Library errors (:class:`vmsight.errors.VmsightError`) become one line on stderr and a non-zero exit; any other
+exception is a bug, reported as one line too (the traceback with ``-vv``)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
+import traceback
 from types import ModuleType
 
 from vmsight.errors import VmsightError
@@ -58,15 +61,40 @@ def int0(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal, or hex with 0x)") from None
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("vmsight")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def add_global_options(p: argparse.ArgumentParser, level: str = "") -> None:
+    """The options every command takes, before or after its name (drgn and virsh users type them in either
+    place). ``level`` is "" for the top parser; for a command or group parser ("command", "group") every
+    default is SUPPRESS, so a value given before the command is not overwritten by a subparser default, and
+    ``-v`` counts into its own dest (summed in :func:`main`) because each parser level has its own namespace.
+    An option a command declares itself (e.g. its own ``--json`` help) is kept."""
+    top = level == ""
+
+    def add(*flags: str, default: object, **kw: object) -> None:
+        if any(f in p._option_string_actions for f in flags):  # noqa: SLF001 - argparse has no public query
+            return
+        p.add_argument(*flags, default=default if top else argparse.SUPPRESS, **kw)  # type: ignore[arg-type]
+
+    add("--vm", metavar="DIR|QMP_SOCKET|tcp:HOST:PORT", default=os.environ.get("VMSIGHT_VM"),
+        help="target VM: a `vmsight vm launch` directory, a QEMU QMP socket, or QMP over TCP for a QEMU on "
+             "another machine (env VMSIGHT_VM)")
+    add("--gdb", metavar="SOCKET|tcp:HOST:PORT", default=os.environ.get("VMSIGHT_GDB"),
+        help="the VM's gdbstub, when --vm is a bare QMP socket or a remote tcp:HOST:PORT (env VMSIGHT_GDB)")
+    add("--json", action="store_true", default=False, help="machine-readable output (JSON lines for streams)")
+    add("-v", "--verbose", action="count", default=0, dest="verbose" if top else f"verbose_{level}",
+        help="log more (-vv for debug and tracebacks)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmsight", description="See inside running Linux VMs and processes.")
-    p.add_argument("--vm", metavar="DIR|QMP_SOCKET|tcp:HOST:PORT", default=os.environ.get("VMSIGHT_VM"),
-                   help="target VM: a `vmsight vm launch` directory, a QEMU QMP socket, or QMP over TCP for a "
-                        "QEMU on another machine (env VMSIGHT_VM)")
-    p.add_argument("--gdb", metavar="SOCKET|tcp:HOST:PORT", default=os.environ.get("VMSIGHT_GDB"),
-                   help="the VM's gdbstub, when --vm is a bare QMP socket or a remote tcp:HOST:PORT")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    add_global_options(p)
+    p.add_argument("--version", action="version", version=f"vmsight {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for mod in _load_commands():
@@ -76,17 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             if words[0] not in groups:
                 gp = sub.add_parser(words[0], help=getattr(mod, "GROUP_HELP", f"{words[0]} commands"))
+                add_global_options(gp, "group")
                 groups[words[0]] = gp.add_subparsers(dest=f"{words[0]}_command", metavar="COMMAND",
                                                      required=True)
             sp = groups[words[0]].add_parser(words[1], help=mod.HELP, description=mod.HELP)
         mod.add_arguments(sp)
+        add_global_options(sp, "command")
         sp.set_defaults(_run=mod.run)
     return p
 
 
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse the command line; ``verbose`` counts every ``-v``, wherever it was given."""
+    args = (parser or build_parser()).parse_args(argv)
+    args.verbose += getattr(args, "verbose_group", 0) + getattr(args, "verbose_command", 0)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv, parser)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "_run", None):
@@ -101,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # noqa: BLE001 - a bug, not bad input: still one line, the traceback on request
+        if args.verbose >= 2:
+            traceback.print_exc()
+        print(f"vmsight: internal error: {type(e).__name__}: {e}"
+              + ("" if args.verbose >= 2 else " (run with -vv for the traceback)"), file=sys.stderr)
+        return 1
 
 
 def require_vm(args: argparse.Namespace) -> str:

@@ -40,8 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, help="stop after N events")
     p.add_argument("--duration", type=float, help="stop after S seconds")
     p.add_argument("--regs", action="store_true", help="bp: print the registers at each hit")
-    # also accepted after the command (the global --json works too); SUPPRESS keeps a global one intact
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON lines")
     p.add_argument("--no-watchdog", action="store_true",
                    help="do not start the SIGKILL watchdog (a killed tracer would leave the VM stopped)")
 
