@@ -13,7 +13,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,8 @@ class VM:
         self._pause_depth = 0
         self._resume_on_exit = False
         self._spaces: dict[tuple[int, bool], AddressSpace] = {}
+        # Run by close() before QMP closes (vmsight.events.watchdog.supervise settles the run state here).
+        self.close_hooks: list[Callable[[], None]] = []
         cpus = qmp.execute("query-cpus-fast")
         if not cpus:
             raise TargetError("QMP reports no vCPUs")
@@ -226,17 +228,19 @@ class VM:
         """Detach from the gdbstub (VM left as it was) and close QMP. Idempotent."""
         with self._lock:
             if self._gdb is not None:
-                was_running = self.status() == "running"
-                if was_running:  # a packet to a running VM would stop it: stop first, D;1 resumes
+                if self.status() == "running":  # a packet to a running VM would stop it: stop first
                     self.qmp.execute("stop")
                     self._drain_gdb_stop()
-                try:
-                    self._gdb.detach()
-                except VmsightError:
-                    self._gdb.close()
+                    try:
+                        self._gdb.detach()  # D;1 resumes
+                    except VmsightError:
+                        self._gdb.close()
+                else:
+                    self._gdb.close()  # D would start a paused or -S (prelaunch) VM; hanging up leaves it be
                 self._gdb = None
-                if not was_running and self.status() == "running":
-                    self.qmp.execute("stop")  # detach resumes; keep a paused VM paused
+            for hook in self.close_hooks:
+                hook()
+            self.close_hooks.clear()
             close = getattr(self.phys, "close", None)
             if close:
                 close()

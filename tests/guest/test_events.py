@@ -366,3 +366,34 @@ def test_one_dispatcher_per_vm(vm: VM) -> None:
         assert d2.listen(0.2) is None  # no breakpoints: nothing to report
         assert not d._bps and not d2._bps
     assert vm.status() == "running"
+
+
+def test_paused_vm_stays_paused_under_trace_and_dispatcher(guest: VmInstance, vm: VM) -> None:
+    """Item 7 of issue 10: `trace` resumed a VM that was paused before it. Now neither the CLI nor the
+    library resumes it: not while listening, not on close, not on the VM's detach."""
+    vm.close()  # the CLI attaches on its own (one QMP client at a time)
+    from vmsight.qemu.qmp import Qmp
+    from vmsight.vm import attach
+
+    def status() -> str:
+        with Qmp(guest.qmp) as q:
+            return q.status()
+
+    with Qmp(guest.qmp) as q:
+        q.execute("stop")
+    try:
+        cli = [sys.executable, "-m", "vmsight.cli.main", "--vm", guest.dir]
+        r = subprocess.run([*cli, "trace", "exec", "--duration", "1.5"], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "the VM is paused and stays so" in r.stderr
+        assert status() == "paused"
+        with attach(guest.dir) as v, Dispatcher(v) as d:
+            d.add_breakpoint("do_exit")
+            assert d.listen(0.5) is None and v.status() == "paused"
+        assert status() == "paused"
+    finally:
+        with Qmp(guest.qmp) as q:
+            q.execute("cont")
+    with attach(guest.dir) as v:
+        _alive(guest, v)

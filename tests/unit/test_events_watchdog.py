@@ -1,5 +1,5 @@
-"""The SIGKILL watchdog's protocol, end to end against a minimal RSP server on a unix socket (the real
-QEMU case is tests/guest/test_events_stress.py)."""
+"""The SIGKILL watchdog's protocol, end to end against a minimal RSP server on a unix socket and a RAM
+file (the real QEMU cases are tests/guest/test_events_stress.py and tests/guest/test_signals.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ import threading
 import time
 from pathlib import Path
 
-from vmsight.events.watchdog import WatchdogClient, cleanup, read_until_eof
+from vmsight.events.watchdog import (
+    WatchdogClient,
+    cleanup,
+    read_journal,
+    read_until_eof,
+    restore_accessed,
+)
+from vmsight.memory.physical import BufferRam
 from vmsight.qemu.rsp import checksum
 
 TARGET_XML = ('<?xml version="1.0"?><target><architecture>i386:x86-64</architecture>'
@@ -64,11 +71,48 @@ class FakeStub:
 
 def test_read_until_eof_tracks_points_and_bye() -> None:
     stream = io.BytesIO(b"+ 0 ffffffff81000000 1\n+ 2 ffff888000001000 8\n- 0 ffffffff81000000 1\n"
-                        b"garbage\n+ 0 zz 1\n")
-    bye, points = read_until_eof(stream)
-    assert not bye and points == {(2, 0xFFFF888000001000, 8)}
-    bye, points = read_until_eof(io.BytesIO(b"+ 0 10 1\nbye\n+ 0 20 1\n"))
-    assert bye and points == {(0, 0x10, 1)}
+                        b"garbage\n+ 0 zz 1\nwant paused\ngdb /x/gdb.sock\nram {bad json\n"
+                        b"accessed /tmp/j\naccessed -\naccessed /tmp/k\n")
+    st = read_until_eof(stream)
+    assert not st.bye and st.points == {(2, 0xFFFF888000001000, 8)}
+    assert st.want == "paused" and st.gdb == "/x/gdb.sock" and st.ram is None and st.journal == "/tmp/k"
+    st = read_until_eof(io.BytesIO(b"+ 0 10 1\nbye\n+ 0 20 1\n"))
+    assert st.bye and st.points == {(0, 0x10, 1)} and st.want == "running"
+
+
+PRESENT_A = 0x8000000000000067  # NX | D | A | U | W | P
+
+
+def test_restore_accessed_only_where_the_same_frame_is_mapped_and_a_is_clear() -> None:
+    ram = BufferRam(bytearray(0x2000))
+    entries = {0x1000: 0x1234000 | PRESENT_A, 0x1008: 0x5678000 | PRESENT_A, 0x1010: 0x9999000 | PRESENT_A,
+               0x1018: 0x4444000 | PRESENT_A}
+    now = {0x1000: 0x1234000 | (PRESENT_A & ~0x20),          # ours, A cleared: given back
+           0x1008: 0x7777000 | (PRESENT_A & ~0x20),          # remapped to another frame: not ours
+           0x1010: 0x9999000 | PRESENT_A,                    # A set again by the guest: left alone
+           0x1018: 0x4444000 | (PRESENT_A & ~0x21)}          # not present (swapped/PROT_NONE): never written
+    for gpa, v in now.items():
+        ram.write_gpa(gpa, v.to_bytes(8, "little"))
+    assert restore_accessed(ram, entries) == 1
+    after = {g: int.from_bytes(ram.read_gpa(g, 8), "little") for g in now}
+    assert after == {**now, 0x1000: now[0x1000] | 0x20}
+
+
+def test_journal_written_before_clearing_and_dropped_after(tmp_path: Path) -> None:
+    wd = WatchdogClient.start(want="running")
+    try:
+        wd.accessed({0x1000: 0xAA, 0x2008: 0xBB})
+        journal = wd._journal
+        assert journal is not None and os.stat(journal).st_mode & 0o777 == 0o600
+        assert read_journal(journal) == {0x1000: 0xAA, 0x2008: 0xBB}
+        wd.accessed({0x3000: 0xCC})  # the next interval replaces it
+        assert read_journal(journal) == {0x3000: 0xCC}
+        wd.accessed(None)
+        assert wd._journal is None and not os.path.exists(journal) and wd.clean()
+    finally:
+        wd.stop(clean=True)
+        wd.proc.wait(15)
+    assert wd.proc.returncode == 0
 
 
 def test_cleanup_removes_points_and_detaches(tmp_path: Path) -> None:
@@ -87,7 +131,7 @@ def test_cleanup_gives_up_without_a_stub(tmp_path: Path) -> None:
 
 def test_watchdog_process_cleans_up_when_parent_vanishes(tmp_path: Path) -> None:
     stub = FakeStub(str(tmp_path / "gdb.sock"))
-    wd = WatchdogClient.start(stub.path)
+    wd = WatchdogClient.start(gdb=stub.path)
     wd.record(True, 0, 0xFFFFFFFF81000010, 1)
     wd.record(True, 0, 0xFFFFFFFF81000020, 1)
     wd.record(False, 0, 0xFFFFFFFF81000010, 1)
@@ -103,9 +147,38 @@ def test_watchdog_process_cleans_up_when_parent_vanishes(tmp_path: Path) -> None
 
 def test_watchdog_process_exits_quietly_on_bye(tmp_path: Path) -> None:
     path = str(tmp_path / "gdb.sock")
-    wd = WatchdogClient.start(path)  # nothing listens there: a cleanup attempt would fail and exit 1
+    wd = WatchdogClient.start(gdb=path)  # nothing listens there: a cleanup attempt would fail and exit 1
     wd.record(True, 0, 0x1000, 1)
     wd.record(False, 0, 0x1000, 1)
+    assert wd.clean()
     wd.stop(clean=True)
-    assert wd.proc.returncode == 0
+    assert wd.proc.wait(15) == 0
     assert not os.path.exists(path)
+
+
+def test_watchdog_process_gives_accessed_bits_back_and_keeps_a_paused_vm_paused(tmp_path: Path) -> None:
+    """A parent that found the VM paused dies mid-interval: the bits it journalled are ORed back in the
+    RAM file, its point removed, and the stub hung up on without D (which would start the VM)."""
+    stub = FakeStub(str(tmp_path / "gdb.sock"))
+    ram_path = tmp_path / "guest.ram"
+    ram_path.write_bytes(bytes(0x3000))
+    ram = BufferRam(bytearray(0x3000))  # what the guest's page tables look like now, mid-interval
+    cleared = {0x2000 + 8 * i: (0x100000 + i * 0x1000) | PRESENT_A for i in range(300)}
+    for gpa, old in cleared.items():
+        ram.write_gpa(gpa, (old & ~0x20).to_bytes(8, "little"))
+    ram.write_gpa(0x2008, ((0x100000 + 0x1000) | PRESENT_A).to_bytes(8, "little"))  # touched again since
+    ram_path.write_bytes(ram.read_gpa(0, 0x3000))
+    wd = WatchdogClient.start(gdb=stub.path, want="paused")
+    wd.ram({"path": str(ram_path), "ranges": [[0, 0x3000, 0]]})
+    wd.record(True, 2, 0xFFFF888000001000, 8)
+    wd.accessed(cleared)
+    journal = wd._journal
+    assert wd._pipe is not None and journal is not None
+    wd._pipe.close()  # the parent's death, as the watchdog sees it
+    wd._pipe = None
+    assert wd.proc.wait(15) == 0
+    data = ram_path.read_bytes()
+    after = {g: int.from_bytes(data[g:g + 8], "little") for g in cleared}
+    assert after == cleared  # every bit back, nothing else changed (the re-touched one kept its value)
+    assert not os.path.exists(journal)
+    assert "z2,ffff888000001000,8" in stub.packets and not any(p.startswith("D") for p in stub.packets)

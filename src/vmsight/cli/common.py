@@ -8,11 +8,29 @@ import sys
 from typing import Any
 
 from vmsight.cli.main import require_vm
+from vmsight.events.watchdog import supervise
 from vmsight.vm import VM, attach
 
 
 def open_vm(args: argparse.Namespace) -> VM:
-    return attach(require_vm(args), gdb=getattr(args, "gdb", None))
+    """Attach to --vm, with a watchdog that resumes it if this command dies while it is paused
+    (unless --no-watchdog)."""
+    vm = attach(require_vm(args), gdb=getattr(args, "gdb", None))
+    if not getattr(args, "no_watchdog", False):
+        try:
+            supervise(vm)
+        except BaseException:
+            vm.close()
+            raise
+    return vm
+
+
+def note_if_stopped(vm: VM) -> None:
+    """Event commands leave a stopped VM stopped: say so, or they would seem to hang."""
+    status = vm.status()
+    if status != "running":
+        print(f"vmsight: the VM is {status} and stays so: events come once it runs "
+              "(`vmsight vm resume` or QMP cont)", file=sys.stderr, flush=True)
 
 
 def emit_json(obj: Any) -> None:

@@ -16,6 +16,7 @@ import sys
 import traceback
 from types import ModuleType
 
+from vmsight.cli import signals
 from vmsight.errors import VmsightError
 
 # (module, ...) in the order `vmsight --help` lists them. A module's NAME may contain a space
@@ -25,6 +26,7 @@ COMMANDS: list[str] = [
     "vmsight.cli.vm",
     "vmsight.cli.vm_exec",
     "vmsight.cli.vm_stop",
+    "vmsight.cli.vm_resume",
     "vmsight.cli.regs",
     "vmsight.cli.read_phys",
     "vmsight.cli.read_virt",
@@ -122,6 +124,7 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    signals.install()  # SIGTERM/SIGHUP/SIGINT unwind cleanly: the VM is left as found
     parser = build_parser()
     args = parse_args(argv, parser)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],

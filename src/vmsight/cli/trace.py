@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from vmsight.cli.common import open_vm
+from vmsight.cli.common import note_if_stopped, open_vm
 from vmsight.cli.main import int0
 from vmsight.events import (
     Breakpoint,
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 lx.context_switches(pid=args.pid, comm=args.comm)
         print(f"vmsight: tracing {args.what} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        note_if_stopped(vm)
         for ev in d.events(count=args.count, duration=args.duration):
             n += 1
             if args.json:

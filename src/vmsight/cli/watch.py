@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from vmsight.cli.common import open_vm
+from vmsight.cli.common import note_if_stopped, open_vm
 from vmsight.cli.main import int0
 from vmsight.events import Dispatcher, Event, PageAccess
 
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"vmsight: watching {h.gva:#x}+{h.length:#x} for {h.access.value}"
                   + (f" (alias of gpa {h.alias_of_gpa:#x})" if h.alias_of_gpa is not None else ""),
                   file=sys.stderr, flush=True)
+        note_if_stopped(vm)
         for ev in d.events(duration=args.duration):
             if not isinstance(ev, PageAccess):
                 continue

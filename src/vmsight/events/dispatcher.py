@@ -16,15 +16,17 @@ Step-over: a breakpoint on an ``endbr64`` (every function entry of an IBT kernel
 is passed by moving ``rip`` (one ``P`` packet) instead of single-stepping (a debug stop + TB flush); any
 other instruction is single-stepped. Only under TCG (with KVM's real CET an ``endbr`` must execute).
 
-Clean detach, always: :meth:`close` (also on handler exceptions, SIGINT/SIGTERM, interpreter exit)
-removes every breakpoint and watchpoint and leaves the VM running; a watchdog process
-(:mod:`vmsight.events.watchdog`) does the same if this process dies by SIGKILL."""
+Clean detach, always: :meth:`close` (also on handler exceptions, SIGINT/SIGTERM/SIGHUP, interpreter
+exit) removes every breakpoint and watchpoint and leaves the VM in the run state it was found in (a VM
+paused before, or a ``-S`` one in prelaunch, is never resumed: events come once someone resumes it); a
+watchdog process (:mod:`vmsight.events.watchdog`) does the same if this process dies by SIGKILL."""
 
 from __future__ import annotations
 
 import atexit
 import itertools
 import logging
+import os
 import signal
 import threading
 import time
@@ -161,8 +163,9 @@ class Dispatcher:
     """Introspection events of one VM. Use as a context manager (or call :meth:`close`).
 
     ``kernel`` (a :class:`vmsight.linux.kernel.Kernel`) resolves symbols; it is discovered on first need
-    when omitted. ``supervise`` starts the SIGKILL watchdog; ``handle_signals`` turns SIGINT/SIGTERM into
-    a clean detach followed by KeyboardInterrupt / SystemExit(143) (main thread only).
+    when omitted. ``supervise`` arms the VM's SIGKILL watchdog; ``handle_signals`` turns SIGINT/SIGTERM/
+    SIGHUP into a clean detach followed by KeyboardInterrupt / SystemExit(128 + signal) (main thread only).
+    A VM that is not running when the dispatcher starts stays so until someone else resumes it.
 
     Handlers receive the event and return ``None`` (continue), an :class:`Action` or a :class:`Reply`.
     They run while the VM is stopped; an exception in a handler closes the dispatcher (clean detach) and
@@ -204,13 +207,16 @@ class Dispatcher:
         self._threads = {v.index: v.gdb_thread for v in vm.vcpus()}
         self._caps = self._probe_capabilities()
         self._running = vm.status() == "running"
+        # Found paused (or prelaunch): not ours to resume, as if someone else had paused it.
+        self._ext_paused = not self._running
         self._watchdog: WatchdogClient | None = None
         if supervise:
-            from vmsight.events.watchdog import WatchdogClient
+            from vmsight.events.watchdog import supervise as arm
 
-            self._watchdog = WatchdogClient.start(self._stub.address)
+            self._watchdog = arm(vm)
+            self._watchdog.gdb(self._stub.address)
         if handle_signals and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         _open_dispatchers.add(self)
         self._drain_qmp(force=True)
@@ -500,6 +506,8 @@ class Dispatcher:
             status = self._status()
             log.info("VM stopped by someone else (QMP status %s)", status)
             self._ext_paused = True
+            if self._watchdog and status == "paused":
+                self._watchdog.want("paused")  # theirs: a dying tracer leaves it paused
             self._queue(VmLifecycle(vcpu=-1, what=Lifecycle.STOP, data={"status": status}))
         else:
             status = self._status()
@@ -745,6 +753,8 @@ class Dispatcher:
         if status == "running":
             self._ext_paused = False
             self._running = True
+            if self._watchdog:
+                self._watchdog.want("running")
             self._queue(VmLifecycle(vcpu=-1, what=Lifecycle.RESUME, data={"status": status}))
         elif status.startswith("unknown"):
             self._vm_gone(status)
@@ -772,7 +782,10 @@ class Dispatcher:
         if not any(isinstance(e, VmLifecycle) and e.what is Lifecycle.SHUTDOWN for e in self._pending):
             self._queue(VmLifecycle(vcpu=-1, what=Lifecycle.SHUTDOWN, data={"reason": why}))
         self._running = False
-        self._bps.clear()      # nothing left to remove: the watchdog need not try
+        if self._watchdog:     # nothing left to remove: the watchdog need not try
+            for p in list(self._watchdog.points):
+                self._watchdog.record(False, *p)
+        self._bps.clear()
         self._watches.clear()
         self._finish("closed: the VM is gone", detach=False)
 
@@ -780,9 +793,14 @@ class Dispatcher:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signal = signum
-        if self._busy == 0:  # not talking to the stub: clean up and leave right away
-            self._exit_on_signal()
-        # else: the run loop acts on it at a safe point (never mid-packet)
+        if self._busy:
+            return  # the run loop acts on it at a safe point (never mid-packet)
+        if in_exchange(frame):  # e.g. kernel discovery reading registers: try again in a moment
+            t = threading.Timer(0.005, signal.pthread_kill, (threading.main_thread().ident, signum))
+            t.daemon = True
+            t.start()
+            return
+        self._exit_on_signal()
 
     def _exit_on_signal(self) -> None:
         signum = self._signal
@@ -817,10 +835,8 @@ class Dispatcher:
                 except (ValueError, TypeError):
                     pass
             self._old_handlers.clear()
-            if self._watchdog is not None:
-                # Tell the watchdog all is clean only if it is: else let it do the cleanup itself.
-                self._watchdog.stop(clean=not self._bps and not self._watches)
-                self._watchdog = None
+            # The watchdog keeps what could not be removed; it is released when the VM closes.
+            self._watchdog = None
             _open_dispatchers.discard(self)
 
     def _clean_stub(self) -> None:
@@ -836,6 +852,8 @@ class Dispatcher:
                     try:
                         stub.remove_breakpoint(_Z_SW, gva, 1)
                         del self._bps[gva]
+                        if self._watchdog:
+                            self._watchdog.record(False, _Z_SW, gva, 1)
                     except GdbStubError as e:
                         log.warning("cannot remove breakpoint at %#x: %s", gva, e)
                 for gva, lst in list(self._watches.items()):
@@ -843,6 +861,8 @@ class Dispatcher:
                         try:
                             stub.remove_breakpoint(_Z_OF_ACCESS[w.access], w.gva, w.length)
                             lst.remove(w)
+                            if self._watchdog:
+                                self._watchdog.record(False, _Z_OF_ACCESS[w.access], w.gva, w.length)
                         except GdbStubError as e:
                             log.warning("cannot remove watchpoint at %#x: %s", gva, e)
                     if not lst:
@@ -868,6 +888,35 @@ class Dispatcher:
             if text[:1] in ("T", "S", "W", "X"):
                 self._selected = None
                 return
+
+
+def _exchange_code() -> tuple[tuple[str, ...], frozenset[str]]:
+    import asyncio
+
+    import qemu.qmp
+
+    import vmsight.qemu.qmp
+    import vmsight.qemu.rsp
+
+    dirs = tuple(os.path.dirname(m.__file__) + os.sep for m in (asyncio, qemu.qmp) if m.__file__)
+    return dirs, frozenset(m.__file__ for m in (vmsight.qemu.qmp, vmsight.qemu.rsp) if m.__file__)
+
+
+_EXCHANGE_DIRS, _EXCHANGE_FILES = _exchange_code()
+
+
+def in_exchange(frame: FrameType | None) -> bool:
+    """Whether a signal handler's ``frame`` interrupted a QMP or gdbstub exchange (asyncio, qemu.qmp, our
+    QMP and RSP clients): an exception raised there leaves the session out of step, and the clean-up that
+    needs it with it."""
+    for _ in range(512):
+        if frame is None:
+            return False
+        name = frame.f_code.co_filename
+        if name in _EXCHANGE_FILES or name.startswith(_EXCHANGE_DIRS):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _send_break(stub: GdbStub) -> None:
@@ -903,4 +952,4 @@ def _close_all() -> None:
             pass
 
 
-__all__ = ["BreakpointHandle", "Dispatcher", "Handler", "Stats", "WatchHandle"]
+__all__ = ["BreakpointHandle", "Dispatcher", "Handler", "Stats", "WatchHandle", "in_exchange"]

@@ -13,7 +13,9 @@ What it can see, honestly:
   FILE comes from the VMA (a file mapping; COW-ed private pages of it count as file).
 * Clearing A bits takes them away from the guest's own reclaim (it sees the pages as unreferenced);
   ``restore_accessed`` (default) sets them back after each read, which biases the guest towards
-  "referenced", never the other way. The page tables are written: attach with a writable RAM backend."""
+  "referenced", never the other way. The page tables are written: attach with a writable RAM backend.
+* If this process dies (SIGKILL included), the VM's watchdog (:mod:`vmsight.events.watchdog`) gives the
+  bits back: each mark journals the entries it is about to clear (gpa and value) to it first."""
 
 from __future__ import annotations
 
@@ -24,13 +26,14 @@ import numpy as np
 
 from vmsight import linux
 from vmsight.errors import ProcessNotFound
+from vmsight.events.watchdog import WatchdogClient, ram_description, restore_accessed, supervise
 from vmsight.idle.abi import PAGE_SHIFT
 from vmsight.idle.backend import VfnRange, fill, now_ns, segments_for
 from vmsight.idle.errors import KernelThread, PidReused, ProcessGone
 from vmsight.idle.procfs import Vma
 from vmsight.idle.result import STATE_DTYPE, IdleSegment, IdleSnapshot, PageState, usage_from_segments
 from vmsight.idle.tracker import Ranges, resolve_ranges
-from vmsight.memory.paging import PAGE_ACCESSED, PTE_ADDR_MASK, LeafMapping, clear_accessed, walk_range
+from vmsight.memory.paging import PAGE_ACCESSED, LeafMapping, clear_accessed, walk_range
 from vmsight.vm import VM
 
 log = logging.getLogger(__name__)
@@ -57,10 +60,23 @@ class GuestIdleTracker:
               "A bits are given back after each read)")
 
     def __init__(self, vm: VM, pid: int, *, restore_accessed: bool = True,
-                 guest: linux.Guest | None = None) -> None:
+                 guest: linux.Guest | None = None, supervise_vm: bool = True) -> None:
+        """``supervise_vm``: arm the VM's watchdog, so that a SIGKILL of this process still gives the
+        accessed bits back and resumes the VM (a separate process; off only for tests of the unguarded
+        case)."""
         self.vm = vm
         self.pid = pid
         self.restore_accessed = restore_accessed
+        self._watchdog: WatchdogClient | None = None
+        if supervise_vm and restore_accessed:
+            self._watchdog = supervise(vm)
+            ram = ram_description(vm)
+            if ram is None:
+                log.warning("guest RAM is read through %s: a SIGKILL would leave this process's accessed "
+                            "bits cleared (give QEMU a shared RAM file)", vm.backend)
+            else:
+                self._watchdog.ram(ram)
+            self._watchdog.gdb(vm.gdb.address)  # the stub it will clean up through (connects it now)
         self.guest = guest or linux.Guest(vm)
         with vm.paused():
             self.guest.kernel.invalidate()
@@ -115,6 +131,11 @@ class GuestIdleTracker:
             vfn_ranges = self._resolve(ranges, guest_vmas(proc))
             leaves = [lf for lf in self._leaves(proc.dtb, vfn_ranges, False) if lf.pte_value & PAGE_ACCESSED]
             gpas = [lf.pte_gpa for lf in leaves]
+            # Known before the first bit goes (a signal or SIGKILL mid-clear must still give them back);
+            # one not cleared in the end keeps its A bit, which restore_accessed leaves alone.
+            self._cleared = {lf.pte_gpa: lf.pte_value for lf in leaves}
+            if self._watchdog is not None:
+                self._watchdog.accessed(self._cleared)
             done = clear_accessed(self.vm.phys, gpas, [lf.pte_value for lf in leaves])
             self._cleared = {g: lf.pte_value for g, lf, ok in zip(gpas, leaves, done, strict=True) if ok}
             self.vm.flush_tlb()
@@ -133,7 +154,7 @@ class GuestIdleTracker:
                 warnings.append("read without mark_idle: accessed bits date from whenever the guest last cleared them")
             leaves = self._leaves(proc.dtb, vfn_ranges, True)
             if self.restore_accessed:
-                self._restore(leaves)
+                self._restore()
         segments = segments_for(vfn_ranges)
         file_vfns = [(v.start_gva >> PAGE_SHIFT, v.end_gva >> PAGE_SHIFT) for v in vmas if v.kind == "file"]
         for lo, hi in vfn_ranges:
@@ -151,15 +172,13 @@ class GuestIdleTracker:
         self.mark_idle(ranges)
         return snap
 
-    def _restore(self, leaves: list[LeafMapping]) -> None:
-        """Give the guest back the A bits we took, where the entry still maps the same frame."""
-        phys = self.vm.phys
-        for lf in leaves:
-            old = self._cleared.get(lf.pte_gpa)
-            if old is not None and lf.present and not lf.pte_value & PAGE_ACCESSED \
-                    and (old & PTE_ADDR_MASK) == (lf.pte_value & PTE_ADDR_MASK):
-                phys.write_gpa(lf.pte_gpa, (lf.pte_value | PAGE_ACCESSED).to_bytes(8, "little"))
+    def _restore(self) -> None:
+        """Give the guest back the A bits we took, where the entry still maps the same frame (VM paused,
+        the process checked alive: its page-table pages are not freed)."""
+        restore_accessed(self.vm.phys, self._cleared)
         self._cleared = {}
+        if self._watchdog is not None:
+            self._watchdog.accessed(None)
 
     def _fill_range(self, segments: list[IdleSegment], lo: int, hi: int, leaves: list[LeafMapping],
                     file_vfns: list[VfnRange]) -> None:
@@ -203,11 +222,13 @@ class GuestIdleTracker:
         if self._cleared and self.restore_accessed:
             try:
                 with self.vm.paused():
-                    proc = self._process("close")
-                    self._restore(self._leaves(proc.dtb, self._marked or [], False))
-            except ProcessGone:
-                pass
+                    self._process("close")
+                    self._restore()
+            except (ProcessGone, PidReused):
+                pass  # its page tables are freed: nothing of ours to give back
         self._cleared = {}
+        if self._watchdog is not None:
+            self._watchdog.accessed(None)
 
     def __enter__(self) -> GuestIdleTracker:
         return self
