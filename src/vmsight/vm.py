@@ -388,6 +388,9 @@ def _tgid(tid: int) -> int:
                       "pid namespace; attach from QEMU's host")
 
 
+_VM_JSON_MAX = 1 << 20
+
+
 def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, backend: str = "auto",
            writable: bool = True) -> VM:
     """Attach to a VM: ``target`` is a ``vmsight vm launch`` directory or a QMP socket path."""
@@ -415,11 +418,23 @@ def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, 
             raise TargetError(f"{target} is a directory without vm.json: pass a `vmsight vm launch` directory "
                               "or a QMP socket")
         try:
-            info: dict[str, Any] = json.loads(info_path.read_text())
+            with info_path.open("rb") as f:
+                raw = f.read(_VM_JSON_MAX + 1)  # launch writes ~1 KiB: a huge file is not one
+            if len(raw) > _VM_JSON_MAX:
+                raise TargetError(f"{info_path} is over {_VM_JSON_MAX >> 10} KiB: not a vm.json from `vmsight vm "
+                                  "launch`; relaunch the VM or pass --vm QMP_SOCKET")
+            info: dict[str, Any] = json.loads(raw)
         except PermissionError:
             raise PermissionDenied(f"cannot read {info_path}: run as root or as the VM's user") from None
+        except ValueError as e:  # empty, truncated, not JSON, not UTF-8
+            raise TargetError(f"{info_path} is not valid JSON ({e}): not written by `vmsight vm launch`, "
+                              "or damaged; relaunch the VM or pass --vm QMP_SOCKET") from None
+        if not (isinstance(info, dict) and isinstance(info.get("qmp"), str)
+                and all(isinstance(info.get(k), str | None) for k in ("gdb", "ram_file"))):
+            raise TargetError(f"{info_path} lacks the fields `vmsight vm launch` writes (qmp, gdb, ram_file as "
+                              "strings): relaunch the VM or pass --vm QMP_SOCKET")
         directory = str(p)
-        qmp_path = str(info["qmp"])
+        qmp_path = info["qmp"]
         gdb = gdb or info.get("gdb")
         ram_file = ram_file or info.get("ram_file")
     elif p.exists() and stat.S_ISSOCK(p.stat().st_mode):

@@ -1,4 +1,4 @@
-"""Helpers shared by CLI commands: target attach, JSON output, hexdump."""
+"""Helpers shared by CLI commands: target attach, terminal-safe text, lossless JSON output, hexdump."""
 
 from __future__ import annotations
 
@@ -33,9 +33,79 @@ def note_if_stopped(vm: VM) -> None:
               "(`vmsight vm resume` or QMP cont)", file=sys.stderr, flush=True)
 
 
+def escape(text: str) -> str:
+    """``text`` made safe for a terminal: every character that is not printable (C0 controls, DEL, C1,
+    Unicode format/bidi/line-separator characters, unassigned ones) and the backslash become a backslash
+    escape, so a guest string (comm, cmdline, path, hostname, symbol) cannot move the cursor, set the
+    title or clear the screen. Unambiguous: ``\\xNN`` with NN < 0x80 is that ASCII control, with NN >= 0x80
+    the raw byte of invalid UTF-8 (decoded with 'surrogateescape'); ``\\uNNNN`` is a code point."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_escape_char(c) for c in text)
+
+
+_SHORT = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape_char(c: str) -> str:
+    if c in _SHORT:
+        return _SHORT[c]
+    if c.isprintable():
+        return c
+    o = ord(c)
+    if o < 0x80:
+        return f"\\x{o:02x}"
+    if 0xDC80 <= o <= 0xDCFF:  # surrogateescape: the byte that was not UTF-8
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}"
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every string valid Unicode, losslessly: a guest string that held invalid UTF-8
+    (decoded with 'surrogateescape') is shown with U+FFFD in its field, and its exact bytes go in a sibling
+    ``<field>_hex`` (for a list of strings, a list of hex strings). Plain strings are left as they are, so
+    the sibling exists only when the bytes could not be said in JSON."""
+    if isinstance(obj, dict):
+        out: dict[Any, Any] = {}
+        for key, val in obj.items():
+            out[key] = json_safe(val)
+            if isinstance(val, str) and _lossy(val):
+                out[f"{key}_hex"] = _raw(val).hex()
+            elif isinstance(val, list | tuple) and any(isinstance(v, str) and _lossy(v) for v in val):
+                out[f"{key}_hex"] = [_raw(v).hex() if isinstance(v, str) else v for v in val]
+        return out
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, str) and _lossy(obj):
+        return _raw(obj).decode("utf-8", "replace")
+    return obj
+
+
+def _lossy(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _raw(text: str) -> bytes:
+    """The bytes a guest string was decoded from ('surrogateescape'); a stray surrogate from elsewhere is
+    kept as its code point's bytes rather than failing."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def emit_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=None if isinstance(obj, dict) and len(obj) < 4 else 2)
+    json.dump(json_safe(obj), sys.stdout, indent=None if isinstance(obj, dict) and len(obj) < 4 else 2)
     sys.stdout.write("\n")
+
+
+def json_line(obj: Any) -> str:
+    """One JSON-lines record (no newline), strings made valid Unicode losslessly like :func:`emit_json`."""
+    return json.dumps(json_safe(obj))
 
 
 def hexdump(data: bytes, base: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmsight.cli.common import emit_json, open_vm
+from vmsight.cli.common import emit_json, escape, open_vm
 from vmsight.linux import kernel_of
 from vmsight.linux.modules import lsmod
 
@@ -26,5 +26,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{'Module':<24} {'Size':>8}  {'Base':<18} State")
     for m in mods:
-        print(f"{m['name']:<24} {m['size']:>8}  {m['base']:#018x} {m['state']}")
+        print(f"{escape(m['name']):<24} {m['size']:>8}  {m['base']:#018x} {escape(str(m['state']))}")
     return 0

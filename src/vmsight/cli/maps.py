@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmsight.cli.common import emit_json, open_vm
+from vmsight.cli.common import emit_json, escape, open_vm
 from vmsight.linux import kernel_of
 from vmsight.linux.mm import task_vmas
 
@@ -25,5 +25,5 @@ def run(args: argparse.Namespace) -> int:
         emit_json([v.as_dict() for v in vmas])
         return 0
     for v in vmas:
-        print(v.maps_line())
+        print(escape(v.maps_line()))
     return 0

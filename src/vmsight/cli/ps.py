@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmsight.cli.common import emit_json, open_vm
+from vmsight.cli.common import emit_json, escape, open_vm
 from vmsight.linux import kernel_of
 from vmsight.linux.tasks import processes
 
@@ -27,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{'PID':>7} {'PPID':>7} {'UID':>5} S COMMAND")
     for p in procs:
-        print(f"{p['pid']:>7} {p['ppid']:>7} {p['uid']:>5} {p['state']} {p['cmdline'] or '[' + p['comm'] + ']'}")
+        print(f"{p['pid']:>7} {p['ppid']:>7} {p['uid']:>5} {p['state']} {escape(p['cmdline'] or '[' + p['comm'] + ']')}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from vmsight.cli.common import emit_json, hexdump, open_vm
-from vmsight.cli.main import int0
+from vmsight.cli.main import int0, positive_int0
 
 NAME = "read-phys"
 HELP = "read guest-physical memory (RAM only; MMIO is refused)"
@@ -14,7 +14,7 @@ HELP = "read guest-physical memory (RAM only; MMIO is refused)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("gpa", type=int0)
-    p.add_argument("size", type=int0)
+    p.add_argument("size", type=positive_int0, help="bytes to read (>= 1)")
     p.add_argument("--raw", action="store_true", help="write the bytes to stdout")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vmsight.cli.common import open_vm
-from vmsight.cli.main import int0
+from vmsight.cli.main import int0, positive_int0
 from vmsight.cli.read_phys import show
 from vmsight.vm import VM
 
@@ -15,7 +15,7 @@ HELP = "read guest-virtual memory through the guest's page tables"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("gva", type=int0)
-    p.add_argument("size", type=int0)
+    p.add_argument("size", type=positive_int0, help="bytes to read (>= 1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--dtb", type=int0, help="page-table root (CR3 value); default: vCPU 0's CR3")
     g.add_argument("--pid", type=int, help="use this guest process's page tables (user half, PTI aware)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vmsight.cli.common import emit_json, open_vm
+from vmsight.cli.common import emit_json, escape, open_vm
 from vmsight.linux import kernel_of
 
 NAME = "sym"
@@ -36,19 +36,20 @@ def run(args: argparse.Namespace) -> int:
                             "offset": hit[1] if hit else None, "text": k.symbolize(gva)})
             else:
                 gva = k.symbol(w)
-                out.append({"name": w, "address": gva, "type": _type_of(k, w)})
+                out.append({"name": w, "address": gva, "type": symbol_type(k, w)})
     if args.json:
         emit_json(out if len(out) != 1 else out[0])
         return 0
     for o in out:
         if "name" in o:
-            print(f"{o['address']:016x} {o['type']} {o['name']}")
+            print(f"{o['address']:016x} {escape(o['type'])} {escape(o['name'])}")
         else:
-            print(f"{o['address']:016x} {o['text']}")
+            print(f"{o['address']:016x} {escape(o['text'])}")
     return 0
 
 
-def _type_of(k: Any, name: str) -> str:
+def symbol_type(k: Any, name: str) -> str:
+    """nm type letter of a kallsyms name ('?' when absent)."""
     syms = k.symbols
     try:
         i = syms.names.index(name)

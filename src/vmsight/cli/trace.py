@@ -11,8 +11,10 @@ import json
 import sys
 from typing import Any
 
-from vmsight.cli.common import note_if_stopped, open_vm
-from vmsight.cli.main import int0
+from vmsight.cli.common import escape, json_line, note_if_stopped, open_vm
+from vmsight.cli.main import int0, positive_float, positive_int0
+from vmsight.cli.sym import symbol_type
+from vmsight.errors import VmsightError
 from vmsight.events import (
     Breakpoint,
     ContextSwitch,
@@ -24,6 +26,7 @@ from vmsight.events import (
     VmLifecycle,
 )
 from vmsight.events.linux import LinuxEvents, format_syscall
+from vmsight.memory.paging import is_canonical
 
 NAME = "trace"
 HELP = "trace guest events from outside: syscalls, exec, exit, context switches, breakpoints"
@@ -37,37 +40,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--comm", help="only tasks with this command name (exact, as in ps)")
     p.add_argument("--syscall", action="append", dest="syscalls", metavar="NAME",
                    help="syscalls: only these (repeatable)")
-    p.add_argument("--count", type=int, help="stop after N events")
-    p.add_argument("--duration", type=float, help="stop after S seconds")
+    p.add_argument("--count", type=positive_int0, help="stop after N events")
+    p.add_argument("--duration", type=positive_float, help="stop after S seconds")
     p.add_argument("--regs", action="store_true", help="bp: print the registers at each hit")
     p.add_argument("--no-watchdog", action="store_true",
                    help="do not start the SIGKILL watchdog (a killed tracer would leave the VM stopped)")
 
 
+def check_code_target(vm: Any, d: Dispatcher, target: int | str) -> None:
+    """Refuse a breakpoint that can never fire: a non-canonical gva, one below the guest's mmap_min_addr
+    (nothing is mapped there), or a kernel data symbol (kallsyms type not t/T/w/W)."""
+    gva, symbol = d.resolve(target)
+    if not is_canonical(gva, la57=vm.la57):
+        raise VmsightError(f"gva {gva:#x} is not canonical ({57 if vm.la57 else 48}-bit): no code runs there")
+    if gva < 1 << 63:  # user half (canonical, either paging mode)
+        k = d.kernel
+        floor = k.read_symbol_u64("mmap_min_addr") if k.has_symbol("mmap_min_addr") else 0x1000
+        if gva < max(floor, 0x1000):
+            raise VmsightError(f"gva {gva:#x} is below the guest's mmap_min_addr ({max(floor, 0x1000):#x}): "
+                               "nothing can be mapped there")
+        return
+    hit = d.kernel.lookup(gva) if symbol is None else (symbol.partition("+")[0].strip(), 0)
+    if hit is None or hit[0].startswith("["):
+        return  # module text or an address kallsyms does not cover: the stub decides
+    kind = symbol_type(d.kernel, hit[0])
+    if kind not in "tTwW?":
+        raise VmsightError(f"{escape(hit[0])} is a data symbol (kallsyms type {kind}), not code: a breakpoint "
+                           f"there never fires; watch its accesses with `vmsight watch {escape(hit[0])} 8`")
+
+
+def _argv(obj: object) -> str:
+    """JSON for a terminal: json.dumps escapes C0, non-ASCII and invalid UTF-8 (surrogates), not DEL."""
+    return json.dumps(obj).replace("\x7f", "\\u007f")
+
+
 def _text(ev: Event, regs: dict[str, int] | None) -> str:
     head = f"{ev.time_ns / 1e9:.6f} cpu{ev.vcpu}" if ev.vcpu >= 0 else f"{ev.time_ns / 1e9:.6f} vm"
     if isinstance(ev, Syscall):
-        return f"{head} {format_syscall(ev)}"
+        return f"{head} {escape(format_syscall(ev))}"
     if isinstance(ev, ProcessExec):
-        return f"{head} exec pid={ev.pid} {ev.old_comm} -> {ev.filename} {json.dumps(list(ev.argv))}"
+        return f"{head} exec pid={ev.pid} {escape(ev.old_comm)} -> {escape(ev.filename)} {_argv(ev.argv)}"
     if isinstance(ev, ProcessExit):
-        return f"{head} exit pid={ev.pid} tid={ev.tid} {ev.comm} code={ev.exit_code:#x}"
+        return f"{head} exit pid={ev.pid} tid={ev.tid} {escape(ev.comm)} code={ev.exit_code:#x}"
     if isinstance(ev, ContextSwitch):
-        return (f"{head} switch {ev.prev.comm}[{ev.prev.tid}] -> {ev.next.comm}[{ev.next.tid}] "
+        return (f"{head} switch {escape(ev.prev.comm)}[{ev.prev.tid}] -> {escape(ev.next.comm)}[{ev.next.tid}] "
                 f"cr3={ev.cr3:#x}")
     if isinstance(ev, Breakpoint):
-        line = f"{head} bp {ev.symbol or hex(ev.gva)}"
+        line = f"{head} bp {escape(ev.symbol or hex(ev.gva))}"
         if regs:
             line += " " + " ".join(f"{k}={regs[k]:#x}" for k in ("rdi", "rsi", "rdx", "rcx", "r8", "r9", "rsp", "cr3"))
         return line
     if isinstance(ev, VmLifecycle):
-        return f"{head} {ev.what.value} {json.dumps(ev.data)}"
+        return f"{head} {ev.what.value} {_argv(ev.data)}"
     return f"{head} {ev.kind}"
 
 
 def run(args: argparse.Namespace) -> int:
     if args.what == "bp" and not args.target:
-        raise SystemExit("vmsight trace bp: give a kernel symbol or a gva (0x...)")
+        raise VmsightError("trace bp: give a kernel symbol or a gva (0x...)")
     regs_of: dict[int, dict[str, int]] = {}
     n = 0
     with open_vm(args) as vm, Dispatcher(vm, supervise=not args.no_watchdog) as d:
@@ -82,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.regs:
                     regs_of[ev.seq] = ev.registers()
 
+            check_code_target(vm, d, target)
             d.add_breakpoint(target, keep_regs)
         else:
             lx = LinuxEvents(d)
@@ -98,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         for ev in d.events(count=args.count, duration=args.duration):
             n += 1
             if args.json:
-                sys.stdout.write(json.dumps(ev.as_dict()) + "\n")
+                sys.stdout.write(json_line(ev.as_dict()) + "\n")
             else:
                 sys.stdout.write(_text(ev, regs_of.pop(ev.seq, None)) + "\n")
             sys.stdout.flush()

@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from vmsight.cli.common import emit_json, open_vm
+from vmsight.cli.common import emit_json, escape, open_vm
 from vmsight.linux import kernel_of, set_hostname, uname
 
 NAME = "uname"
+_HOST_NAME_MAX = 64  # __NEW_UTS_LEN: init_uts_ns.name.nodename is 65 bytes with the NUL
 HELP = "show the guest kernel's uname (read from init_uts_ns), KASLR slide and bases"
 
 
+def hostname_arg(text: str) -> str:
+    """argparse type for --set-hostname: what the guest's `hostname` would accept and print sanely: 1-64
+    bytes of printable UTF-8 (argv bytes that are not UTF-8 arrive as surrogates: refused, not a traceback)."""
+    raw = os.fsencode(text)
+    if not 0 < len(raw) <= _HOST_NAME_MAX:
+        raise argparse.ArgumentTypeError(f"a hostname is 1-{_HOST_NAME_MAX} bytes, not {len(raw)}")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise argparse.ArgumentTypeError(f"not UTF-8: {escape(text)}") from None
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(f"control or non-printable characters in {escape(text)}")
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set-hostname", metavar="NAME",
+    p.add_argument("--set-hostname", metavar="NAME", type=hostname_arg,
                    help="write NAME into init_uts_ns.name.nodename (what the guest's `hostname` prints)")
     p.add_argument("-a", "--all", action="store_true", help="also show discovery facts (bases, slide, ...)")
 
@@ -29,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({**u, "kernel": facts} if args.all else u)
         return 0
-    print(" ".join(u[f] for f in ("sysname", "nodename", "release", "version", "machine")))
+    print(escape(" ".join(u[f] for f in ("sysname", "nodename", "release", "version", "machine"))))
     if args.all:
         for key, val in facts.items():
             print(f"  {key:<18} {val:#x}" if isinstance(val, int) and not isinstance(val, bool) and val > 9
-                  else f"  {key:<18} {val}")
+                  else f"  {key:<18} {escape(str(val))}")
     return 0

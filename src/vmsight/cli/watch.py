@@ -7,13 +7,14 @@ user-space mappings of the same page are not covered. The VM keeps running after
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from vmsight.cli.common import note_if_stopped, open_vm
-from vmsight.cli.main import int0
+from vmsight.cli.common import escape, json_line, note_if_stopped, open_vm
+from vmsight.cli.main import int0, positive_float, positive_int0
+from vmsight.errors import VmsightError
 from vmsight.events import Dispatcher, Event, PageAccess
+from vmsight.memory.paging import is_canonical
 
 NAME = "watch"
 HELP = "report reads/writes of a guest memory range (watchpoints)"
@@ -24,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("length", type=int0, help="bytes to watch")
     p.add_argument("--access", choices=("r", "w", "rw"), default="w", help="access kind (default: w)")
     p.add_argument("--gpa", action="store_true", help="WHERE is a guest-physical address")
-    p.add_argument("--count", type=int, help="stop after N accesses")
-    p.add_argument("--duration", type=float, help="stop after S seconds")
+    p.add_argument("--count", type=positive_int0, help="stop after N accesses")
+    p.add_argument("--duration", type=positive_float, help="stop after S seconds")
     p.add_argument("--no-watchdog", action="store_true", help="do not start the SIGKILL watchdog")
 
 
@@ -56,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
             except argparse.ArgumentTypeError:
                 pass
             gva, _ = d.resolve(where)
+            if not is_canonical(gva, la57=vm.la57) or not is_canonical(gva + args.length - 1, la57=vm.la57):
+                raise VmsightError(f"gva {gva:#x}+{args.length:#x} is not canonical "
+                                   f"({57 if vm.la57 else 48}-bit): nothing can be accessed there")
             handles = [d.add_watchpoint(gva, args.length, args.access, grab)]
         for h in handles:
             print(f"vmsight: watching {h.gva:#x}+{h.length:#x} for {h.access.value}"
@@ -72,10 +76,10 @@ def run(args: argparse.Namespace) -> int:
                 rec = ev.as_dict()
                 rec["value_hex"] = val.hex()
                 rec["rip_symbol"] = sym
-                sys.stdout.write(json.dumps(rec) + "\n")
+                sys.stdout.write(json_line(rec) + "\n")
             else:
                 sys.stdout.write(f"{ev.time_ns / 1e9:.6f} cpu{ev.vcpu} {ev.access.value} {ev.gva:#x}+{ev.length:#x} "
-                                 f"rip={sym or hex(ev.rip)} value={val.hex()}\n")
+                                 f"rip={escape(sym or hex(ev.rip))} value={val.hex()}\n")
             sys.stdout.flush()
             if args.count is not None and n >= args.count:
                 break

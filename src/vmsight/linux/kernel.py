@@ -613,7 +613,7 @@ class Kernel:
 
     def saved_command_line(self) -> str:
         """The kernel command line (``saved_command_line``, a ``char *``)."""
-        return self.read_cstr(self.read_symbol_u64("saved_command_line")).decode("utf-8", "replace")
+        return self.read_cstr(self.read_symbol_u64("saved_command_line")).decode("utf-8", "surrogateescape")
 
     def pti_enabled(self) -> bool:
         """X86_FEATURE_PTI (word 7, bit 11: arch/x86/include/asm/cpufeatures.h) in boot_cpu_data."""
@@ -634,7 +634,7 @@ def uname(kernel: Kernel) -> dict[str, str]:
     out = {}
     for i, f in enumerate(UTS_FIELDS):
         field = raw[i * _UTS_LEN:(i + 1) * _UTS_LEN]
-        out[f] = field.split(b"\0", 1)[0].decode("utf-8", "replace")
+        out[f] = field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
     return out
 
 

@@ -273,7 +273,7 @@ def for_each_vma(kernel: Kernel, mm: int) -> Iterator[Vma]:
                 if is_kernel_pointer(sm):
                     name_ptr = u64(sm + kernel.offsetof("vm_special_mapping", "name"))
                     if is_kernel_pointer(name_ptr):
-                        path = kernel.read_cstr(name_ptr, 64).decode("utf-8", "replace")
+                        path = kernel.read_cstr(name_ptr, 64).decode("utf-8", "surrogateescape")
             if not path:
                 # vma_is_initial_heap()/_stack(): v6.5 (commit 11250fd12eb8) made the heap test strict.
                 if (start < brk and end > start_brk) if new_heap_rule else (start <= brk and end >= start_brk):
@@ -329,7 +329,7 @@ def d_path(kernel: Kernel, path_gva: int) -> str:
         dentry = parent
     else:
         raise CorruptData(f"path deeper than {MAX_PATH_DEPTH} components (cycle?)", path_gva)
-    path = "/" + "/".join(p.decode("utf-8", "replace") for p in reversed(parts))
+    path = "/" + "/".join(p.decode("utf-8", "surrogateescape") for p in reversed(parts))
     return path + " (deleted)" if deleted else path
 
 

@@ -62,7 +62,7 @@ def for_each_module(kernel: Kernel) -> Iterator[Module]:
         base_off, size_off = o("module_layout", "base"), o("module_layout", "size")
     for node in list_for_each(kernel.read_u64, head, max_nodes=MAX_MODULES, what="modules"):
         mod = node - list_off
-        name = kernel.read(mod + name_off, name_size).split(b"\0", 1)[0].decode("utf-8", "replace")
+        name = kernel.read(mod + name_off, name_size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         state = MODULE_STATES.get(kernel.read_u32(mod + state_off), "?")
         regions: list[tuple[int, int]] = []
         if mem_off is not None:

@@ -198,7 +198,9 @@ class Task:
     @property
     def comm(self) -> str:
         raw = self.kernel.read(self.gva + self._l.comm, self._l.comm_size)
-        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+        # guest strings keep their exact bytes (surrogateescape): the CLI escapes them for terminals and
+        # gives the bytes in JSON (vmsight.cli.common.escape, json_safe)
+        return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
     @property
     def proc_comm(self) -> str:
@@ -216,7 +218,7 @@ class Task:
                 if kt and self.kernel.has_member("kthread", "full_name"):
                     name = self.kernel.read_u64(kt + self.kernel.offsetof("kthread", "full_name"))
                     if is_kernel_pointer(name):
-                        return self.kernel.read_cstr(name, 63).decode("utf-8", "replace")
+                        return self.kernel.read_cstr(name, 63).decode("utf-8", "surrogateescape")
         except VmsightError as e:
             log.debug("pid %d: kernel-thread name unreadable: %s", self.pid, e)
         return comm
@@ -348,7 +350,7 @@ class Task:
         raw = self.cmdline_raw()
         if raw.endswith(b"\0"):
             raw = raw[:-1]
-        return [a.decode("utf-8", "replace") for a in raw.split(b"\0")] if raw else []
+        return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")] if raw else []
 
     def threads(self) -> Iterator[Task]:
         """Every thread of this task's thread group (the leader included)."""
@@ -410,7 +412,7 @@ def _wq_worker_suffix(task: Task) -> str:
         if is_kernel_pointer(wq):
             name = k.read(wq + k.offsetof("workqueue_struct", "name"),
                           k.member_size("workqueue_struct", "name")).split(b"\0", 1)[0]
-            prefix = "kworker/R-" + name.decode("utf-8", "replace")
+            prefix = "kworker/R-" + name.decode("utf-8", "surrogateescape")
     if not is_kernel_pointer(k.read_u64(worker + k.offsetof("worker", "pool"))):
         return prefix[len(task.comm):] if prefix.startswith(task.comm) else ""
     desc = k.read(worker + k.offsetof("worker", "desc"), k.member_size("worker", "desc")).split(b"\0", 1)[0]
@@ -419,7 +421,7 @@ def _wq_worker_suffix(task: Task) -> str:
     running = k.read_u64(worker + k.offsetof("worker", "current_work"))
     # proc_task_name() formats into a 64-byte buffer
     head = prefix if prefix.startswith(task.comm) else task.comm
-    full = head + ("+" if running else "-") + desc.decode("utf-8", "replace")
+    full = head + ("+" if running else "-") + desc.decode("utf-8", "surrogateescape")
     return full[len(task.comm):63]
 
 

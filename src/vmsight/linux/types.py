@@ -252,7 +252,7 @@ class Object:
             raw = read_cstring(self._read, target, limit)
         else:
             raise CorruptData(f"{self.type_name_()} is not a string", self.address_)
-        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+        return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
 def _is_char(btf: Btf, type_id: int) -> bool:

@@ -16,6 +16,12 @@ from vmsight.errors import PermissionDenied, QmpError, TargetError
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+# qemu.qmp logs every failure it then raises (a busy socket: ERROR "Failed to receive Greeting:
+# CancelledError", twice; a lost connection: the reader task's error), and Qmp turns those into one
+# exception naming the fix. Its records are for debugging vmsight's QMP use: they pass only when vmsight
+# logs at DEBUG (-vv), unless an application set qemu.qmp's level itself.
+_QEMU_QMP_LOG = logging.getLogger("qemu.qmp")
+_QUIET = logging.CRITICAL + 1
 
 
 class Qmp:
@@ -29,10 +35,10 @@ class Qmp:
         self.remote = path.startswith("tcp:")
         address: str | tuple[str, int] = path
         if self.remote:
-            host, _, port = path[4:].rpartition(":")
-            address = (host or "127.0.0.1", int(port))
+            address = tcp_address(path)
         else:
             _check_socket(path, "QMP", "-qmp unix:PATH,server=on,wait=off")
+        _quiet_qemu_qmp_logs()
         self._loop = asyncio.new_event_loop()
         self._client = QMPClient("vmsight")
         self._listener = EventListener()
@@ -119,6 +125,13 @@ class Qmp:
         self.close()
 
 
+def _quiet_qemu_qmp_logs() -> None:
+    """Silence qemu.qmp's loggers unless vmsight is logging at DEBUG (see _QEMU_QMP_LOG)."""
+    if _QEMU_QMP_LOG.level not in (logging.NOTSET, _QUIET):
+        return  # configured by the application: its choice
+    _QEMU_QMP_LOG.setLevel(logging.NOTSET if log.isEnabledFor(logging.DEBUG) else _QUIET)
+
+
 def _check_socket(path: str, what: str, option: str) -> None:
     try:
         st = os.stat(path)
@@ -128,6 +141,16 @@ def _check_socket(path: str, what: str, option: str) -> None:
         raise PermissionDenied(f"cannot access {path}: run as root or QEMU's user") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise TargetError(f"{path} is not a socket: expected QEMU's {what} socket ({option})")
+
+
+def tcp_address(text: str) -> tuple[str, int]:
+    """(host, port) of ``tcp:HOST:PORT`` (``tcp::PORT`` is localhost, ``tcp:[::1]:PORT`` IPv6), or an
+    error naming the form: QMP and the gdbstub are reached the same way."""
+    host, colon, port = text.removeprefix("tcp:").rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536 or "]" in port:
+        raise TargetError(f"{text}: expected tcp:HOST:PORT (a port 1-65535), e.g. tcp:192.0.2.7:4444")
+    host = host.removeprefix("[").removesuffix("]") if host.startswith("[") else host
+    return host or "127.0.0.1", int(port)
 
 
 def connect_unix(path: str, timeout: float) -> socket.socket:

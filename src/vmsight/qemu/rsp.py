@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from vmsight.errors import GdbStubError, TargetError
-from vmsight.qemu.qmp import connect_unix
+from vmsight.qemu.qmp import connect_unix, tcp_address
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,8 @@ class GdbStub:
         self._buf = b""
         self.pushed_stop: StopReply | None = None
         if address.startswith("tcp:"):
-            host, _, port = address[4:].rpartition(":")
             try:
-                self._sock = socket.create_connection((host or "127.0.0.1", int(port)), timeout)
+                self._sock = socket.create_connection(tcp_address(address), timeout)
             except OSError as e:
                 raise TargetError(f"cannot connect to gdbstub at {address}: {e}") from None
         else:
