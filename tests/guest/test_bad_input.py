@@ -188,3 +188,62 @@ def test_remote_attach_over_tcp(tmp_path: Path) -> None:
         r = cli("--vm", f"tcp:127.0.0.1:{qport}", "regs")
         assert r.returncode == 2 and "--gdb tcp:HOST:PORT" in r.stderr
         assert inst.agent.run("true").rc == 0
+
+
+def test_busy_qmp_socket_is_one_line(guest: VmInstance) -> None:
+    """A second QMP client waits for a greeting that never comes: vmsight's line only, not qemu.qmp's
+    `ERROR ... Failed to receive Greeting: CancelledError` lines before it."""
+    holder = socket.socket(socket.AF_UNIX)
+    holder.connect(guest.qmp)
+    try:
+        assert b"QMP" in holder.recv(4096)  # the greeting: this client holds the monitor
+        r = cli("--vm", guest.dir, "ps")
+    finally:
+        holder.close()
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "another QMP client is connected" in r.stderr, r.stderr
+
+
+def test_breakpoints_and_watches_that_cannot_fire(guest: VmInstance) -> None:
+    r = cli("--vm", guest.dir, "trace", "bp", "jiffies", "--count", "1")
+    assert r.returncode == 2 and "jiffies is a data symbol" in r.stderr and "not code" in r.stderr, r.stderr
+    r = cli("--vm", guest.dir, "trace", "bp", "0x0", "--count", "1")
+    assert r.returncode == 2 and "mmap_min_addr" in r.stderr, r.stderr
+    r = cli("--vm", guest.dir, "watch", "0x800000000000", "8")
+    assert r.returncode == 2 and "not canonical" in r.stderr, r.stderr
+    with attach(guest.dir) as vm:
+        assert vm.status() == "running"
+
+
+def test_guest_strings_escaped_and_lossless(guest: VmInstance) -> None:
+    """A guest process whose comm and cmdline hold terminal escapes and a byte that is not UTF-8."""
+    import json
+
+    name = b"\x1b[2J\x1b]0;t\x07\xffz"  # 12 bytes: fits comm (15)
+    octal = "".join(f"\\{b:03o}" for b in name)
+    pid = int(guest.agent.run(
+        f"n=\"/tmp/$(printf '{octal}')\"; printf '#!/bin/sh\\nsleep 600\\n' > \"$n\"; chmod +x \"$n\"; "
+        f"\"$n\" \"$(printf 'arg\\033[31m\\377')\" >/dev/null 2>&1 & echo $!", timeout=30).check().text.split()[0])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = cli("--vm", guest.dir, "--json", "ps")
+            assert r.returncode == 0, r.stderr
+            procs = {p["pid"]: p for p in json.loads(r.stdout)}
+            if pid in procs and procs[pid].get("comm_hex"):
+                break
+            time.sleep(0.2)  # the shell has not exec'd the script yet
+        p = procs[pid]
+        assert bytes.fromhex(p["comm_hex"]) == name
+        assert bytes.fromhex(p["cmdline_hex"]).endswith(b"/tmp/" + name + b" arg\x1b[31m\xff")
+        assert "\\ud" not in r.stdout  # strict JSON: no lone surrogates
+        human = subprocess.run(VMSIGHT + ["--vm", guest.dir, "ps"], capture_output=True, timeout=60,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")})
+        assert human.returncode == 0
+        out = human.stdout
+        assert not any(b < 0x20 and b != 0x0A or b == 0x7F for b in out)
+        text = out.decode("utf-8")  # valid UTF-8, so no raw 0xff
+        assert not any(0x80 <= ord(c) <= 0x9F for c in text)
+        assert "/tmp/\\x1b[2J\\x1b]0;t\\x07\\xffz arg\\x1b[31m\\xff" in text
+    finally:
+        guest.agent.run(f"kill {pid}", timeout=20)
