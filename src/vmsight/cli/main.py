@@ -144,6 +144,12 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 
 def main(argv: list[str] | None = None) -> int:
     signals.install()  # SIGTERM/SIGHUP/SIGINT unwind cleanly: the VM is left as found
+    # Guest bytes that are not UTF-8 arrive as surrogates (surrogateescape): a print path that forgot
+    # cli.common.escape must show them as \x.. rather than die with UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parse_args(argv, parser)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
