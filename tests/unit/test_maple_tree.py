@@ -25,12 +25,13 @@ ULONG_MAX = (1 << 64) - 1
 class Mem:
     """Sparse kernel memory: 256-byte nodes at BASE + 256*i."""
 
-    def __init__(self) -> None:
+    def __init__(self, base: int = BASE) -> None:
+        self.base = base
         self.nodes: dict[int, bytearray] = {}
         self.reads = 0
 
     def alloc(self) -> int:
-        gva = BASE + 0x100 * len(self.nodes)
+        gva = self.base + 0x100 * len(self.nodes)
         self.nodes[gva] = bytearray(256)
         return gva
 
@@ -108,15 +109,15 @@ def test_two_level_tree_yields_every_vma_in_order() -> None:
     mem = Mem()
     ranges = [(0x400000 + i * 0x3000, 0x400000 + i * 0x3000 + 0x1000) for i in range(20)]
     root, expected = vma_tree(mem, ranges)
-    got = list(mt_entries(mem.read, root))
+    got = list(mt_entries(mem.read, root, la57=False))
     assert got == expected
 
 
 def test_single_leaf_root_and_empty_tree() -> None:
     mem = Mem()
     root, expected = vma_tree(mem, [(0x1000, 0x2000), (0x5000, 0x9000)], per_leaf=16)
-    assert list(mt_entries(mem.read, root)) == expected
-    assert list(mt_entries(mem.read, 0)) == []
+    assert list(mt_entries(mem.read, root, la57=False)) == expected
+    assert list(mt_entries(mem.read, 0, la57=False)) == []
 
 
 def test_cycle_is_detected() -> None:
@@ -127,7 +128,7 @@ def test_cycle_is_detected() -> None:
     # Make the second child point back at the root: a revisit must be reported, not looped on.
     struct.pack_into("<Q", mem.nodes[root_node], 80 + 8, enc(root_node, MAPLE_ARANGE_64))
     with pytest.raises(VmsightError, match="twice|cycle"):
-        list(mt_entries(mem.read, root))
+        list(mt_entries(mem.read, root, la57=False))
 
 
 def test_dead_node_and_bad_type_raise() -> None:
@@ -135,23 +136,33 @@ def test_dead_node_and_bad_type_raise() -> None:
     n = leaf(mem, [(0x1000, 0xFFFF888001000000), (ULONG_MAX, 0)])
     struct.pack_into("<Q", mem.nodes[n], 0, n)          # parent == self: ma_dead_node
     with pytest.raises(VmsightError, match="dead"):
-        list(mt_entries(mem.read, mk_root(enc(n, MAPLE_LEAF_64))))
+        list(mt_entries(mem.read, mk_root(enc(n, MAPLE_LEAF_64)), la57=False))
     with pytest.raises(VmsightError, match="type"):
-        list(mt_entries(mem.read, mk_root(enc(n, 0))))           # maple_dense is never used by VMA trees
+        list(mt_entries(mem.read, mk_root(enc(n, 0)), la57=False))           # maple_dense is never used by VMA trees
 
 
 def test_pivots_out_of_order_raise() -> None:
     mem = Mem()
     n = leaf(mem, [(0x5000, 0xFFFF888001000000), (0x1000, 0xFFFF888001000100), (ULONG_MAX, 0)])
     with pytest.raises(VmsightError, match="pivot"):
-        list(mt_entries(mem.read, mk_root(enc(n, MAPLE_LEAF_64))))
+        list(mt_entries(mem.read, mk_root(enc(n, MAPLE_LEAF_64)), la57=False))
 
 
 def test_user_pointer_child_rejected() -> None:
     mem = Mem()
     root = arange(mem, [(0x1000, enc(0x7F0000001000, MAPLE_LEAF_64)), (ULONG_MAX, 0)])
     with pytest.raises(VmsightError, match="not a node pointer|kernel address"):
-        list(mt_entries(mem.read, mk_root(enc(root, MAPLE_ARANGE_64))))
+        list(mt_entries(mem.read, mk_root(enc(root, MAPLE_ARANGE_64)), la57=False))
+
+
+def test_la57_nodes_accepted_in_5_level_mode_only() -> None:
+    """Nodes in a 5-level guest's direct map (0xff11... + KASLR): valid there, non-canonical in 4-level."""
+    mem = Mem(base=0xFF3E3B6581200000)
+    ranges = [(0x7F0000000000 + i * 0x3000, 0x7F0000000000 + i * 0x3000 + 0x1000) for i in range(20)]
+    root, expected = vma_tree(mem, ranges)
+    assert list(mt_entries(mem.read, root, la57=True)) == expected
+    with pytest.raises(VmsightError, match="not a kernel address|not a node pointer"):
+        list(mt_entries(mem.read, root, la57=False))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -174,7 +185,7 @@ def test_adversarial_memory_only_typed_errors(data: st.DataObject) -> None:
         else:
             mem.nodes[node][off] = data.draw(st.integers(0, 255))
     try:
-        out = list(mt_entries(mem.read, root, max_entries=10_000))
+        out = list(mt_entries(mem.read, root, max_entries=10_000, la57=False))
     except VmsightError:
         return
     # Whatever came out is bounded and ordered.

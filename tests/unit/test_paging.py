@@ -45,13 +45,18 @@ from vmsight.memory.paging import (
     dtb_from_cr3,
     gva_to_gpa,
     is_canonical,
+    is_kernel_half,
+    is_user_half,
+    kernel_half_start,
     kernel_pgd,
     la57_from_cr4,
     pte_none,
     swp_offset,
     swp_type,
     translate,
+    user_half_end,
     user_pgd,
+    va_bits,
     walk_range,
 )
 from vmsight.memory.physical import BufferRam
@@ -286,6 +291,46 @@ def test_canonical_in_57_bits_only() -> None:
     pt = PageTables(la57=True)
     pt.map(gva, 0x3000)
     assert translate(pt.mem, pt.root, gva, la57=True).gpa == 0x3000
+
+
+@pytest.mark.parametrize(("la57", "bits", "user_end", "kernel_start"), [
+    (False, 48, 0x0000_8000_0000_0000, 0xFFFF_8000_0000_0000),
+    (True, 57, 0x0100_0000_0000_0000, 0xFF00_0000_0000_0000),
+])
+def test_halves_per_paging_mode(la57: bool, bits: int, user_end: int, kernel_start: int) -> None:
+    """The one definition of the user/kernel split (SDM: canonical = bits 63..N-1 equal)."""
+    assert va_bits(la57=la57) == bits
+    assert user_half_end(la57=la57) == user_end
+    assert kernel_half_start(la57=la57) == kernel_start
+    for gva, user, kernel in [(0, True, False), (user_end - 1, True, False), (user_end, False, False),
+                              (kernel_start - 1, False, False), (kernel_start, False, True),
+                              ((1 << 64) - 1, False, True), (-1, False, False), (1 << 64, False, False)]:
+        assert is_user_half(gva, la57=la57) is user, hex(gva)
+        assert is_kernel_half(gva, la57=la57) is kernel, hex(gva)
+        assert is_canonical(gva, la57=la57) is (user or kernel), hex(gva)
+
+
+def test_5_level_kernel_pointers_are_not_4_level_ones() -> None:
+    # issue 9: a task_struct in a 5-level guest's direct map (page_offset_base 0xff11... + KASLR)
+    task = 0xFF3E_3B65_8123_4AB0
+    assert is_kernel_half(task, la57=True) and not is_kernel_half(task, la57=False)
+    assert not is_canonical(task)
+    # a 5-level user address above the 4-level user half
+    assert is_user_half(0x00FF_FFFF_FFFF_F000, la57=True) and not is_user_half(0x00FF_FFFF_FFFF_F000, la57=False)
+
+
+@given(gva=st.integers(-(1 << 65), 1 << 65), la57=st.booleans())
+def test_halves_agree_with_the_walk(gva: int, la57: bool) -> None:
+    """is_canonical (built on the halves) and the walker's own canonical check never disagree."""
+    pt = PageTables(la57=la57)
+    try:
+        translate(pt.mem, pt.root, gva, la57=la57)
+        walked = True
+    except NonCanonicalAddress:
+        walked = False
+    except VmsightError:
+        walked = True
+    assert walked is is_canonical(gva, la57=la57)
 
 
 def test_entry_pointing_outside_ram() -> None:

@@ -41,14 +41,16 @@ class FakeSymbols:
 class FakeKernel:
     """Kernel memory = a bytearray at BASE; the parts of the Kernel API the task helpers use."""
 
-    def __init__(self, size: int = 0x20000) -> None:
+    def __init__(self, size: int = 0x20000, *, base: int = BASE, la57: bool = False) -> None:
         self.buf = bytearray(size)
-        self.symbols = FakeSymbols({"init_task": BASE})
+        self.base = base
+        self.la57 = la57
+        self.symbols = FakeSymbols({"init_task": base})
         self.reads = 0
 
     def read(self, gva: int, size: int) -> bytes:
         self.reads += 1
-        off = gva - BASE
+        off = gva - self.base
         if off < 0 or off + size > len(self.buf):
             raise MemoryAccessError(f"unmapped {gva:#x}")
         return bytes(self.buf[off:off + size])
@@ -75,25 +77,25 @@ class FakeKernel:
         return SIZES[(struct_name, member)]
 
     def put(self, gva: int, fmt: str, *vals: int | bytes) -> None:
-        struct.pack_into(fmt, self.buf, gva - BASE, *vals)
+        struct.pack_into(fmt, self.buf, gva - self.base, *vals)
 
 
-def task_gva(i: int) -> int:
-    return BASE + i * TASK_SIZE     # task 0 is init_task
+def task_gva(i: int, base: int = BASE) -> int:
+    return base + i * TASK_SIZE     # task 0 is init_task
 
 
 def build(k: FakeKernel, pids: list[int]) -> None:
     """init_task + one single-threaded process per pid, linked through tasks and thread lists."""
     n = len(pids) + 1
-    sig_base = task_gva(n + 1)
+    sig_base = task_gva(n + 1, k.base)
     for i in range(n):
-        t = task_gva(i)
-        nxt, prv = task_gva((i + 1) % n), task_gva((i - 1) % n)
+        t = task_gva(i, k.base)
+        nxt, prv = task_gva((i + 1) % n, k.base), task_gva((i - 1) % n, k.base)
         k.put(t + 0x10, "<QQ", nxt + 0x10, prv + 0x10)
         pid = pids[i - 1] if i else 0
         k.put(t + 0x20, "<ii", pid, pid)
         k.put(t + 0x30, "16s", f"proc{pid}".encode())
-        k.put(t + 0x40, "<Q", task_gva(0) if i <= 1 else task_gva(1))
+        k.put(t + 0x40, "<Q", task_gva(0, k.base) if i <= 1 else task_gva(1, k.base))
         sig = sig_base + 0x20 * i
         k.put(t + 0x78, "<Q", sig)
         # signal->thread_head <-> task->thread_node: a one-thread group
@@ -144,7 +146,35 @@ def test_user_pointer_and_length_bound() -> None:
     k2 = FakeKernel()
     build(k2, list(range(1, 40)))
     with pytest.raises(CorruptData, match="more than"):
-        list(T.list_for_each(k2.read_u64, task_gva(0) + 0x10, max_nodes=10))
+        list(T.list_for_each(k2.read_u64, task_gva(0) + 0x10, max_nodes=10, la57=False))
+
+
+# A 5-level guest's direct map (page_offset_base is randomised from 0xff11000000000000): the pointer of
+# issue 9, which the 4-level bound (0xffff800000000000) refused.
+LA57_BASE = 0xFF3E3B6581234000
+
+
+def test_la57_task_list_walks_in_5_level_mode_only() -> None:
+    k = FakeKernel(base=LA57_BASE, la57=True)
+    build(k, [1, 7, 42])
+    assert [(p.pid, p.comm, p.ppid) for p in T.for_each_process(k)] == [  # type: ignore[arg-type]
+        (1, "proc1", 0), (7, "proc7", 1), (42, "proc42", 1)]
+    assert [t.pid for t in T.for_each_task(k)] == [1, 7, 42]  # type: ignore[arg-type]
+    # The same memory under 4-level paging: 0xff3e... is non-canonical, the walk must refuse it.
+    k.la57 = False
+    with pytest.raises(CorruptData, match="not an aligned kernel address"):
+        list(T.for_each_process(k))  # type: ignore[arg-type]
+    with pytest.raises(CorruptData, match="not a kernel address"):
+        T.Task(k, task_gva(1, LA57_BASE))  # type: ignore[arg-type]
+
+
+def test_la57_bound_still_refuses_user_and_non_canonical_pointers() -> None:
+    k = FakeKernel(base=LA57_BASE, la57=True)
+    build(k, [1, 2])
+    for bad in (0x00FF000000001000, 0xFEFFFFFFFFFFF000):   # top of the 5-level user half; just below the kernel half
+        k.put(task_gva(1, LA57_BASE) + 0x10, "<Q", bad)
+        with pytest.raises(CorruptData, match="kernel address"):
+            list(T.for_each_process(k))  # type: ignore[arg-type]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -51,6 +51,7 @@ from vmsight.events.types import (
     VcpuPause,
     VmLifecycle,
 )
+from vmsight.memory.paging import is_kernel_half
 from vmsight.memory.virtual import AddressSpace
 from vmsight.qemu.rsp import GdbStub, StopReply
 
@@ -73,7 +74,6 @@ _NOP_PREFIXES = ((b"\xf3\x0f\x1e\xfa", 4), (b"\x0f\x1f\x40\xd6", 4), (b"\x90", 1
 _SSTEP_QUIET, _SSTEP_WITH_IRQS = 0x7, 0x1   # Qqemu.sstep: ENABLE | NOIRQ | NOTIMER, or ENABLE only
 _WAIT_SLICE = 0.1         # longest blocking read, so signals and stop() are seen promptly
 _QMP_DRAIN_EVERY = 0.25   # QMP events (a STOP/RESUME pair per gdb stop) are drained this often
-_KERNEL_HALF = 0xFFFF800000000000
 _QMP_LIFECYCLE = {"SHUTDOWN": Lifecycle.SHUTDOWN, "RESET": Lifecycle.RESET, "GUEST_PANICKED": Lifecycle.PANIC,
                   "POWERDOWN": Lifecycle.POWERDOWN}
 _RUN_STATE_LIFECYCLE = {"guest-panicked": Lifecycle.PANIC, "shutdown": Lifecycle.SHUTDOWN,
@@ -288,7 +288,7 @@ class Dispatcher:
             raise VmsightError(f"a breakpoint at {gva:#x} is already registered")
         bp = BreakpointHandle(next(self._ids), gva, symbol, handler, decode, with_registers)
         with self._stopped():
-            if self._caps["nop_skip"] and gva >= _KERNEL_HALF:
+            if self._caps["nop_skip"] and is_kernel_half(gva, la57=self._la57()):
                 bp.skip_len = self._nop_length(gva)
             self._stub.insert_breakpoint(_Z_SW, gva, 1)
             self._bps[gva] = bp

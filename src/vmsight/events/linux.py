@@ -36,6 +36,7 @@ from vmsight.events.types import (
     VmLifecycle,
 )
 from vmsight.linux.tasks import task_layout
+from vmsight.memory.paging import is_kernel_half, is_user_half
 
 if TYPE_CHECKING:
     from vmsight.events.dispatcher import BreakpointHandle, Dispatcher, Handler
@@ -49,7 +50,6 @@ EXEC = "setup_new_exec"
 EXIT = "do_exit"
 PANIC = "panic"
 MAX_SYSCALLS = 1024
-_KERNEL_HALF = 0xFFFF800000000000
 # x86-64 struct pt_regs (arch/x86/include/asm/ptrace.h), ABI-stable; BTF is asked first anyway.
 _PT_REGS_DEFAULT = {"r15": 0, "r14": 8, "r13": 16, "r12": 24, "bp": 32, "bx": 40, "r11": 48, "r10": 56,
                     "r9": 64, "r8": 72, "ax": 80, "cx": 88, "dx": 96, "si": 104, "di": 112, "orig_ax": 120,
@@ -119,7 +119,7 @@ class LinuxEvents:
             raw = self.k.read(table, 8 * MAX_SYSCALLS)
             for nr in range(MAX_SYSCALLS):
                 ptr = int.from_bytes(raw[8 * nr:8 * nr + 8], "little")
-                hit = self.k.lookup(ptr) if ptr >= _KERNEL_HALF else None
+                hit = self.k.lookup(ptr) if is_kernel_half(ptr, la57=self.k.la57) else None
                 if hit is None or hit[1] != 0:
                     break
                 sym = hit[0]
@@ -153,7 +153,7 @@ class LinuxEvents:
     def current(self, ev: Event) -> TaskInfo:
         """The task running on the event's vCPU (from its gs_base: the per-CPU area in kernel mode)."""
         gs = ev.registers()["gs_base"]
-        if gs < _KERNEL_HALF:
+        if not is_kernel_half(gs, la57=self.k.la57):  # a user gs_base: take __per_cpu_offset
             gs = self.k.per_cpu_offset(ev.vcpu)
         return self.task_info(self.k.read_u64((gs + self._cur_off) & ((1 << 64) - 1)))
 
@@ -162,7 +162,7 @@ class LinuxEvents:
         mm, which is already the vCPU's (exec_mmap switched it)."""
         argc = int.from_bytes(self.k.read(bprm + self._bprm_argc, 4), "little", signed=True)
         p = self.k.read_u64(bprm + self._bprm_p)
-        if not 0 <= argc <= 100000 or not p or p >= _KERNEL_HALF:
+        if not 0 <= argc <= 100000 or not p or not is_user_half(p, la57=self.k.la57):
             return ()
         out: list[str] = []
         buf = b""
@@ -177,7 +177,7 @@ class LinuxEvents:
         return tuple(out)
 
     def _user_string(self, ev: Event, gva: int, limit: int = 256) -> str | None:
-        if not gva or gva >= _KERNEL_HALF:
+        if not gva or not is_user_half(gva, la57=self.k.la57):
             return None
         out = bytearray()
         try:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from vmsight.errors import CorruptData, SymbolNotFound, UnsupportedKernel, VmsightError
+from vmsight.memory.paging import kernel_half_start
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ KSYM_NAME_LEN = 512         # v6.1+ ("kallsyms: increase maximum kernel symbol l
 MAX_TABLES_SPAN = 32 << 20  # how far before the token table the other tables may start
 _DIGITS = b"".join(bytes([c, 0]) for c in b"0123456789")
 _DIGITS_RE = re.compile(re.escape(_DIGITS))
-_KERNEL_HALF = 0xFFFF800000000000
+# kallsyms_relative_base is a kernel-image address. The tables are decoded before the paging mode is known
+# (and from vmlinux files, which have none): accept either mode's kernel half, the 5-level one being wider.
+_KERNEL_HALF_ANY_MODE = kernel_half_start(la57=True)
 
 
 class _View:
@@ -303,7 +306,7 @@ def _seqs_entry_size(v: _View, off: int, num: int, limit: int | None) -> int:
 
 
 def _is_kernel_va(x: int) -> bool:
-    return x >= _KERNEL_HALF
+    return _KERNEL_HALF_ANY_MODE <= x < 1 << 64
 
 
 def _absolute_percpu(v: _View, offsets_off: int, num: int) -> bool:
@@ -365,7 +368,7 @@ def _layout_offsets_first(v: _View, tt: TokenTable) -> KallsymsLayout | None:
     q = v.array(first, count + 1, "<u8")
     rb, nxt = q[:-1], q[1:]
     num_lo = nxt & np.uint64(0xFFFFFFFF)
-    ok = (rb >= np.uint64(_KERNEL_HALF)) & (num_lo >= 1) & (num_lo <= MAX_SYMS) & ((nxt >> np.uint64(32)) == 0)
+    ok = (rb >= np.uint64(_KERNEL_HALF_ANY_MODE)) & (num_lo >= 1) & (num_lo <= MAX_SYMS) & ((nxt >> np.uint64(32)) == 0)
     for i in np.nonzero(ok)[0][::-1].tolist():  # closest to the token table first
         rb_off = first + 8 * i
         num = int(num_lo[i])

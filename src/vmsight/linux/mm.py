@@ -20,7 +20,8 @@ from typing import Any
 
 from vmsight.errors import CorruptData, FieldNotFound, TypeNotFound, VmsightError
 from vmsight.linux.kernel import Kernel
-from vmsight.linux.tasks import Task, find_task, is_kernel_pointer
+from vmsight.linux.tasks import Task, find_task
+from vmsight.memory.paging import is_kernel_half, user_half_end
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,11 @@ def _xa_is_node(entry: int) -> bool:
     return entry & 3 == 2 and entry > MAPLE_RESERVED_RANGE
 
 
-def mt_entries(read: ReadFn, root: int, *, layout: MapleLayout = DEFAULT_MAPLE_LAYOUT,
+def mt_entries(read: ReadFn, root: int, *, la57: bool, layout: MapleLayout = DEFAULT_MAPLE_LAYOUT,
                max_entries: int = MAX_VMAS, max_nodes: int = 1 << 18) -> Iterator[tuple[int, int, int]]:
     """Yield (first index, last index, entry) for every non-NULL entry of the maple tree whose
-    ``ma_root`` is ``root``, in index order (``mt_for_each``). Raises CorruptData on a malformed tree."""
+    ``ma_root`` is ``root``, in index order (``mt_for_each``). Node pointers must lie in the kernel half
+    of the paging mode (``la57``). Raises CorruptData on a malformed tree."""
     if root == 0:
         return
     if not _xa_is_node(root):
@@ -91,7 +93,7 @@ def mt_entries(read: ReadFn, root: int, *, layout: MapleLayout = DEFAULT_MAPLE_L
         ntype = (enode >> MAPLE_NODE_TYPE_SHIFT) & MAPLE_NODE_TYPE_MASK
         if depth > MAPLE_HEIGHT_MAX:
             raise CorruptData(f"maple tree deeper than {MAPLE_HEIGHT_MAX}", node)
-        if not is_kernel_pointer(node):
+        if not is_kernel_half(node, la57=la57):
             raise CorruptData(f"maple node pointer {enode:#x} is not a kernel address", node)
         if node in seen:
             raise CorruptData("maple tree node visited twice (cycle)", node)
@@ -132,7 +134,7 @@ def mt_entries(read: ReadFn, root: int, *, layout: MapleLayout = DEFAULT_MAPLE_L
             elif entry:
                 # Child slots hold encoded nodes (mt_mk_node: node | type << 3 | MAPLE_ENODE_NULL), not
                 # xa-internal pointers like the root (mte_mk_root adds MAPLE_ROOT_NODE, 0x2).
-                if entry & 0x3 or not entry & 0x4 or not is_kernel_pointer(entry):
+                if entry & 0x3 or not entry & 0x4 or not is_kernel_half(entry, la57=la57):
                     raise CorruptData(f"maple child {entry:#x} is not a node pointer", node)
                 children.append((entry, prev, piv, depth + 1))
             if piv >= hi:
@@ -190,7 +192,7 @@ def perms_of(flags: int) -> str:
 
 def vma_pointers(kernel: Kernel, mm: int) -> Iterator[int]:
     """gvas of the VMAs of ``mm`` in address order."""
-    if not is_kernel_pointer(mm):
+    if not is_kernel_half(mm, la57=kernel.la57):
         raise CorruptData(f"mm pointer {mm:#x} is not a kernel address", mm)
     try:
         mt = kernel.offsetof("mm_struct", "mm_mt")
@@ -198,8 +200,8 @@ def vma_pointers(kernel: Kernel, mm: int) -> Iterator[int]:
         yield from _vma_list(kernel, mm)   # before v6.1 (commit 763ecb035029)
         return
     root = kernel.read_u64(mm + mt + kernel.offsetof("maple_tree", "ma_root"))
-    for _lo, _hi, entry in mt_entries(kernel.read, root, layout=maple_layout(kernel)):
-        if not is_kernel_pointer(entry):
+    for _lo, _hi, entry in mt_entries(kernel.read, root, la57=kernel.la57, layout=maple_layout(kernel)):
+        if not is_kernel_half(entry, la57=kernel.la57):
             raise CorruptData(f"maple entry {entry:#x} is not a VMA pointer", mm)
         yield entry
 
@@ -209,7 +211,7 @@ def _vma_list(kernel: Kernel, mm: int) -> Iterator[int]:
     vma = kernel.read_u64(mm + kernel.offsetof("mm_struct", "mmap"))
     seen: set[int] = set()
     while vma:
-        if not is_kernel_pointer(vma) or vma in seen or len(seen) >= MAX_VMAS:
+        if not is_kernel_half(vma, la57=kernel.la57) or vma in seen or len(seen) >= MAX_VMAS:
             raise CorruptData("mm->mmap VMA list is corrupt (bad pointer, cycle or too long)", vma)
         seen.add(vma)
         yield vma
@@ -246,17 +248,21 @@ def _vma_layout(kernel: Kernel) -> _VmaLayout:
 
 def for_each_vma(kernel: Kernel, mm: int) -> Iterator[Vma]:
     """The VMAs of ``mm`` (a ``struct mm_struct *``) in address order, named as /proc/PID/maps names
-    them. Raises CorruptData for an inconsistent tree (overlapping or unordered VMAs)."""
+    them. Raises CorruptData for an inconsistent tree (overlapping or unordered VMAs, or one reaching
+    beyond the user half of the paging mode)."""
     lay = _vma_layout(kernel)
     u64 = kernel.read_u64
     brk, start_brk, start_stack = u64(mm + lay.mm_brk), u64(mm + lay.mm_start_brk), u64(mm + lay.mm_start_stack)
     special_ops = {kernel.symbols.get("special_mapping_vmops")} - {None}
     new_heap_rule = kernel.version >= (6, 5)
     prev_end = 0
+    user_end = user_half_end(la57=kernel.la57)
     for vma in vma_pointers(kernel, mm):
         start, end = u64(vma + lay.start), u64(vma + lay.end)
         if end <= start or start < prev_end:
             raise CorruptData(f"VMA {start:#x}-{end:#x} is empty or overlaps the previous one", vma)
+        if end > user_end:
+            raise CorruptData(f"VMA {start:#x}-{end:#x} reaches beyond the user half ({user_end:#x})", vma)
         prev_end = end
         flags = u64(vma + lay.flags)
         file = u64(vma + lay.file)
@@ -270,9 +276,9 @@ def for_each_vma(kernel: Kernel, mm: int) -> Iterator[Vma]:
             if ops and ops in special_ops:
                 # special_mapping_name(): ((struct vm_special_mapping *)vm_private_data)->name
                 sm = u64(vma + lay.private)
-                if is_kernel_pointer(sm):
+                if is_kernel_half(sm, la57=kernel.la57):
                     name_ptr = u64(sm + kernel.offsetof("vm_special_mapping", "name"))
-                    if is_kernel_pointer(name_ptr):
+                    if is_kernel_half(name_ptr, la57=kernel.la57):
                         path = kernel.read_cstr(name_ptr, 64).decode("utf-8", "surrogateescape")
             if not path:
                 # vma_is_initial_heap()/_stack(): v6.5 (commit 11250fd12eb8) made the heap test strict.
@@ -301,7 +307,7 @@ def d_path(kernel: Kernel, path_gva: int) -> str:
     deleted = False
     first = True
     for _ in range(MAX_PATH_DEPTH):
-        if not is_kernel_pointer(dentry) or not is_kernel_pointer(mnt):
+        if not is_kernel_half(dentry, la57=kernel.la57) or not is_kernel_half(mnt, la57=kernel.la57):
             raise CorruptData(f"path walk reached a bad pointer (dentry {dentry:#x}, mnt {mnt:#x})", path_gva)
         parent = u64(dentry + d_parent)
         if first:
@@ -319,7 +325,7 @@ def d_path(kernel: Kernel, path_gva: int) -> str:
             continue
         length = int.from_bytes(kernel.read(dentry + d_name + q_len, 4), "little")
         name_ptr = u64(dentry + d_name + q_name)
-        if length > 255 or not is_kernel_pointer(name_ptr):
+        if length > 255 or not is_kernel_half(name_ptr, la57=kernel.la57):
             raise CorruptData(f"dentry name of length {length} at {name_ptr:#x}", dentry)
         name = kernel.read(name_ptr, length)
         total += length + 1

@@ -60,7 +60,8 @@ def for_each_module(kernel: Kernel) -> Iterator[Module]:
         mem_off = None
         layouts = (o("module", "core_layout"), o("module", "init_layout"))
         base_off, size_off = o("module_layout", "base"), o("module_layout", "size")
-    for node in list_for_each(kernel.read_u64, head, max_nodes=MAX_MODULES, what="modules"):
+    for node in list_for_each(kernel.read_u64, head, max_nodes=MAX_MODULES, la57=kernel.la57,
+                              what="modules"):
         mod = node - list_off
         name = kernel.read(mod + name_off, name_size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         state = MODULE_STATES.get(kernel.read_u32(mod + state_off), "?")

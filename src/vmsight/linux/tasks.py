@@ -25,7 +25,7 @@ from vmsight.errors import (
     VmsightError,
 )
 from vmsight.linux.kernel import Kernel
-from vmsight.memory.paging import PAGE_SIZE_4K
+from vmsight.memory.paging import PAGE_SIZE_4K, is_kernel_half, user_half_end
 from vmsight.memory.virtual import AddressSpace
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 MAX_TASKS = 1 << 17          # PID_MAX_LIMIT is 4M, but a walk this long is corruption in practice
 MAX_THREADS = 1 << 16
 MAX_CMDLINE = 128 << 10
-KERNEL_HALF = 0xFFFF800000000000
 PF_KTHREAD = 0x00200000      # include/linux/sched.h
 PF_WQ_WORKER = 0x00000020
 
@@ -48,21 +47,18 @@ TASK_FROZEN = 0x8000
 _STATE_LETTERS = "RSDTtXZPI"
 
 
-def is_kernel_pointer(gva: int) -> bool:
-    return KERNEL_HALF <= gva < (1 << 64)
-
-
-def list_for_each(read_u64: Callable[[int], int], head: int, *, max_nodes: int,
+def list_for_each(read_u64: Callable[[int], int], head: int, *, max_nodes: int, la57: bool,
                   what: str = "list") -> Iterator[int]:
     """Yield the ``struct list_head`` gvas of the circular list at ``head`` (``head`` itself excluded).
 
-    Bounded: raises CorruptData for a pointer outside the kernel half, a cycle that does not pass
-    through ``head``, or more than ``max_nodes`` nodes. Read failures propagate as MemoryAccessError."""
+    Bounded: raises CorruptData for a pointer outside the kernel half of the paging mode (``la57``:
+    the kernel's ``Kernel.la57``), a cycle that does not pass through ``head``, or more than
+    ``max_nodes`` nodes. Read failures propagate as MemoryAccessError."""
     seen: set[int] = set()
     prev = head
     node = read_u64(head)
     while node != head:
-        if not is_kernel_pointer(node) or node & 7:
+        if not is_kernel_half(node, la57=la57) or node & 7:
             raise CorruptData(f"{what}: next pointer {node:#x} is not an aligned kernel address", prev)
         if node in seen:
             raise CorruptData(f"{what}: cycle at {node:#x} that does not return to the head", node)
@@ -163,7 +159,7 @@ class Task:
     __slots__ = ("kernel", "gva", "_l")
 
     def __init__(self, kernel: Kernel, gva: int) -> None:
-        if not is_kernel_pointer(gva):
+        if not is_kernel_half(gva, la57=kernel.la57):
             raise CorruptData(f"task pointer {gva:#x} is not a kernel address", gva)
         self.kernel = kernel
         self.gva = gva
@@ -217,7 +213,7 @@ class Task:
                 kt = _to_kthread(self)
                 if kt and self.kernel.has_member("kthread", "full_name"):
                     name = self.kernel.read_u64(kt + self.kernel.offsetof("kthread", "full_name"))
-                    if is_kernel_pointer(name):
+                    if is_kernel_half(name, la57=self.kernel.la57):
                         return self.kernel.read_cstr(name, 63).decode("utf-8", "surrogateescape")
         except VmsightError as e:
             log.debug("pid %d: kernel-thread name unreadable: %s", self.pid, e)
@@ -266,7 +262,7 @@ class Task:
 
     def _cred(self, off: int) -> int:
         cred = self._ptr(self._l.real_cred)
-        if not is_kernel_pointer(cred):
+        if not is_kernel_half(cred, la57=self.kernel.la57):
             raise CorruptData(f"task {self.gva:#x} has cred pointer {cred:#x}", self.gva)
         return int.from_bytes(self.kernel.read(cred + off, 4), "little")
 
@@ -308,7 +304,7 @@ class Task:
         mm = self.mm
         if not mm:
             raise CorruptData(f"task {self.pid} has no mm (kernel thread or exited)", self.gva)
-        if not is_kernel_pointer(mm):
+        if not is_kernel_half(mm, la57=self.kernel.la57):
             raise CorruptData(f"task {self.gva:#x} has mm pointer {mm:#x}", self.gva)
         return self.kernel.read_u64(mm + self._l.mm_pgd)
 
@@ -341,7 +337,7 @@ class Task:
             return b""
         start = self.kernel.read_u64(mm + self._l.mm_arg_start)
         end = self.kernel.read_u64(mm + self._l.mm_arg_end)
-        if end <= start or start >= KERNEL_HALF:
+        if end <= start or end > user_half_end(la57=self.kernel.la57):
             return b""
         return self.address_space().read(start, min(end - start, MAX_CMDLINE))
 
@@ -358,16 +354,16 @@ class Task:
         k = self.kernel
         if lay.thread_node is not None and lay.signal_thread_head is not None:
             sig = self._ptr(lay.signal)
-            if not is_kernel_pointer(sig):
+            if not is_kernel_half(sig, la57=k.la57):
                 raise CorruptData(f"task {self.gva:#x} has signal pointer {sig:#x}", self.gva)
             for node in list_for_each(k.read_u64, sig + lay.signal_thread_head, max_nodes=MAX_THREADS,
-                                      what="signal->thread_head"):
+                                      la57=k.la57, what="signal->thread_head"):
                 yield Task(k, node - lay.thread_node)
             return
         assert lay.thread_group is not None
         yield self
         for node in list_for_each(k.read_u64, self.gva + lay.thread_group, max_nodes=MAX_THREADS,
-                                  what="task->thread_group"):
+                                  la57=k.la57, what="task->thread_group"):
             yield Task(k, node - lay.thread_group)
 
     def as_dict(self) -> dict[str, Any]:
@@ -393,7 +389,7 @@ def _to_kthread(task: Task) -> int:
     except FieldNotFound:
         kt_off = k.offsetof("task_struct", "set_child_tid")
     kthread = k.read_u64(task.gva + kt_off)
-    return kthread if is_kernel_pointer(kthread) else 0
+    return kthread if is_kernel_half(kthread, la57=k.la57) else 0
 
 
 def _wq_worker_suffix(task: Task) -> str:
@@ -402,18 +398,18 @@ def _wq_worker_suffix(task: Task) -> str:
     if not kthread:
         return ""
     worker = k.read_u64(kthread + k.offsetof("kthread", "data"))
-    if not is_kernel_pointer(worker):
+    if not is_kernel_half(worker, la57=k.la57):
         return ""
     prefix = ""
     if task.comm.startswith("kworker/R-"):
         # Newer kernels (workqueue: "Rename rescuer kworker", after v6.1) name rescuers
         # "kworker/R-<wq name>" and format_worker_id() prints the full wq name, not the 16-byte comm.
         wq = k.read_u64(worker + k.offsetof("worker", "rescue_wq"))
-        if is_kernel_pointer(wq):
+        if is_kernel_half(wq, la57=k.la57):
             name = k.read(wq + k.offsetof("workqueue_struct", "name"),
                           k.member_size("workqueue_struct", "name")).split(b"\0", 1)[0]
             prefix = "kworker/R-" + name.decode("utf-8", "surrogateescape")
-    if not is_kernel_pointer(k.read_u64(worker + k.offsetof("worker", "pool"))):
+    if not is_kernel_half(k.read_u64(worker + k.offsetof("worker", "pool")), la57=k.la57):
         return prefix[len(task.comm):] if prefix.startswith(task.comm) else ""
     desc = k.read(worker + k.offsetof("worker", "desc"), k.member_size("worker", "desc")).split(b"\0", 1)[0]
     if not desc:
@@ -434,7 +430,8 @@ def for_each_process(kernel: Kernel) -> Iterator[Task]:
     the kernel's ``for_each_process``)."""
     lay = task_layout(kernel)
     head = kernel.symbol("init_task") + lay.tasks
-    for node in list_for_each(kernel.read_u64, head, max_nodes=MAX_TASKS, what="init_task.tasks"):
+    for node in list_for_each(kernel.read_u64, head, max_nodes=MAX_TASKS, la57=kernel.la57,
+                              what="init_task.tasks"):
         yield Task(kernel, node - lay.tasks)
 
 
@@ -482,5 +479,5 @@ def processes(kernel: Kernel, *, threads: bool = False) -> list[dict[str, Any]]:
 
 __all__ = [
     "MAX_TASKS", "Task", "TaskLayout", "current_task", "find_task", "for_each_process", "for_each_task",
-    "init_task", "is_kernel_pointer", "list_for_each", "processes", "task_layout",
+    "init_task", "list_for_each", "processes", "task_layout",
 ]

@@ -125,10 +125,35 @@ def la57_from_cr4(cr4: int) -> bool:
     return bool(cr4 & CR4_LA57)
 
 
+def va_bits(*, la57: bool) -> int:
+    """Significant virtual-address bits: 57 with 5-level paging (CR4.LA57), else 48."""
+    return 57 if la57 else 48
+
+
+def user_half_end(*, la57: bool) -> int:
+    """First gva above the canonical lower half (where user space lives): 1 << 47, or 1 << 56 with LA57.
+    Linux's TASK_SIZE_MAX is one page below (the guard page, arch/x86/include/asm/page_64.h)."""
+    return 1 << (va_bits(la57=la57) - 1)
+
+
+def kernel_half_start(*, la57: bool) -> int:
+    """First gva of the canonical upper half (the kernel's): 0xffff800000000000, or 0xff00000000000000
+    with LA57. The one definition of the kernel/user split: every validity check goes through here."""
+    return (1 << 64) - user_half_end(la57=la57)
+
+
+def is_kernel_half(gva: int, *, la57: bool) -> bool:
+    """``gva`` lies in the canonical upper half for this paging mode (a plausible kernel pointer)."""
+    return kernel_half_start(la57=la57) <= gva < 1 << 64
+
+
+def is_user_half(gva: int, *, la57: bool) -> bool:
+    """``gva`` lies in the canonical lower half for this paging mode (a plausible user pointer)."""
+    return 0 <= gva < user_half_end(la57=la57)
+
+
 def is_canonical(gva: int, *, la57: bool = False) -> bool:
-    bits = 57 if la57 else 48
-    top = gva >> (bits - 1)
-    return top == 0 or top == (1 << (65 - bits)) - 1
+    return is_user_half(gva, la57=la57) or is_kernel_half(gva, la57=la57)
 
 
 # --- errors specific to the walk ----------------------------------------------------------------------
@@ -548,12 +573,9 @@ def walk_range(mem: PhysicalMemory, dtb: int, start_gva: int, end_gva: int, *, l
     an entry pointing outside RAM or with reserved bits is skipped with a warning, or raises
     :class:`BadPageTable` when ``strict``. The guest may change tables during the walk: pause it for a
     consistent picture."""
-    if la57:
-        bits, top = 57, 5
-    else:
-        bits, top = 48, 4
-    half = 1 << (bits - 1)
-    upper = (1 << 64) - half                      # first canonical upper-half gva
+    top = 5 if la57 else 4
+    half = user_half_end(la57=la57)
+    upper = kernel_half_start(la57=la57)
     dtb &= _U64
     budget = _Budget(max_tables, dtb, fast_readers(mem)[1])
     for seg_lo, seg_hi, gva_bias in ((0, half, 0), (upper, 1 << 64, upper - half)):
@@ -705,6 +727,7 @@ def _clear_accessed_slow(mem: PhysicalMemory, pte_gpa: int, want: int | None, ke
 
 __all__ = [
     "BadPageTable", "LeafMapping", "PageProtNone", "PagingEntry", "Translation", "clear_accessed",
-    "dtb_from_cr3", "fast_readers", "gva_to_gpa", "is_canonical", "kernel_pgd", "la57_from_cr4", "pte_none", "swp_offset",
-    "swp_type", "translate", "user_pgd", "walk_range",
+    "dtb_from_cr3", "fast_readers", "gva_to_gpa", "is_canonical", "is_kernel_half", "is_user_half",
+    "kernel_half_start", "kernel_pgd", "la57_from_cr4", "pte_none", "swp_offset", "swp_type", "translate",
+    "user_half_end", "user_pgd", "va_bits", "walk_range",
 ]
