@@ -6,38 +6,30 @@ from __future__ import annotations
 
 import base64
 import lzma
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import need
 from vmsight.linux import for_each_module, kernel_of
+from vmsight.qemu.kernels import module_file
 from vmsight.qemu.launch import VmInstance
 from vmsight.vm import VM
 
 pytestmark = pytest.mark.guest
 
-DEBS = Path.home() / ".cache" / "vmsight" / "debs"
 MODULES = ("crc7", "crc-itu-t")
 
 
 def module_bytes(release: str, name: str) -> bytes | None:
-    debs = list(DEBS.glob(f"linux-image-{release}_*.deb"))
-    if not debs:
+    path = module_file(release, name)
+    if path is None:
         return None
-    for suffix in (".ko", ".ko.xz"):
-        member = f"./lib/modules/{release}/kernel/lib/{name}{suffix}"
-        r = subprocess.run(f"dpkg-deb --fsys-tarfile {debs[0]} | tar -xO {member}", shell=True,
-                           capture_output=True, timeout=120)
-        if r.returncode == 0 and r.stdout:
-            return lzma.decompress(r.stdout) if suffix.endswith(".xz") else r.stdout
-    return None
+    return lzma.decompress(path.read_bytes()) if path.suffix == ".xz" else path.read_bytes()
 
 
 def load_module(guest: VmInstance, release: str, name: str) -> None:
     data = module_bytes(release, name)
-    need(data is not None, f"{name}.ko of {release} not found in {DEBS}")
+    need(data is not None, f"{name}.ko of {release} not fetched: run scripts/setup.sh")
     assert data is not None
     b64 = base64.b64encode(data).decode()
     path = f"/tmp/{name}.ko"

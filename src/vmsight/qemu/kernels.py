@@ -3,7 +3,8 @@
 The package name is resolved through apt at fetch time (never a hard-coded version):
 ``debian-6.1`` is whatever ``linux-image-cloud-amd64`` depends on; ``debian-6.12`` is the newest
 ``linux-image-6.12.*+deb12-amd64`` apt knows. The ``vmlinuz`` is extracted into
-``~/.cache/vmsight/kernels/<package>/vmlinuz``."""
+``~/.cache/vmsight/kernels/<package>/vmlinuz``, and the package's small library modules (``kernel/lib``: crc7,
+crc-itu-t, ...; a few MB) into ``<package>/modules/`` so tests can load real modules into a guest."""
 
 from __future__ import annotations
 
@@ -64,11 +65,11 @@ def cached_kernel(name: str) -> Path | None:
 
 
 def fetch(name: str) -> Path:
-    """Download (once) and extract the kernel; returns the vmlinuz path."""
+    """Download (once) and extract the kernel and its library modules; returns the vmlinuz path."""
     pkg = resolve_package(name)
     dest = CACHE / "kernels" / pkg
     vmlinuz = dest / "vmlinuz"
-    if vmlinuz.is_file():
+    if vmlinuz.is_file() and (dest / "modules").is_dir():
         return vmlinuz
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
@@ -76,14 +77,30 @@ def fetch(name: str) -> Path:
         _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", pkg], cwd=tmp)
         deb = next(Path(tmp).glob("*.deb"))
         tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-        _run(["tar", "-x", "-C", tmp, "--wildcards", "./boot/vmlinuz-*"], stdin=tar.stdout)
+        _run(["tar", "-x", "-C", tmp, "--wildcards", "./boot/vmlinuz-*", "./lib/modules/*/kernel/lib/*"],
+             stdin=tar.stdout)
         tar.wait()
         src = next(Path(tmp, "boot").glob("vmlinuz-*"))
+        release = src.name.removeprefix("vmlinuz-")
+        for stale in ("modules", "modules.part"):
+            shutil.rmtree(dest / stale, ignore_errors=True)
+        shutil.move(str(Path(tmp, "lib", "modules", release, "kernel", "lib")), dest / "modules.part")
+        os.replace(dest / "modules.part", dest / "modules")
         shutil.move(str(src), vmlinuz.with_suffix(".part"))
         os.replace(vmlinuz.with_suffix(".part"), vmlinuz)
-        (dest / "release").write_text(src.name.removeprefix("vmlinuz-") + "\n")
+        (dest / "release").write_text(release + "\n")
     log.info("fetched %s -> %s", pkg, vmlinuz)
     return vmlinuz
+
+
+def module_file(release: str, name: str) -> Path | None:
+    """A fetched kernel's library module (``crc7.ko`` or ``crc7.ko.xz``), or None."""
+    for d in sorted((CACHE / "kernels").glob("linux-image-*/")):
+        if (d / "release").is_file() and d.joinpath("release").read_text().strip() == release:
+            for suffix in (".ko", ".ko.xz"):
+                if (d / "modules" / f"{name}{suffix}").is_file():
+                    return d / "modules" / f"{name}{suffix}"
+    return None
 
 
 def kernel_path(spec: str) -> Path:
