@@ -23,11 +23,13 @@ def norm_maps(text: str) -> list[tuple[int, int, str, int, str]]:
 class GuestWorkload:
     """A guest process with PAGES pages mapped at ``addr``; ``touch`` writes a byte in chosen pages."""
 
-    def __init__(self, guest: VmInstance, pages: int, thp: bool = False) -> None:
+    def __init__(self, guest: VmInstance, pages: int, thp: bool = False, high: bool = False) -> None:
+        """``high``: mapped above 2^52 (a 5-level guest only), no THP."""
         self.guest = guest
         n = next(_ids)
         self.cmd, self.reply = f"/tmp/wl{n}.cmd", f"/tmp/wl{n}.out"
-        r = guest.agent.run(f"vmsight-workload {pages} {'thp' if thp else 'nothp'} {self.cmd} {self.reply} "
+        mode = "high" if high else "thp" if thp else "nothp"
+        r = guest.agent.run(f"vmsight-workload {pages} {mode} {self.cmd} {self.reply} "
                             f">/dev/null 2>&1 & echo $!").check()
         self.pid = int(r.text.split()[0])
         self.seq = 0

@@ -1,8 +1,9 @@
 /* vmsight guest workload: a process with a known memory access pattern, for tests run in the busybox guest.
  *
- *   vmsight-workload PAGES [thp|nothp] CMDFILE REPLYFILE
+ *   vmsight-workload PAGES [thp|nothp|high] CMDFILE REPLYFILE
  *
- * Maps PAGES pages (2 MiB-aligned; MADV_HUGEPAGE with "thp"), writes every page once, then prints
+ * Maps PAGES pages (2 MiB-aligned; MADV_HUGEPAGE with "thp"; with "high", no THP and a hint of 2^52, above the
+ * 47-bit default window, which only a 5-level kernel honours), writes every page once, then prints
  * "ready <addr hex> <bytes>" to REPLYFILE and waits. On SIGUSR1 it executes the one command in CMDFILE and
  * appends "done <seq> <result>" to REPLYFILE:
  *   touch I,J,K   write one byte in each listed page (index within the mapping)
@@ -29,13 +30,14 @@ static void on_usr1(int sig) { (void)sig; pending = 1; }
 
 int main(int argc, char **argv) {
     if (argc != 5) {
-        fprintf(stderr, "usage: %s PAGES thp|nothp CMDFILE REPLYFILE\n", argv[0]);
+        fprintf(stderr, "usage: %s PAGES thp|nothp|high CMDFILE REPLYFILE\n", argv[0]);
         return 2;
     }
     unsigned long pages = strtoul(argv[1], NULL, 0), size = pages * PAGE;
     int thp = strcmp(argv[2], "thp") == 0;
+    void *hint = strcmp(argv[2], "high") == 0 ? (void *)(1UL << 52) : NULL;
     const char *cmdfile = argv[3], *replyfile = argv[4];
-    char *raw = mmap(NULL, size + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *raw = mmap(hint, size + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED) { perror("mmap"); return 1; }
     char *base = (char *)(((unsigned long)raw + HUGE - 1) & ~(HUGE - 1));
     if (madvise(base, size, thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) != 0) perror("madvise");
