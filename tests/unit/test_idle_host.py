@@ -160,7 +160,7 @@ def test_non_root_is_refused_on_someone_elses_process(work: Workload, tmp_path: 
             f"try:\n  IdleTracker({work.p.pid}, 'page_idle')\n"
             f"except Exception as e:\n  print(type(e).__name__, e)\n")
     locks = Path(tempfile.mkdtemp(prefix="vmsight-idle-nobody-"))  # pytest's tmp dirs are root-only
-    locks.chmod(0o777)
+    os.chown(locks, 65534, 65534)  # a lock dir must be its user's own and private
     env = dict(os.environ, VMSIGHT_LOCK_DIR=str(locks))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert "DENIED" in r.stdout, r.stdout + r.stderr

@@ -1,0 +1,202 @@
+"""Local attackers (issue 10 items 1-4, the parts without a guest): private verified runtime directories, no
+symlink followed or file truncated in the lock directory, the runtime gdbstub only in a private directory,
+`vm stop` believing nothing a forged vm.json says. Tests marked `as_user` run code as second unprivileged
+users that the test creates and removes (root only)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import vmsight
+from tests.conftest import need
+from vmsight.idle.lock import TrackerLock, default_lock_dir
+from vmsight.runtime import UnsafePath, open_private_dir, private_tempdir, runtime_dir
+
+SRC = str(Path(vmsight.__file__).resolve().parents[1])  # the vmsight under test, for subprocesses
+
+
+# --- second local users ------------------------------------------------------------------------------------
+
+@contextmanager
+def local_user(name: str) -> Iterator[pwd.struct_passwd]:
+    """A throwaway unprivileged user (useradd; userdel and its /tmp/vmsight-<uid> removed afterwards)."""
+    need(os.geteuid() == 0, "needs root to create a second local user")
+    need(all(os.path.exists(p) for p in ("/usr/sbin/useradd", "/usr/bin/setpriv")), "useradd/setpriv missing")
+    subprocess.run(["userdel", name], capture_output=True)  # a leftover of a killed run
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True,
+                   capture_output=True)
+    user = pwd.getpwnam(name)
+    try:
+        yield user
+    finally:
+        subprocess.run(["rm", "-rf", f"/tmp/vmsight-{user.pw_uid}"], check=False)
+        subprocess.run(["userdel", name], check=True, capture_output=True)
+
+
+def as_user(user: pwd.struct_passwd, code: str, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run Python ``code`` (with vmsight importable) as ``user``, no supplementary groups."""
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": SRC, "HOME": "/nonexistent"}
+    return subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+                           sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, env={**base, **(env or {})}, timeout=timeout, cwd="/")
+
+
+@pytest.fixture
+def attacker() -> Iterator[pwd.struct_passwd]:
+    with local_user("vmsight-t-atk") as u:
+        yield u
+
+
+@pytest.fixture
+def victim() -> Iterator[pwd.struct_passwd]:
+    with local_user("vmsight-t-vic") as u:
+        yield u
+
+
+# --- private directories -------------------------------------------------------------------------------------
+
+def test_private_dir_is_made_0700_and_verified(tmp_path: Path) -> None:
+    d = tmp_path / "new"
+    os.close(open_private_dir(str(d)))
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700 and d.stat().st_uid == os.geteuid()
+    (tmp_path / "open").mkdir(mode=0o755)
+    (tmp_path / "open").chmod(0o755)
+    os.close(open_private_dir(str(tmp_path / "open")))  # an own dir only readable by others: tightened
+    assert stat.S_IMODE((tmp_path / "open").stat().st_mode) == 0o700
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared").chmod(0o777)
+    with pytest.raises(UnsafePath, match="writable by others"):
+        open_private_dir(str(tmp_path / "shared"))
+    (tmp_path / "link").symlink_to(d)
+    with pytest.raises(UnsafePath, match="symlink"):
+        open_private_dir(str(tmp_path / "link"))
+
+
+def test_private_dir_of_another_owner_is_refused(tmp_path: Path) -> None:
+    need(os.geteuid() == 0, "needs root to chown")
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o700)
+    os.chown(d, 65534, 65534)
+    with pytest.raises(UnsafePath, match="belongs to uid 65534"):
+        open_private_dir(str(d))
+
+
+def test_private_tempdir_is_unpredictable_and_private() -> None:
+    a, b = private_tempdir("vmsight-t-"), private_tempdir("vmsight-t-")
+    try:
+        assert a != b and os.path.dirname(a) == runtime_dir()
+        assert all(stat.S_IMODE(os.lstat(p).st_mode) == 0o700 for p in (a, b, runtime_dir()))
+    finally:
+        os.rmdir(a)
+        os.rmdir(b)
+
+
+# --- item 2: the lock directory -------------------------------------------------------------------------------
+
+def test_lock_file_symlink_is_not_followed_or_truncated(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    important = tmp_path / "important.txt"
+    important.write_text("keep me\n")
+    (locks / "idle-page_idle.lock").symlink_to(important)
+    with pytest.raises(UnsafePath, match="idle-page_idle.lock"):
+        TrackerLock("page_idle", str(locks))
+    assert important.read_text() == "keep me\n"
+
+
+def test_lock_file_is_0600_and_never_truncated(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    lock = TrackerLock("page_idle", str(locks))
+    p = locks / "idle-page_idle.lock"
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600 and stat.S_IMODE(locks.stat().st_mode) == 0o700
+    assert int(p.read_text().split()[0]) == os.getpid()
+    lock.release()
+    assert p.read_text().strip() == ""
+
+
+def test_lock_dir_env_is_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: anyone may plant entries
+    monkeypatch.setenv("VMSIGHT_LOCK_DIR", str(shared))
+    with pytest.raises(UnsafePath, match="VMSIGHT_LOCK_DIR"):
+        TrackerLock("page_idle")
+    assert list(shared.iterdir()) == []
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setenv("VMSIGHT_LOCK_DIR", str(tmp_path / "link"))
+    with pytest.raises(UnsafePath, match="symlink"):
+        default_lock_dir()
+
+
+def test_root_lock_dir_is_private(monkeypatch: pytest.MonkeyPatch) -> None:
+    need(os.geteuid() == 0, "root's lock directory")
+    monkeypatch.delenv("VMSIGHT_LOCK_DIR", raising=False)
+    if os.path.isdir("/run/vmsight"):
+        os.chmod("/run/vmsight", 0o755)  # as older vmsight made it: tightened on use
+    d = default_lock_dir()
+    st = os.lstat(d)
+    assert d == "/run/vmsight" and stat.S_ISDIR(st.st_mode) and st.st_uid == 0
+    assert stat.S_IMODE(st.st_mode) == 0o700
+
+
+def test_planted_lock_dir_cannot_truncate_another_users_file(attacker: pwd.struct_passwd,
+                                                              victim: pwd.struct_passwd, tmp_path: Path) -> None:
+    """The reported attack: one user plants /tmp/vmsight-<victim uid> with a symlink to the victim's file;
+    the victim's vmsight refuses the directory with one line and the file keeps its contents."""
+    important = Path(f"/tmp/vmsight-t-important-{victim.pw_uid}")
+    important.write_text("keep me\n")
+    os.chown(important, victim.pw_uid, victim.pw_gid)
+    try:
+        r = as_user(attacker, f"""
+            import os
+            d = "/tmp/vmsight-{victim.pw_uid}"
+            os.mkdir(d); os.chmod(d, 0o777)
+            os.symlink("{important}", d + "/idle-page_idle.lock")
+            print("planted")""")
+        assert r.stdout.strip() == "planted", r.stderr
+        for xdg in ("", str(tmp_path)):  # no XDG_RUNTIME_DIR, or one that is not the victim's
+            r = as_user(victim, """
+                from vmsight.idle.lock import TrackerLock
+                from vmsight.runtime import UnsafePath
+                try:
+                    TrackerLock("page_idle")
+                    print("LOCKED")
+                except UnsafePath as e:
+                    print("REFUSED", e)""", env={"XDG_RUNTIME_DIR": xdg} if xdg else None)
+            assert r.stdout.startswith("REFUSED /tmp/vmsight-") and "belongs to uid" in r.stdout, r.stdout + r.stderr
+            assert len(r.stdout.splitlines()) == 1
+        assert important.read_text() == "keep me\n"
+    finally:
+        important.unlink()
+
+
+def test_root_refuses_a_lock_dir_another_user_owns(attacker: pwd.struct_passwd, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    r = as_user(attacker, """
+        import tempfile, os
+        d = tempfile.mkdtemp(dir="/tmp"); os.chmod(d, 0o755)
+        os.symlink("/etc/vmsight-t-victim", d + "/idle-page_idle.lock")
+        print(d)""")
+    d = r.stdout.strip()
+    assert d, r.stderr
+    victim_file = Path("/etc/vmsight-t-victim")
+    victim_file.write_text("root's\n")
+    try:
+        monkeypatch.setenv("VMSIGHT_LOCK_DIR", d)
+        with pytest.raises(UnsafePath, match=f"belongs to uid {attacker.pw_uid}"):
+            TrackerLock("page_idle")
+        assert victim_file.read_text() == "root's\n"
+    finally:
+        victim_file.unlink()
+        subprocess.run(["rm", "-rf", d], check=False)
