@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -148,3 +149,41 @@ class ProcMemRam:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class BlockRam:
+    """Guest RAM held in several RAM blocks (NUMA nodes, DIMMs: one memory backend each), every block read
+    through its own backend (a :class:`MappedRam` of that block's file); ranges are dispatched by block."""
+
+    def __init__(self, parts: Mapping[str, PhysicalMemory], layout: RamLayout) -> None:
+        missing = {r.block for r in layout} - parts.keys()
+        if missing:
+            raise ValueError(f"no backend for RAM block(s) {', '.join(sorted(missing))}")
+        self.parts = parts
+        self.layout = layout
+        self.name = next(iter(parts.values())).name
+
+    def read_gpa(self, gpa: int, size: int) -> bytes:
+        return b"".join(self.parts[rr.block].read_gpa(p, n) for rr, p, n in self.layout.pieces(gpa, size))
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.read_gpa(gpa, 8), "little")
+
+    def write_gpa(self, gpa: int, data: bytes) -> None:
+        pos = 0
+        for rr, p, n in self.layout.pieces(gpa, len(data)):
+            self.parts[rr.block].write_gpa(p, data[pos:pos + n])
+            pos += n
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        r = self.layout.find(gpa)
+        part = self.parts[r.block] if r is not None else None
+        if r is None or gpa + size > r.end or not isinstance(part, BufferRam):
+            raise PhysicalAddressError(gpa, size, "not inside one contiguous RAM range")
+        return part.view(gpa, size)
+
+    def close(self) -> None:
+        for part in self.parts.values():
+            close = getattr(part, "close", None)
+            if close:
+                close()
