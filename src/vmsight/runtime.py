@@ -186,3 +186,105 @@ def listens_on(pid: int, path: str) -> bool:
             if link.startswith("socket:[") and int(link[8:-1]) in inodes:
                 return True
     return False
+
+
+# --- runtime gdbstubs ------------------------------------------------------------------------------------
+
+_STUB_SOCK = "gdb.sock"
+_STUB_RECORD = "gdbstub-"  # gdbstub-<qemu pid>-<its start time>: the socket path, in the private runtime dir
+
+
+def _stub_dir_owners(qemu_pid: int) -> tuple[int, ...]:
+    uid = proc_uid(qemu_pid)
+    return () if uid is None else (uid,)
+
+
+def _forget_stub(dfd: int, record: str, sock: str | None, owners: tuple[int, ...]) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(record, dir_fd=dfd)
+    if sock and os.path.basename(sock) == _STUB_SOCK and os.path.basename(os.path.dirname(sock)).startswith(
+            "vmsight-gdb-"):
+        remove_private_dir(os.path.dirname(sock), (_STUB_SOCK,), owners=owners)
+
+
+def _read_record(dfd: int, name: str) -> str | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).decode(errors="replace").strip() or None
+    finally:
+        os.close(fd)
+
+
+def find_runtime_stub(qemu_pid: int) -> str | None:
+    """The socket of the runtime gdbstub an earlier attach (of this user) added to QEMU ``qemu_pid``, if QEMU
+    itself still listens on it in a private directory; records of QEMUs that are gone are swept."""
+    dfd = open_private_dir(runtime_dir())
+    try:
+        found = None
+        for name in os.listdir(dfd):
+            if not name.startswith(_STUB_RECORD):
+                continue
+            try:
+                pid, start = (int(x) for x in name[len(_STUB_RECORD):].split("-"))
+            except ValueError:
+                continue
+            alive = proc_start_time(pid) == start
+            if alive and pid != qemu_pid:
+                continue
+            sock = _read_record(dfd, name)
+            owners = _stub_dir_owners(pid)
+            if (alive and sock and listens_on(pid, sock)
+                    and is_private_dir(os.path.dirname(sock), owners=owners)):
+                found = sock
+            else:
+                _forget_stub(dfd, name, sock, owners)
+        return found
+    finally:
+        os.close(dfd)
+
+
+def new_runtime_stub_path(qemu_pid: int) -> str:
+    """A socket path for a runtime gdbstub of QEMU ``qemu_pid`` in a new private directory with an
+    unpredictable name that only QEMU's user (and root) can enter."""
+    quid = proc_uid(qemu_pid)
+    euid = os.geteuid()
+    if quid is None:
+        raise UnsafePath(f"QEMU pid {qemu_pid} is gone")
+    if quid == euid:
+        d = private_tempdir("vmsight-gdb-")
+    elif euid == 0:
+        # Root's runtime dir is 0700: QEMU's user could not reach it. mkdtemp in sticky /tmp cannot be
+        # pre-planted or renamed by others; handed to QEMU's user, it is private to them and root.
+        d = private_tempdir("vmsight-gdb-", "/tmp")
+        os.chown(d, quid, -1)
+    else:
+        raise UnsafePath(f"QEMU pid {qemu_pid} runs as uid {quid}: attach as that user or root, or pass its "
+                         "gdbstub socket (--gdb PATH)")
+    return os.path.join(d, _STUB_SOCK)
+
+
+def record_runtime_stub(qemu_pid: int, sock: str) -> None:
+    """Remember ``sock`` as QEMU ``qemu_pid``'s runtime gdbstub (QEMU allows one) for later attaches."""
+    start = proc_start_time(qemu_pid)
+    if start is None:
+        return
+    dfd = open_private_dir(runtime_dir())
+    try:
+        name = f"{_STUB_RECORD}{qemu_pid}-{start}"
+        tmp = f".{name}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            os.write(fd, sock.encode() + b"\n")
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def forget_runtime_stub(qemu_pid: int, sock: str) -> None:
+    """Drop a stub directory made by :func:`new_runtime_stub_path` that QEMU did not take."""
+    remove_private_dir(os.path.dirname(sock), (_STUB_SOCK,), owners=_stub_dir_owners(qemu_pid))

@@ -18,6 +18,7 @@ from tests.conftest import need
 from vmsight.errors import GdbStubError
 from vmsight.qemu.launch import LaunchConfig, VmInstance, launch
 from vmsight.qemu.rsp import GdbStub
+from vmsight.runtime import listens_on, runtime_dir
 from vmsight.vm import attach
 
 pytestmark = pytest.mark.guest
@@ -139,7 +140,8 @@ def test_runtime_gdbserver_and_procmem(plain_guest: VmInstance) -> None:
     with attach(plain_guest.dir, backend="proc-pid-mem") as vm:
         assert vm.backend == "proc-pid-mem"
         regs = vm.registers(0)  # needs a stub: added through HMP gdbserver
-        assert Path(vm.directory or "", "gdb-runtime.sock").exists()
+        stub = vm._gdb_address or ""  # noqa: SLF001 - in a fresh private directory (issue 10 item 4)
+        assert Path(stub).parent.parent == Path(runtime_dir()) and listens_on(vm.pid or 0, stub)
         with vm.paused():
             t = vm.translate(regs["rip"], regs["cr3"])
             assert vm.read_gpa(t.gpa, 16) == vm.read_gva(regs["rip"], 16, regs["cr3"])

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,18 @@ import pytest
 import vmsight
 from tests.conftest import need
 from vmsight.idle.lock import TrackerLock, default_lock_dir
-from vmsight.runtime import UnsafePath, open_private_dir, private_tempdir, runtime_dir
+from vmsight.runtime import (
+    UnsafePath,
+    find_runtime_stub,
+    forget_runtime_stub,
+    listens_on,
+    new_runtime_stub_path,
+    open_private_dir,
+    private_tempdir,
+    proc_uid,
+    record_runtime_stub,
+    runtime_dir,
+)
 
 SRC = str(Path(vmsight.__file__).resolve().parents[1])  # the vmsight under test, for subprocesses
 
@@ -200,3 +212,69 @@ def test_root_refuses_a_lock_dir_another_user_owns(attacker: pwd.struct_passwd, 
     finally:
         victim_file.unlink()
         subprocess.run(["rm", "-rf", d], check=False)
+
+
+# --- item 4: runtime gdbstub records ---------------------------------------------------------------------------
+
+@contextmanager
+def _listener() -> Iterator[subprocess.Popen[str]]:
+    """A stand-in QEMU: binds a listening unix socket at the path written to its stdin."""
+    code = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.bind(sys.stdin.readline().strip())\n"
+            "s.listen(1)\nprint('ready', flush=True)\nsys.stdin.read()\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _serve(p: subprocess.Popen[str], path: str) -> None:
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write(path + "\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "ready"
+
+
+def test_runtime_stub_is_private_and_proven() -> None:
+    with _listener() as qemu, _listener() as other:
+        a, b = new_runtime_stub_path(qemu.pid), new_runtime_stub_path(qemu.pid)
+        assert a != b and Path(a).parent.parent == Path(runtime_dir())
+        assert stat.S_IMODE(os.lstat(Path(a).parent).st_mode) == 0o700
+        forget_runtime_stub(qemu.pid, b)
+        assert not Path(b).parent.exists()
+        assert find_runtime_stub(qemu.pid) is None
+        _serve(qemu, a)
+        assert listens_on(qemu.pid, a) and not listens_on(other.pid, a)
+        record_runtime_stub(qemu.pid, a)
+        assert find_runtime_stub(qemu.pid) == a
+        # A record naming a socket the QEMU does not hold (another process's) is not believed, and dropped.
+        c = new_runtime_stub_path(other.pid)
+        _serve(other, c)
+        record_runtime_stub(qemu.pid, c)
+        assert find_runtime_stub(qemu.pid) is None
+        assert not any(n.startswith(f"gdbstub-{qemu.pid}-") for n in os.listdir(runtime_dir()))
+        forget_runtime_stub(other.pid, c)
+        record_runtime_stub(qemu.pid, a)
+    # QEMU gone: its record and the stub directory are swept by the next look-up.
+    assert find_runtime_stub(qemu.pid) is None
+    assert not Path(a).parent.exists()
+    assert not any(n.startswith(f"gdbstub-{qemu.pid}-") for n in os.listdir(runtime_dir()))
+
+
+def test_runtime_stub_for_another_users_qemu_is_theirs_and_roots(victim: pwd.struct_passwd) -> None:
+    sleeper = subprocess.Popen(["setpriv", f"--reuid={victim.pw_uid}", f"--regid={victim.pw_gid}",
+                                "--clear-groups", "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 5
+        while proc_uid(sleeper.pid) != victim.pw_uid and time.monotonic() < deadline:
+            time.sleep(0.01)
+        path = new_runtime_stub_path(sleeper.pid)
+        st = os.lstat(Path(path).parent)
+        assert st.st_uid == victim.pw_uid and stat.S_IMODE(st.st_mode) == 0o700
+        assert Path(path).parent.parent == Path("/tmp")
+        forget_runtime_stub(sleeper.pid, path)
+        assert not Path(path).parent.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
