@@ -19,12 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmsight import runtime
 from vmsight.errors import GdbStubError, PermissionDenied, TargetError, VmsightError
 from vmsight.memory.gdbphys import GdbPhysRam
 from vmsight.memory.paging import Translation, la57_from_cr4, translate
 from vmsight.memory.physical import BlockRam, MappedRam, PhysicalMemory, ProcMemRam
 from vmsight.memory.virtual import AddressSpace
 from vmsight.qemu.layout import RamLayout, parse_mtree
+from vmsight.qemu.monitors import (
+    MonitorClaim,
+    RunControl,
+    connect_monitor,
+    run_control_owner,
+    take_run_control,
+)
 from vmsight.qemu.qmp import Qmp
 from vmsight.qemu.rsp import GdbStub
 
@@ -58,6 +66,9 @@ class VM:
         self._spaces: dict[tuple[int, bool], AddressSpace] = {}
         # Run by close() before QMP closes (vmsight.events.watchdog.supervise settles the run state here).
         self.close_hooks: list[Callable[[], None]] = []
+        self.monitor_claim: MonitorClaim | None = None    # the QMP monitor this VM object holds (attach)
+        self._run_control: RunControl | None = None
+        self._live_warned = False
         cpus = qmp.execute("query-cpus-fast")
         if not cpus:
             raise TargetError("QMP reports no vCPUs")
@@ -199,8 +210,18 @@ class VM:
 
     @contextmanager
     def paused(self) -> Iterator[VM]:
-        """Keep the VM stopped inside the block; resume afterwards only if it was running before."""
+        """Keep the VM stopped inside the block; resume afterwards only if it was running before.
+
+        Where another vmsight command controls the run state (:meth:`run_control_owner`), the VM is not
+        touched: the block reads it live (bounded walks stay safe; a list changing under a walk can fail as
+        CorruptData) and a warning says so once."""
         with self._lock:
+            if self._pause_depth == 0 and (owner := self.run_control_owner()):
+                if not self._live_warned:
+                    self._live_warned = True
+                    log.warning("not pausing the VM: %s controls its run state; reading it live", owner)
+                yield self
+                return
             if self._pause_depth == 0:
                 self._resume_on_exit = self.status() == "running"
                 if self._resume_on_exit:
@@ -227,6 +248,9 @@ class VM:
     def gdb(self) -> GdbStub:
         """The gdbstub connection (made on first use; a stub is added through HMP when QEMU had no -gdb)."""
         with self._lock:
+            if self._gdb is None and (owner := self.run_control_owner()):
+                raise TargetError(f"the VM's gdbstub serves one client, and {owner} controls the VM through it: "
+                                  "wait for that command to end")
             if self._gdb is None:
                 with self.paused():  # connecting to a running VM would stop it behind our back
                     self._gdb = self._connect_gdb()
@@ -237,20 +261,23 @@ class VM:
         if self.pid is None and (addr is None or not addr.startswith("tcp:")):
             raise GdbStubError("QEMU is remote: start it with -gdb tcp::PORT and pass --gdb tcp:HOST:PORT")
         if addr is None or (not addr.startswith("tcp:") and not os.path.exists(addr)):
-            base = self.directory or f"/tmp/vmsight-{self.pid}"
-            os.makedirs(base, exist_ok=True)
-            addr = os.path.join(base, "gdb-runtime.sock")
-            if os.path.exists(addr):  # added by an earlier attach: QEMU allows only one runtime stub
-                try:
-                    stub = GdbStub(addr)
-                    self._gdb_address = addr
-                    return stub
-                except TargetError:
-                    os.unlink(addr)  # stale, from a QEMU that is gone
+            assert self.pid is not None
+            # A runtime stub lives only in a fresh private directory (vmsight.runtime): a predictable path
+            # let another user plant the socket we talk to, or the directory QEMU's real stub went into.
+            try:
+                found = runtime.find_runtime_stub(self.pid)  # QEMU allows one: an earlier attach's, if any
+                if found is not None:
+                    self._gdb_address = found
+                    return GdbStub(found)
+                addr = runtime.new_runtime_stub_path(self.pid)
+            except (runtime.UnsafePath, OSError) as e:
+                raise GdbStubError(f"cannot add a gdbstub at runtime: {e}") from None
             out = self.qmp.hmp(f"gdbserver unix:{addr},server=on,wait=off")
-            if "duplicate" in out or "ould not" in out:
+            if not runtime.listens_on(self.pid, addr):
+                runtime.forget_runtime_stub(self.pid, addr)
                 raise GdbStubError(f"cannot add a gdbstub at runtime ({out.strip()}); QEMU already has one "
                                    "(-gdb or an earlier `gdbserver`): pass its socket (attach(..., gdb=PATH))")
+            runtime.record_runtime_stub(self.pid, addr)
             self._gdb_address = addr
         return GdbStub(addr)
 
@@ -280,6 +307,26 @@ class VM:
             if close:
                 close()
             self.qmp.close()
+            if self._run_control is not None:
+                self._run_control.release()
+                self._run_control = None
+            if self.monitor_claim is not None:
+                self.monitor_claim.release()
+
+    # --- sharing the VM with other vmsight commands (vmsight.qemu.monitors) ----------------------------
+
+    def run_control_owner(self) -> str | None:
+        """The other vmsight command that stops and resumes this VM on its own schedule, or None."""
+        if self._run_control is not None or self.directory is None:
+            return None
+        return run_control_owner(self.directory)
+
+    def take_run_control(self, purpose: str) -> None:
+        """Claim the VM's run state for ``purpose`` (trace, watch, idle tracking) until close(); raises,
+        naming the holder, when another command has it. VMs not launched by vmsight have no lock: one
+        command at a time is then the user's to keep."""
+        if self._run_control is None and self.directory is not None:
+            self._run_control = take_run_control(self.directory, purpose)
 
     def __enter__(self) -> VM:
         return self
@@ -300,8 +347,16 @@ class VM:
         raise VmsightError(f"no vCPU {index}: this VM has vCPUs {[v.index for v in self.vcpus()]}")
 
     def registers(self, vcpu: int = 0, *, all: bool = False) -> dict[str, int]:  # noqa: A002
-        """Registers of one vCPU (gdbstub ``g``; the VM is paused for the read)."""
+        """Registers of one vCPU (gdbstub ``g``; the VM is paused for the read). While another command
+        controls the VM (and holds its gdbstub), the core registers come from HMP ``info registers``."""
         v = self._vcpu(vcpu)
+        if self._gdb is None and self.run_control_owner():
+            if all:
+                raise TargetError("all registers (x87/SSE) come from the gdbstub, which another vmsight command "
+                                  "holds: wait for it to end")
+            hmp = self.hmp_registers(vcpu)
+            hmp.update({"fs_base": hmp.get("fs_base_hmp", 0), "gs_base": hmp.get("gs_base_hmp", 0)})
+            return {k: hmp[k] for k in CORE_REGISTERS if k in hmp}
         with self.stopped_stub() as stub:
             stub.select_thread(v.gdb_thread)
             regs = stub.read_all_registers()
@@ -427,8 +482,9 @@ _VM_JSON_MAX = 1 << 20
 
 
 def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, backend: str = "auto",
-           writable: bool = True) -> VM:
-    """Attach to a VM: ``target`` is a ``vmsight vm launch`` directory or a QMP socket path."""
+           writable: bool = True, purpose: str = "a vmsight command") -> VM:
+    """Attach to a VM: ``target`` is a ``vmsight vm launch`` directory or a QMP socket path. A directory's
+    VM has spare QMP monitors: the first free one is used (``purpose`` names this command to others)."""
     directory = None
     if target.startswith("tcp:"):  # QEMU on another machine: -qmp tcp:HOST:PORT,server=on,wait=off
         qmp = Qmp(target)
@@ -478,13 +534,24 @@ def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, 
         raise TargetError(f"{target} does not exist: pass a `vmsight vm launch` directory or a QMP socket")
     else:
         raise TargetError(f"{target} is neither a directory nor a socket")
-    qmp = Qmp(qmp_path)
+    claim = None
+    if directory is None:
+        qmp = Qmp(qmp_path)
+    else:
+        aux = info.get("qmp_aux") or []
+        if not (isinstance(aux, list) and len(aux) <= 8 and all(isinstance(a, str) for a in aux)):
+            raise TargetError(f"{directory}/vm.json: qmp_aux is not a list of socket paths: relaunch the VM")
+        qmp, claim = connect_monitor(directory, [qmp_path, *aux], purpose, Qmp)
     try:
-        return VM(qmp, gdb_address=gdb, ram_file=ram_file, directory=directory, backend=backend,
-                  writable=writable)
+        vm = VM(qmp, gdb_address=gdb, ram_file=ram_file, directory=directory, backend=backend,
+                writable=writable)
     except BaseException:
         qmp.close()
+        if claim is not None:
+            claim.release()
         raise
+    vm.monitor_claim = claim
+    return vm
 
 
 __all__ = ["VM", "Vcpu", "attach", "parse_info_registers", "PermissionDenied"]

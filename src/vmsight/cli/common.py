@@ -15,7 +15,8 @@ from vmsight.vm import VM, attach
 def open_vm(args: argparse.Namespace) -> VM:
     """Attach to --vm, with a watchdog that resumes it if this command dies while it is paused
     (unless --no-watchdog)."""
-    vm = attach(require_vm(args), gdb=getattr(args, "gdb", None))
+    vm = attach(require_vm(args), gdb=getattr(args, "gdb", None),
+                purpose=f"vmsight {getattr(args, 'command_name', None) or 'command'}")
     if not getattr(args, "no_watchdog", False):
         try:
             supervise(vm)

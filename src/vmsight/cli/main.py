@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp = groups[words[0]].add_parser(words[1], help=mod.HELP, description=mod.HELP)
         mod.add_arguments(sp)
         add_global_options(sp, "command")
-        sp.set_defaults(_run=mod.run)
+        sp.set_defaults(_run=mod.run, command_name=mod.NAME)
     return p
 
 

@@ -178,6 +178,8 @@ class Dispatcher:
                                "run loop; close it first")
         self.vm: VM = vm
         self._kernel = kernel
+        # other vmsight commands read the VM live meanwhile instead of pausing it under this run loop
+        vm.take_run_control("an event dispatcher (vmsight trace/watch)")
         self._stub: GdbStub = vm.gdb
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)

@@ -171,6 +171,10 @@ class WatchdogClient:
     def gdb(self, address: str) -> None:
         self._send(f"gdb {address}")
 
+    def vm_dir(self, directory: str) -> None:
+        """The VM directory, whose run-control lock says whether another command owns the run state."""
+        self._send(f"dir {directory}")
+
     def want(self, state: str) -> None:
         """The run state to leave the VM in ("running", "paused", ...)."""
         self.wanted = state
@@ -223,6 +227,10 @@ class WatchdogClient:
         then let the watchdog go if nothing is left to undo."""
         ok = True
         try:
+            if owner := vm.run_control_owner():   # its run state is another command's to keep
+                log.debug("run state left to %s", owner)
+                self.stop(clean=self.clean())
+                return
             status = vm.status()
             if self.wanted == "running" and status in ("paused", "debug"):
                 log.warning("the VM was left %s: resuming it (vmsight found it running)", status)
@@ -243,6 +251,8 @@ def supervise(vm: VM) -> WatchdogClient:
     if wd is None:
         wd = WatchdogClient.start(qmp=None if vm.qmp.remote else vm.qmp.path, want=vm.status())
         _BY_VM[vm] = wd
+        if vm.directory is not None:
+            wd.vm_dir(vm.directory)
         vm.close_hooks.append(lambda: wd.settle(vm))
     return wd
 
@@ -264,6 +274,7 @@ class _State:
         self.want = "running"
         self.ram: dict[str, Any] | None = None
         self.journal: str | None = None
+        self.dir: str | None = None
 
 
 def read_until_eof(stream: IO[bytes]) -> _State:
@@ -284,6 +295,8 @@ def read_until_eof(stream: IO[bytes]) -> _State:
                 (st.points.add if word == "+" else st.points.discard)(p)
             elif word == "gdb" and rest:
                 st.gdb = rest
+            elif word == "dir" and rest:
+                st.dir = rest
             elif word == "want" and rest:
                 st.want = rest
             elif word == "ram":
@@ -436,6 +449,17 @@ def undo(st: _State, qmp_path: str | None) -> bool:
             return True
         if st.journal and os.path.exists(st.journal):
             _give_back(st.ram, st.journal)  # without the stub: the VM may run meanwhile (racy, but better)
+    if st.dir is not None:
+        from vmsight.qemu.monitors import run_control_owner
+
+        try:
+            owner = run_control_owner(st.dir)
+        except Exception as e:  # noqa: BLE001 - a lock we cannot read: settle as before
+            owner = None
+            log.debug("watchdog: run-control lock: %s", e)
+        if owner:   # the dead parent only read the VM; its run state belongs to the command holding it
+            log.info("watchdog: run state left to %s", owner)
+            return True
     return settle_qmp(qmp_path, st.want) if qmp_path else False
 
 

@@ -65,6 +65,8 @@ class GuestIdleTracker:
         accessed bits back and resumes the VM (a separate process; off only for tests of the unguarded
         case)."""
         self.vm = vm
+        # it pauses the VM and flushes TLBs through the gdbstub: other commands read live meanwhile
+        vm.take_run_control("guest idle tracking (vmsight idle --vm)")
         self.pid = pid
         self.restore_accessed = restore_accessed
         self._watchdog: WatchdogClient | None = None

@@ -61,6 +61,10 @@ class LaunchConfig:
     boot_timeout: float = 180.0
 
 
+# Two spare QMP monitors (QEMU serves one client per monitor): `ps`, `regs`, `maps` work beside a `trace`.
+QMP_AUX = ("qmp-1", "qmp-2")
+
+
 @dataclass
 class VmInstance:
     """A launched VM, as recorded in ``DIR/vm.json``."""
@@ -76,6 +80,8 @@ class VmInstance:
     kernel: str
     accel: str
     config: dict[str, Any]
+    # spare QMP monitors: read-only commands attach to a free one while another command holds the first
+    qmp_aux: list[str] = field(default_factory=list)
     _agent: GuestAgent | None = field(default=None, repr=False, compare=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
@@ -168,7 +174,8 @@ def qemu_command(cfg: LaunchConfig, *, kernel: Path, initrd: Path, accel: str, r
            "-kernel", str(kernel), "-initrd", str(initrd), "-append", append.strip(),
            "-chardev", f"file,id=con,path={console_log}", "-serial", "chardev:con",
            "-chardev", f"socket,id=agent,path={socks['agent']},server=on,wait=off", "-serial", "chardev:agent",
-           "-qmp", f"unix:{socks['qmp']},server=on,wait=off",
+           *(arg for k in sorted(socks) if k.startswith("qmp")
+             for arg in ("-qmp", f"unix:{socks[k]},server=on,wait=off")),
            "-device", "pvpanic"]
     if cfg.ram_backend == "file":
         cmd += ["-object", f"memory-backend-file,id=mem,size={ram_size},mem-path={ram_file},share=on"]
@@ -232,7 +239,7 @@ def launch(cfg: LaunchConfig, directory: str | os.PathLike[str], *, detach: bool
     tag = secrets.token_hex(4)
     sockdir = d if len(str(d)) < _SOCK_MAX - 12 else Path(f"/tmp/vmsight-{tag}")
     sockdir.mkdir(parents=True, exist_ok=True)
-    socks = {k: str(sockdir / f"{k}.sock") for k in ("qmp", "gdb", "agent")}
+    socks = {k: str(sockdir / f"{k}.sock") for k in ("qmp", *QMP_AUX, "gdb", "agent")}
     for s in socks.values():
         Path(s).unlink(missing_ok=True)
     ram_file = f"/dev/shm/vmsight-{tag}.ram" if cfg.ram_backend == "file" else None
@@ -244,7 +251,8 @@ def launch(cfg: LaunchConfig, directory: str | os.PathLike[str], *, detach: bool
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
                             preexec_fn=os.setsid if detach else _die_with_parent)
     qlog.close()
-    vm = VmInstance(dir=str(d), pid=proc.pid, qmp=socks["qmp"], gdb=socks["gdb"] if cfg.gdb else None,
+    vm = VmInstance(dir=str(d), pid=proc.pid, qmp=socks["qmp"], qmp_aux=[socks[k] for k in QMP_AUX],
+                    gdb=socks["gdb"] if cfg.gdb else None,
                     agent_socket=socks["agent"], ram_file=ram_file, ram_size=ram_size,
                     console_log=console_log, kernel=str(kernel), accel=accel, config=asdict(cfg), _proc=proc)
     _live.add(vm)
