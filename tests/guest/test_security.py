@@ -4,9 +4,13 @@ a planted gdbstub socket or directory, nothing killed or deleted through a forge
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pwd
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -17,6 +21,8 @@ import pytest
 
 from tests.conftest import need
 from tests.unit.test_security_paths import SRC, as_user, local_user
+from vmsight.errors import TargetError
+from vmsight.qemu import launch as launch_mod
 from vmsight.qemu.kernels import cached_kernel
 from vmsight.qemu.launch import LaunchConfig, VmInstance, launch
 from vmsight.runtime import listens_on, runtime_dir
@@ -100,3 +106,138 @@ def test_planted_gdbstub_dir_is_not_used(plain_vm: VmInstance, attacker: pwd.str
             listener.kill()
             listener.wait()
         shutil.rmtree(planted, ignore_errors=True)
+
+
+# --- item 1: guest RAM ----------------------------------------------------------------------------------------
+
+VMSIGHT = [sys.executable, "-m", "vmsight.cli.main"]
+
+
+def _runtime_dirs_of(vm_dir: Path) -> list[Path]:
+    """The /dev/shm/vmsight-* runtime dirs whose back-reference names ``vm_dir``."""
+    out = []
+    for p in Path("/dev/shm").glob("vmsight-*"):
+        with contextlib.suppress(OSError):
+            if (p / "vm-dir").read_text() == str(vm_dir):
+                out.append(p)
+    return out
+
+
+def _assert_private_ram(ram_file: str, attacker: pwd.struct_passwd) -> None:
+    st, dst = os.lstat(ram_file), os.lstat(os.path.dirname(ram_file))
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_ISDIR(dst.st_mode) and stat.S_IMODE(dst.st_mode) == 0o700
+    r = as_user(attacker, f"""
+        import os
+        for p in ({ram_file!r}, {os.path.dirname(ram_file)!r}):
+            try:
+                os.open(p, os.O_RDONLY); print("READ", p)
+            except OSError as e:
+                print("DENIED", e.errno)""")
+    assert r.stdout.split() == ["DENIED", "13", "DENIED", "13"], r.stdout + r.stderr
+
+
+def test_guest_ram_is_private(plain_vm: VmInstance, attacker: pwd.struct_passwd) -> None:
+    """Another user cannot read the guest's RAM file (it was 0644 in /dev/shm); root's vmsight still maps
+    it, through vm.json and through QMP alone, and reads what the gdbstub reads."""
+    assert plain_vm.ram_file and plain_vm.runtime_dir == os.path.dirname(plain_vm.ram_file)
+    _assert_private_ram(plain_vm.ram_file, attacker)
+    for target in (plain_vm.dir, plain_vm.qmp):
+        with attach(target) as vm, vm.paused():
+            assert vm.backend == "mapped-ram-file"
+            regs = vm.registers(0)
+            gva = regs["rip"] & ~63  # 64 bytes within one page
+            assert vm.read_gpa(vm.translate(gva, regs["cr3"]).gpa, 64) == vm.gdb.read_memory(gva, 64)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_vm_launch_killed_leaves_no_ram(tmp_path: Path, attacker: pwd.struct_passwd, sig: signal.Signals) -> None:
+    """A non-detached `vm launch` ended by a signal stops QEMU and removes the RAM file and its directory."""
+    need(cached_kernel("debian-6.1") is not None, "kernel debian-6.1 not cached")
+    d = tmp_path / "vm"
+    p = subprocess.Popen(VMSIGHT + ["vm", "launch", "--kernel", "debian-6.1", "--dir", str(d)],
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        assert p.stderr is not None
+        lines = [p.stderr.readline() for _ in range(2)]
+        assert "press Ctrl-C" in lines[-1], "".join(lines) + p.stderr.read()
+        info = json.loads((d / "vm.json").read_text())
+        assert [str(x) for x in _runtime_dirs_of(d)] == [info["runtime_dir"]]
+        _assert_private_ram(info["ram_file"], attacker)
+        p.send_signal(sig)
+        p.wait(timeout=30)
+        assert not _alive(info["pid"]) and not os.path.lexists(info["runtime_dir"])
+        assert _runtime_dirs_of(d) == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_demo_killed_leaves_no_ram(attacker: pwd.struct_passwd) -> None:
+    """`vmsight demo` SIGTERMed while its VM runs: QEMU, the RAM file and the throwaway directory go."""
+    need(cached_kernel("debian-6.1") is not None, "kernel debian-6.1 not cached")
+    p = subprocess.Popen(VMSIGHT + ["demo", "--kernel", "debian-6.1", "--smp", "1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        assert p.stdout is not None
+        while "guest up" not in (line := p.stdout.readline()):
+            assert line, p.stderr.read() if p.stderr else ""
+        qemu = _qemu_child(p.pid)
+        ram_file = _mem_path(qemu)
+        vm_dir = Path(ram_file).parent.joinpath("vm-dir").read_text()
+        _assert_private_ram(ram_file, attacker)
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+        assert p.returncode == 128 + signal.SIGTERM
+        assert not _alive(qemu) and not os.path.lexists(os.path.dirname(ram_file)) and not os.path.exists(vm_dir)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_failed_launch_leaves_no_ram(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU refusing to start, or failing to be started: the runtime directory goes with the exception."""
+    need(cached_kernel("debian-6.1") is not None, "kernel debian-6.1 not cached")
+    with pytest.raises(TargetError, match="QEMU exited"):
+        launch(LaunchConfig(kernel="debian-6.1", extra_args=["-no-such-option"]), tmp_path / "a")
+    assert _runtime_dirs_of(tmp_path / "a") == []
+
+    modes = []
+
+    def no_exec(cmd: list[str], **kw: object) -> None:
+        # QEMU is handed a RAM file that already exists, 0600 in a 0700 directory (it would make one 0644)
+        mem = next(a for a in cmd if a.startswith("memory-backend-file,"))
+        path = dict(kv.split("=", 1) for kv in mem.split(",")[1:])["mem-path"]
+        modes.append((stat.S_IMODE(os.lstat(path).st_mode), stat.S_IMODE(os.lstat(os.path.dirname(path)).st_mode)))
+        raise OSError(8, "Exec format error")
+
+    monkeypatch.setattr(launch_mod.subprocess, "Popen", no_exec)
+    with pytest.raises(OSError, match="Exec format"):
+        launch(LaunchConfig(kernel="debian-6.1"), tmp_path / "b")
+    assert modes == [(0o600, 0o700)]
+    assert _runtime_dirs_of(tmp_path / "b") == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _qemu_child(parent: int) -> int:
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == parent and "qemu" in Path(stat_file.parent, "comm").read_text():
+                return int(stat_file.parent.name)
+    raise AssertionError(f"no QEMU child of {parent}")
+
+
+def _mem_path(qemu: int) -> str:
+    for arg in Path(f"/proc/{qemu}/cmdline").read_bytes().decode().split("\0"):
+        if arg.startswith("memory-backend-file,"):
+            return dict(kv.split("=", 1) for kv in arg.split(",")[1:])["mem-path"]
+    raise AssertionError("no memory-backend-file")

@@ -2,8 +2,11 @@
 
 A launched VM lives in a directory holding ``vm.json`` (pid, sockets, RAM file, agent, kernel), the QMP,
 gdbstub and agent sockets, the serial console log and QEMU's own log. Guest RAM is a shared
-``memory-backend-file`` under /dev/shm, so vmsight can map it. QEMU runs in its own process group and,
-unless detached, dies with the launching process (PR_SET_PDEATHSIG) and with the context manager."""
+``memory-backend-file`` in a private per-VM directory under /dev/shm (mkdtemp, 0700; the file pre-created
+0600, so no other user can read guest memory), so vmsight can map it; the directory goes on every exit
+path (stop, exceptions, the CLI's SIGTERM/SIGHUP/SIGINT, ``vm stop``; after SIGKILL the next launch reaps
+it). QEMU runs in its own process group and, unless detached, dies with the launching process
+(PR_SET_PDEATHSIG) and with the context manager."""
 
 from __future__ import annotations
 
@@ -13,15 +16,16 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmsight import runtime
 from vmsight.errors import TargetError, VmsightError
 from vmsight.qemu.accel import choose_accel
 from vmsight.qemu.agent import GuestAgent
@@ -80,6 +84,7 @@ class VmInstance:
     kernel: str
     accel: str
     config: dict[str, Any]
+    runtime_dir: str | None = None  # private per-VM dir (RAM file, long-path sockets): removed by stop()
     # spare QMP monitors: read-only commands attach to a free one while another command holds the first
     qmp_aux: list[str] = field(default_factory=list)
     _agent: GuestAgent | None = field(default=None, repr=False, compare=False)
@@ -112,7 +117,10 @@ class VmInstance:
             self._agent = None
         if self.alive():
             try:
-                os.killpg(self.pid, signal.SIGKILL)
+                if os.getpgid(self.pid) == self.pid:  # QEMU leads its own group (setsid)
+                    os.killpg(self.pid, signal.SIGKILL)
+                else:
+                    os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             except PermissionError as e:
@@ -123,11 +131,8 @@ class VmInstance:
             deadline = time.monotonic() + timeout
             while self.alive() and time.monotonic() < deadline:
                 time.sleep(0.02)
-        if self.ram_file:
-            try:
-                os.unlink(self.ram_file)
-            except FileNotFoundError:
-                pass
+        if self.runtime_dir:
+            remove_runtime_dir(self.runtime_dir, owners=_uid_owners(self.pid))
         _live.discard(self)
 
     def __enter__(self) -> VmInstance:
@@ -192,12 +197,49 @@ def qemu_command(cfg: LaunchConfig, *, kernel: Path, initrd: Path, accel: str, r
     return cmd + list(cfg.extra_args)
 
 
-def reap_stale_ram_files(shm: str = "/dev/shm", min_age_s: float = 10.0) -> list[str]:
-    """Remove our guests' RAM files that no process maps any more. A launcher killed with SIGKILL takes
-    its QEMU with it (PR_SET_PDEATHSIG) but cannot remove the file; the next launch does."""
-    candidates = [p for p in Path(shm).glob("vmsight-*.ram") if time.time() - p.stat().st_mtime > min_age_s]
-    if not candidates:
-        return []
+RAM_FILE = "ram"
+_VM_DIR_REF = "vm-dir"  # the VM directory this runtime dir belongs to (`vm stop` checks it)
+RUNTIME_NAMES = (RAM_FILE, _VM_DIR_REF, *(f"{k}.sock" for k in ("qmp", "qmp-1", "qmp-2", "gdb", "agent")))
+
+
+def _uid_owners(pid: int) -> tuple[int, ...]:
+    uid = runtime.proc_uid(pid)
+    return () if uid is None else (uid,)
+
+
+def new_runtime_dir(vm_dir: Path, shm: str = "/dev/shm") -> str:
+    """A private directory for one VM (mkdtemp: 0700, unpredictable, never a planted one), on tmpfs."""
+    rt = runtime.private_tempdir("vmsight-", shm if os.path.isdir(shm) else None)
+    fd = os.open(os.path.join(rt, _VM_DIR_REF), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(vm_dir))
+    return rt
+
+
+def create_ram_file(rt: str) -> str:
+    """The guest RAM file, created 0600 before QEMU starts (QEMU would create it with the umask, 0644)."""
+    path = os.path.join(rt, RAM_FILE)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    return path
+
+
+def runtime_dir_vm(rt: str) -> str | None:
+    """The VM directory recorded in the runtime dir ``rt``, or None."""
+    try:
+        fd = os.open(os.path.join(rt, _VM_DIR_REF), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd) as f:
+        return f.read(4096)
+
+
+def remove_runtime_dir(rt: str, owners: tuple[int, ...] = ()) -> bool:
+    """Remove a VM's private runtime dir: only the names vmsight puts there, only if it is still private."""
+    return runtime.remove_private_dir(rt, RUNTIME_NAMES, owners=owners)
+
+
+def _mapped_files() -> set[str]:
     mapped: set[str] = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
@@ -207,11 +249,39 @@ def reap_stale_ram_files(shm: str = "/dev/shm", min_age_s: float = 10.0) -> list
         if "/vmsight-" in text:
             mapped.update(line.split(None, 5)[-1].removesuffix(" (deleted)") for line in text.splitlines()
                           if "/vmsight-" in line)
+    return mapped
+
+
+def reap_stale_ram_files(shm: str = "/dev/shm", min_age_s: float = 10.0) -> list[str]:
+    """Remove our guests' RAM files (with their private directories) that no process maps any more. A
+    launcher killed with SIGKILL takes its QEMU with it (PR_SET_PDEATHSIG) but cannot remove the file; the
+    next launch does. Only this user's own private directories are touched."""
+    now = time.time()
+    candidates = []
+    for p in Path(shm).glob("vmsight-*"):
+        try:
+            st = p.lstat()
+            if stat.S_ISDIR(st.st_mode):
+                (p / _VM_DIR_REF).lstat()  # made by new_runtime_dir, not some other program's directory
+            ram = (p / RAM_FILE).lstat() if stat.S_ISDIR(st.st_mode) else st
+        except OSError:
+            continue
+        if st.st_uid == os.geteuid() and stat.S_ISREG(ram.st_mode) and now - ram.st_mtime > min_age_s:
+            candidates.append(p)
+    if not candidates:
+        return []
+    mapped = _mapped_files()
     removed = []
     for p in candidates:
-        if str(p) not in mapped:
+        ram_path = str(p / RAM_FILE) if p.is_dir() else str(p)
+        if ram_path in mapped:
+            continue
+        if p.is_dir():
+            if remove_runtime_dir(str(p)):
+                removed.append(ram_path)
+        elif p.name.endswith(".ram"):  # the world-readable /dev/shm/vmsight-*.ram of older vmsight
             p.unlink(missing_ok=True)
-            removed.append(str(p))
+            removed.append(ram_path)
     if removed:
         log.info("removed %d stale guest RAM file(s): %s", len(removed), ", ".join(removed))
     return removed
@@ -236,26 +306,34 @@ def launch(cfg: LaunchConfig, directory: str | os.PathLike[str], *, detach: bool
         initrd = with_extra_files(initrd, cfg.guest_files, d / "initrd.img")
     accel = choose_accel(cfg.accel)
     ram_size = parse_size(cfg.memory)
-    tag = secrets.token_hex(4)
-    sockdir = d if len(str(d)) < _SOCK_MAX - 12 else Path(f"/tmp/vmsight-{tag}")
-    sockdir.mkdir(parents=True, exist_ok=True)
-    socks = {k: str(sockdir / f"{k}.sock") for k in ("qmp", *QMP_AUX, "gdb", "agent")}
-    for s in socks.values():
-        Path(s).unlink(missing_ok=True)
-    ram_file = f"/dev/shm/vmsight-{tag}.ram" if cfg.ram_backend == "file" else None
-    console_log = str(d / "console.log")
-    cmd = qemu_command(cfg, kernel=kernel, initrd=initrd, accel=accel, ram_file=ram_file,
-                       ram_size=ram_size, socks=socks, console_log=console_log)
-    log.info("starting %s", " ".join(cmd))
-    qlog = open(d / "qemu.log", "wb")
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
-                            preexec_fn=os.setsid if detach else _die_with_parent)
-    qlog.close()
-    vm = VmInstance(dir=str(d), pid=proc.pid, qmp=socks["qmp"], qmp_aux=[socks[k] for k in QMP_AUX],
-                    gdb=socks["gdb"] if cfg.gdb else None,
-                    agent_socket=socks["agent"], ram_file=ram_file, ram_size=ram_size,
-                    console_log=console_log, kernel=str(kernel), accel=accel, config=asdict(cfg), _proc=proc)
-    _live.add(vm)
+    # One private directory per VM: its RAM file (0600) and, when DIR's path is too long, its sockets.
+    rt = new_runtime_dir(d)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        sockdir = d if len(str(d)) < _SOCK_MAX - 12 else Path(rt)
+        socks = {k: str(sockdir / f"{k}.sock") for k in ("qmp", *QMP_AUX, "gdb", "agent")}
+        for s in socks.values():
+            Path(s).unlink(missing_ok=True)
+        ram_file = create_ram_file(rt) if cfg.ram_backend == "file" else None
+        console_log = str(d / "console.log")
+        cmd = qemu_command(cfg, kernel=kernel, initrd=initrd, accel=accel, ram_file=ram_file,
+                           ram_size=ram_size, socks=socks, console_log=console_log)
+        log.info("starting %s", " ".join(cmd))
+        qlog = open(d / "qemu.log", "wb")
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
+                                preexec_fn=os.setsid if detach else _die_with_parent)
+        qlog.close()
+        vm = VmInstance(dir=str(d), pid=proc.pid, qmp=socks["qmp"], qmp_aux=[socks[k] for k in QMP_AUX],
+                        gdb=socks["gdb"] if cfg.gdb else None,
+                        agent_socket=socks["agent"], ram_file=ram_file, runtime_dir=rt, ram_size=ram_size,
+                        console_log=console_log, kernel=str(kernel), accel=accel, config=asdict(cfg), _proc=proc)
+        _live.add(vm)
+    except BaseException:  # an exception or a signal (the CLI's SystemExit) before stop() can clean up
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        remove_runtime_dir(rt)
+        raise
     try:
         _wait_booted(vm, proc, cfg.boot_timeout)
     except BaseException:
