@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -249,3 +250,36 @@ def test_guest_strings_escaped_and_lossless(guest: VmInstance) -> None:
         assert "/tmp/\\x1b[2J\\x1b]0;t\\x07\\xffz arg\\x1b[31m\\xff" in text
     finally:
         guest.agent.run(f"kill {pid}", timeout=20)
+
+
+def test_trace_exec_strings_escaped_and_lossless(guest: VmInstance) -> None:
+    """An exec whose file name holds terminal escapes and a byte that is not UTF-8, traced from outside: JSON
+    keeps the exact bytes (filename_hex), the human line escapes them."""
+    import json
+
+    name = b"\x1b]0;x\x07\xfeq"
+    octal = "".join(f"\\{b:03o}" for b in name)
+    guest.agent.run(f"n=\"/tmp/$(printf '{octal}')\"; printf '#!/bin/sh\\ntrue\\n' > \"$n\"; chmod +x \"$n\"",
+                    timeout=30).check()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for mode in ("json", "human"):
+        p = subprocess.Popen(VMSIGHT + ["--vm", guest.dir, *(["--json"] if mode == "json" else []), "trace", "exec",
+                                        "--duration", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            assert p.stderr is not None
+            assert b"tracing" in p.stderr.readline()
+            guest.agent.run(f"\"/tmp/$(printf '{octal}')\"; echo done", timeout=30).check()
+            time.sleep(1.0)
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=60)
+        finally:
+            p.kill()
+        assert p.returncode in (0, 130), err
+        if mode == "json":
+            evs = [json.loads(line) for line in out.splitlines()]
+            hits = [e for e in evs if e.get("filename_hex") and bytes.fromhex(e["filename_hex"]) == b"/tmp/" + name]
+            assert hits, out[-2000:]
+            assert "\\ud" not in out.decode()
+        else:
+            assert not any(b < 0x20 and b != 0x0A or b == 0x7F for b in out)
+            assert "/tmp/\\x1b]0;x\\x07\\xfeq" in out.decode("utf-8"), out[-2000:]

@@ -147,7 +147,7 @@ class LinuxEvents:
         else:
             tid = int.from_bytes(self.k.read(task_gva + tl.pid, 4), "little")
             pid = int.from_bytes(self.k.read(task_gva + tl.tgid, 4), "little")
-        comm = self.k.read(task_gva + tl.comm, tl.comm_size).split(b"\0", 1)[0].decode("utf-8", "replace")
+        comm = self.k.read(task_gva + tl.comm, tl.comm_size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         return TaskInfo(pid=pid, tid=tid, comm=comm, task_gva=task_gva)
 
     def current(self, ev: Event) -> TaskInfo:
@@ -171,7 +171,7 @@ class LinuxEvents:
                 n = 0x1000 - (p + len(buf)) % 0x1000
                 buf += ev.read(p + len(buf), n)
                 parts = buf.split(b"\0")
-                out = [x.decode("utf-8", "replace") for x in parts[:-1]][:min(argc, max_args)]
+                out = [x.decode("utf-8", "surrogateescape") for x in parts[:-1]][:min(argc, max_args)]
         except MemoryAccessError:
             pass
         return tuple(out)
@@ -186,11 +186,11 @@ class LinuxEvents:
                 chunk = ev.read(gva + len(out), n)
                 i = chunk.find(b"\0")
                 if i >= 0:
-                    return (out + chunk[:i]).decode("utf-8", "replace")
+                    return (out + chunk[:i]).decode("utf-8", "surrogateescape")
                 out += chunk
         except MemoryAccessError:
             return None  # not faulted in yet: the kernel will fault it in, we cannot
-        return out.decode("utf-8", "replace") + "..."
+        return out.decode("utf-8", "surrogateescape") + "..."
 
     # --- event sources -----------------------------------------------------------------------------
 
@@ -251,7 +251,7 @@ class LinuxEvents:
             regs = bp.registers()
             task = self.current(bp)
             try:
-                fname = self.k.read_cstr(self.k.read_u64(regs["rdi"] + off), 4096).decode("utf-8", "replace")
+                fname = self.k.read_cstr(self.k.read_u64(regs["rdi"] + off), 4096).decode("utf-8", "surrogateescape")
             except MemoryAccessError:
                 fname = "?"
             argv = self._exec_argv(bp, regs["rdi"])
@@ -285,7 +285,7 @@ class LinuxEvents:
 
         def decode(bp: Breakpoint) -> Event | None:
             try:
-                msg = self.k.read_cstr(bp.registers()["rdi"], 512).decode("utf-8", "replace")
+                msg = self.k.read_cstr(bp.registers()["rdi"], 512).decode("utf-8", "surrogateescape")
             except MemoryAccessError:
                 msg = "?"
             return VmLifecycle(vcpu=bp.vcpu, what=Lifecycle.PANIC, data={"message": msg, "source": "panic()"})
