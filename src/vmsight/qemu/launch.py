@@ -21,7 +21,7 @@ import signal
 import stat
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,9 @@ class LaunchConfig:
     append: str = ""                 # extra kernel command line
     accel: str = "auto"              # auto | kvm | tcg
     host_root: bool = False          # share the host's / read-only over 9p (tag "host")
+    # host_root guests: host directories also shared at their own path (tags hostdir0...), seen even where the
+    # guest's own /run or /dev would hide them (a checkout under /run/user/...)
+    host_dirs: list[str] = field(default_factory=list)
     gdb: bool = True                 # -gdb socket (run control); without it one can be added at runtime
     ram_backend: str = "file"        # file (shared /dev/shm file) | memfd (shared memfd) | anonymous (QEMU default)
     guest_files: dict[str, str] = field(default_factory=dict)  # guest path -> host file, added to the initramfs
@@ -194,6 +197,10 @@ def qemu_command(cfg: LaunchConfig, *, kernel: Path, initrd: Path, accel: str, r
         cmd += ["-gdb", f"unix:{socks['gdb']},server=on,wait=off"]
     if cfg.host_root:
         cmd += ["-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap"]
+        for i, hd in enumerate(cfg.host_dirs):
+            path = hd.replace(",", ",,")  # QEMU's option syntax escapes a comma by doubling it
+            cmd += ["-virtfs", f"local,path={path},mount_tag=hostdir{i},security_model=none,readonly=on,"
+                    "multidevs=remap"]
     return cmd + list(cfg.extra_args)
 
 
@@ -302,8 +309,12 @@ def launch(cfg: LaunchConfig, directory: str | os.PathLike[str], *, detach: bool
     reap_stale_ram_files()
     kernel = kernel_path(cfg.kernel)
     initrd = Path(cfg.initrd) if cfg.initrd else build_initramfs()
-    if cfg.guest_files:
-        initrd = with_extra_files(initrd, cfg.guest_files, d / "initrd.img")
+    guest_files = dict(cfg.guest_files)
+    if cfg.host_dirs:
+        cfg = replace(cfg, host_dirs=_resolve_host_dirs(cfg))  # QEMU and the guest get the same resolved paths
+        guest_files["/etc/vmsight-hostdirs"] = _write_host_dirs(cfg.host_dirs, d)
+    if guest_files:
+        initrd = with_extra_files(initrd, guest_files, d / "initrd.img")
     accel = choose_accel(cfg.accel)
     ram_size = parse_size(cfg.memory)
     # One private directory per VM: its RAM file (0600) and, when DIR's path is too long, its sockets.
@@ -344,6 +355,29 @@ def launch(cfg: LaunchConfig, directory: str | os.PathLike[str], *, detach: bool
         _live.discard(vm)
         vm._proc = None
     return vm
+
+
+def _resolve_host_dirs(cfg: LaunchConfig) -> list[str]:
+    if not cfg.host_root:
+        raise VmsightError("host_dirs needs host_root=True (the directories are mounted inside the host root)")
+    dirs = []
+    for hd in cfg.host_dirs:
+        p = os.path.realpath(hd)
+        if "\n" in p or not os.path.isdir(p):
+            raise VmsightError(f"host directory {hd!r} is not an existing directory (without newlines): pass "
+                               "a directory to share with the guest")
+        dirs.append(p)
+    return dirs
+
+
+def _write_host_dirs(dirs: list[str], d: Path) -> str:
+    """The guest's list of ``host_dirs`` mount points, one per line (guest_init.sh reads it)."""
+    out = d / "hostdirs"
+    out.unlink(missing_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(p + "\n" for p in dirs))
+    return str(out)
 
 
 def _wait_booted(vm: VmInstance, proc: subprocess.Popen[bytes], timeout: float) -> None:
