@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -314,23 +313,17 @@ class _RawStub:
     pushed stop): after the parent's death every round trip counts."""
 
     def __init__(self, path: str, timeout: float) -> None:
-        from vmsight.qemu.qmp import connect_unix
+        from vmsight.qemu.rsp import stub_socket
 
-        self.sock = connect_unix(path, timeout) if not path.startswith("tcp:") else self._tcp(path, timeout)
+        self.sock = stub_socket(path, timeout)
         self.timeout = timeout
         self.buf = b""
 
-    @staticmethod
-    def _tcp(path: str, timeout: float) -> socket.socket:
-        host, _, port = path[4:].rpartition(":")
-        return socket.create_connection((host or "127.0.0.1", int(port)), timeout)
-
     def request(self, payload: str) -> str:
         """Send a packet, return its reply (stop replies pushed by the connect itself are skipped)."""
-        from vmsight.qemu.rsp import checksum
+        from vmsight.qemu.rsp import frame
 
-        body = payload.encode()
-        self.sock.sendall(b"$" + body + b"#" + f"{checksum(body):02x}".encode())
+        self.sock.sendall(frame(payload))
         deadline = time.monotonic() + self.timeout
         while True:
             start = self.buf.find(b"$")

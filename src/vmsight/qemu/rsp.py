@@ -42,6 +42,22 @@ class StopReply:
     exited: bool = False
 
 
+def frame(payload: str | bytes) -> bytes:
+    """One RSP packet: ``$`` escaped payload ``#`` checksum."""
+    body = escape(payload.encode("latin-1") if isinstance(payload, str) else payload)
+    return b"$" + body + b"#" + f"{checksum(body):02x}".encode()
+
+
+def stub_socket(address: str, timeout: float) -> socket.socket:
+    """A connected socket to a gdbstub at a unix path or ``tcp:HOST:PORT``, errors naming the fix."""
+    if address.startswith("tcp:"):
+        try:
+            return socket.create_connection(tcp_address(address), timeout)
+        except OSError as e:
+            raise TargetError(f"cannot connect to gdbstub at {address}: {e}") from None
+    return connect_unix(address, timeout)
+
+
 def checksum(payload: bytes) -> int:
     return sum(payload) & 0xFF
 
@@ -103,13 +119,7 @@ class GdbStub:
         self.timeout = timeout
         self._buf = b""
         self.pushed_stop: StopReply | None = None
-        if address.startswith("tcp:"):
-            try:
-                self._sock = socket.create_connection(tcp_address(address), timeout)
-            except OSError as e:
-                raise TargetError(f"cannot connect to gdbstub at {address}: {e}") from None
-        else:
-            self._sock = connect_unix(address, timeout)
+        self._sock = stub_socket(address, timeout)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         # Connecting stops a running VM and QEMU pushes a stop reply; none comes if it was stopped already.
         try:
@@ -164,8 +174,7 @@ class GdbStub:
             self._fill(deadline)
 
     def _frame(self, payload: str | bytes) -> bytes:
-        body = escape(payload.encode("latin-1") if isinstance(payload, str) else payload)
-        return b"$" + body + b"#" + f"{checksum(body):02x}".encode()
+        return frame(payload)
 
     def send(self, payload: str | bytes) -> None:
         """Send a packet without waiting for its reply (acks are skipped when replies are read)."""
