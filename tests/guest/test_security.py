@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,8 +43,13 @@ def plain_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmInstance]:
     """Root's VM without -gdb (a stub is added at runtime when needed), RAM in a shared file."""
     need(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 not installed (scripts/setup.sh)")
     need(cached_kernel("debian-6.1") is not None, "kernel debian-6.1 not cached (scripts/setup.sh fetches it)")
-    with launch(LaunchConfig(kernel="debian-6.1", gdb=False), tmp_path_factory.mktemp("sec")) as inst:
-        yield inst
+    d = tempfile.mkdtemp(prefix="vmsight-t-sec-")
+    os.chmod(d, 0o755)  # like `vm launch --dir /tmp/vm1`: other users may look in
+    try:
+        with launch(LaunchConfig(kernel="debian-6.1", gdb=False), d) as inst:
+            yield inst
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _attacker_process(user: pwd.struct_passwd, code: str) -> subprocess.Popen[str]:
@@ -241,3 +247,64 @@ def _mem_path(qemu: int) -> str:
         if arg.startswith("memory-backend-file,"):
             return dict(kv.split("=", 1) for kv in arg.split(",")[1:])["mem-path"]
     raise AssertionError("no memory-backend-file")
+
+
+# --- item 3: `vm stop` ------------------------------------------------------------------------------------------
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(VMSIGHT + list(args), capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": SRC})
+
+
+def test_forged_vm_json_cannot_stop_roots_vm(plain_vm: VmInstance, attacker: pwd.struct_passwd) -> None:
+    """The attacker's directory holds a copy of root's vm.json (pid, sockets, RAM file, runtime dir): root's
+    `vm stop --dir` on it refuses in one line; root's QEMU runs on, its RAM file stays."""
+    info = json.loads(Path(plain_vm.dir, "vm.json").read_text())
+    r = as_user(attacker, f"""
+        import json, os, tempfile
+        d = tempfile.mkdtemp(dir="/tmp"); os.chmod(d, 0o755)
+        info = json.loads({json.dumps(json.dumps(info))})
+        for name, kw in (("copy", {{}}), ("own", {{"dir": d + "/own", "console_log": d + "/own/console.log"}})):
+            os.mkdir(d + "/" + name, 0o755)
+            with open(d + "/" + name + "/vm.json", "w") as f:
+                json.dump({{**info, **kw}}, f)
+        print(d)""")
+    forged = Path(r.stdout.strip())
+    assert r.returncode == 0 and forged.is_dir(), r.stderr
+    try:
+        for name in ("copy", "own"):
+            r = _cli("vm", "stop", "--dir", str(forged / name))
+            assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+            assert "which is not this VM's QEMU" in r.stderr and "nothing stopped" in r.stderr
+            assert plain_vm.alive() and plain_vm.ram_file and os.path.exists(plain_vm.ram_file)
+        assert plain_vm.agent.run("true", timeout=20).rc == 0
+    finally:
+        shutil.rmtree(forged, ignore_errors=True)
+
+
+def test_non_root_vm_stop_on_roots_vm_is_one_line(plain_vm: VmInstance, attacker: pwd.struct_passwd) -> None:
+    r = as_user(attacker, f"""
+        import sys
+        from vmsight.cli.main import main
+        sys.exit(main(["vm", "stop", "--dir", {plain_vm.dir!r}]))""")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "belongs to uid 0" in r.stderr and "as root" in r.stderr
+    assert plain_vm.alive() and plain_vm.agent.run("true", timeout=20).rc == 0
+
+
+def test_vm_stop_of_a_detached_vm_removes_its_runtime_dir(tmp_path: Path, attacker: pwd.struct_passwd) -> None:
+    need(cached_kernel("debian-6.1") is not None, "kernel debian-6.1 not cached")
+    d = tmp_path / "vm"
+    r = _cli("vm", "launch", "--kernel", "debian-6.1", "--dir", str(d), "--detach")
+    assert r.returncode == 0, r.stderr
+    info = json.loads((d / "vm.json").read_text())
+    try:
+        _assert_private_ram(info["ram_file"], attacker)
+        r = _cli("vm", "stop", "--dir", str(d))
+        assert r.returncode == 0, r.stderr
+        assert not _alive(info["pid"]) and not os.path.lexists(info["runtime_dir"])
+        r = _cli("vm", "stop", "--dir", str(d))  # again: the QEMU is gone, nothing to do
+        assert r.returncode == 0, r.stderr
+    finally:
+        if _alive(info["pid"]):
+            os.kill(info["pid"], signal.SIGKILL)

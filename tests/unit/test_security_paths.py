@@ -5,8 +5,10 @@ users that the test creates and removes (root only)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
+import signal
 import stat
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from vmsight.runtime import (
     new_runtime_stub_path,
     open_private_dir,
     private_tempdir,
+    proc_cmdline,
     proc_uid,
     record_runtime_stub,
     runtime_dir,
@@ -278,3 +281,109 @@ def test_runtime_stub_for_another_users_qemu_is_theirs_and_roots(victim: pwd.str
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# --- item 3: `vm stop` and a forged vm.json ---------------------------------------------------------------------
+
+VMSIGHT = [sys.executable, "-m", "vmsight.cli.main"]
+
+
+def _vm_stop(d: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(VMSIGHT + ["vm", "stop", "--dir", str(d)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": SRC})
+
+
+def _forged(d: Path, pid: int, **kw: object) -> None:
+    """A vm.json as `vm launch` writes it, naming whatever we like."""
+    info = {"dir": str(d), "pid": pid, "qmp": str(d / "qmp.sock"), "gdb": None, "agent_socket": str(d / "agent.sock"),
+            "ram_file": None, "ram_size": 1 << 28, "console_log": str(d / "console.log"), "kernel": "k",
+            "accel": "tcg", "config": {}, "format_version": 1, **kw}
+    d.mkdir(exist_ok=True)
+    (d / "vm.json").write_text(json.dumps(info))
+
+
+@pytest.fixture
+def fake_qemu(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A harmless process that looks like QEMU by name (comm 'qemu-system-x8'): sleep under another name."""
+    exe = tmp_path / "bin" / "qemu-system-x86_64"
+    exe.parent.mkdir()
+    exe.write_bytes(Path("/bin/sleep").read_bytes())
+    exe.chmod(0o755)
+    p = subprocess.Popen([str(exe), "300"], start_new_session=True)
+    try:
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _alive(p: subprocess.Popen[bytes]) -> bool:
+    return p.poll() is None
+
+
+def test_forged_vm_json_kills_and_deletes_nothing(tmp_path: Path, fake_qemu: subprocess.Popen[bytes]) -> None:
+    victim_dir = Path(private_tempdir("vmsight-t-victim-"))  # a private dir of ours, as a VM's would be
+    (victim_dir / "ram").write_text("someone's guest RAM")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        for pid, extra in ((fake_qemu.pid, {}), (sleeper.pid, {}), (fake_qemu.pid, {"runtime_dir": str(victim_dir)})):
+            d = tmp_path / f"forged-{pid}-{len(extra)}"
+            _forged(d, pid, ram_file=str(victim), **extra)
+            r = _vm_stop(d)
+            assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+            assert f"names pid {pid}, which is not this VM's QEMU" in r.stderr and "nothing stopped" in r.stderr
+            assert _alive(fake_qemu) and _alive(sleeper)  # type: ignore[arg-type]
+            assert victim.read_text() == "keep me" and (victim_dir / "ram").exists()
+        # QEMU gone (a dead pid): a runtime dir that does not point back at this directory is left alone
+        d = tmp_path / "dead"
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        _forged(d, dead.pid, runtime_dir=str(victim_dir))
+        (victim_dir / "vm-dir").write_text("/somewhere/else")
+        r = _vm_stop(d)
+        assert r.returncode == 0 and (victim_dir / "ram").exists(), r.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        subprocess.run(["rm", "-rf", str(victim_dir)], check=False)
+
+
+def test_vm_json_that_lies_about_its_qemu(tmp_path: Path) -> None:
+    """A process whose command line is right for the directory but which does not hold the QMP socket
+    (someone else's listener does) is not taken for the VM's QEMU."""
+    d = tmp_path / "vm"
+    d.mkdir()
+    qmp = str(d / "qmp.sock")
+    args = ["-chardev", f"file,id=con,path={d}/console.log", "-qmp", f"unix:{qmp},server=on,wait=off"]
+    with _listener() as holder:
+        _serve(holder, qmp)
+        # bash named qemu-system-x86_64 with QEMU's arguments (its child sleep keeps it waiting)
+        impostor = subprocess.Popen(["bash", "-c", 'exec -a qemu-system-x86_64 bash -c "sleep 300; :" "$@"', "x",
+                                     *args], start_new_session=True)
+        try:
+            deadline = time.monotonic() + 5
+            while (proc_cmdline(impostor.pid) or [""])[0] != "qemu-system-x86_64" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            _forged(d, impostor.pid)
+            r = _vm_stop(d)
+            assert r.returncode == 2 and "does not hold the QMP socket" in r.stderr, r.stderr
+            assert _alive(impostor) and _alive(holder)  # type: ignore[arg-type]
+        finally:
+            os.killpg(impostor.pid, signal.SIGKILL)
+            impostor.wait()
+
+
+def test_vm_json_symlink_or_garbage_is_one_line(tmp_path: Path) -> None:
+    d = tmp_path / "vm"
+    d.mkdir()
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"pid": 1, "qmp": "/x", "console_log": "/y"}))
+    (d / "vm.json").symlink_to(elsewhere)
+    r = _vm_stop(d)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "symlink" in r.stderr, r.stderr
+    (d / "vm.json").unlink()
+    (d / "vm.json").write_text(json.dumps({"pid": "1; rm -rf /", "qmp": 3}))
+    r = _vm_stop(d)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "not a vm.json" in r.stderr, r.stderr
