@@ -308,3 +308,16 @@ def test_vm_stop_of_a_detached_vm_removes_its_runtime_dir(tmp_path: Path, attack
     finally:
         if _alive(info["pid"]):
             os.kill(info["pid"], signal.SIGKILL)
+
+
+def test_long_path_vm_keeps_its_sockets_private(tmp_path: Path) -> None:
+    """A VM directory too long for sun_path gets its sockets in the VM's private runtime dir (they were in a
+    /tmp/vmsight-<tag> made with exist_ok and never removed)."""
+    need(cached_kernel("debian-6.1") is not None, "kernel debian-6.1 not cached")
+    d = tmp_path / ("x" * 100)
+    with launch(LaunchConfig(kernel="debian-6.1"), d) as inst:
+        rt = inst.runtime_dir or ""
+        assert Path(inst.qmp).parent == Path(rt) and stat.S_IMODE(os.lstat(rt).st_mode) == 0o700
+        with attach(inst.dir) as vm:
+            assert vm.registers(0)["cr3"]
+    assert not os.path.lexists(rt)

@@ -206,7 +206,7 @@ def qemu_command(cfg: LaunchConfig, *, kernel: Path, initrd: Path, accel: str, r
 
 RAM_FILE = "ram"
 _VM_DIR_REF = "vm-dir"  # the VM directory this runtime dir belongs to (`vm stop` checks it)
-RUNTIME_NAMES = (RAM_FILE, _VM_DIR_REF, *(f"{k}.sock" for k in ("qmp", "qmp-1", "qmp-2", "gdb", "agent")))
+RUNTIME_NAMES = (RAM_FILE, _VM_DIR_REF, *(f"{k}.sock" for k in ("qmp", *QMP_AUX, "gdb", "agent")))
 
 
 def _uid_owners(pid: int) -> tuple[int, ...]:
