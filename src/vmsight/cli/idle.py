@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import os
 import re
 import sys
 import time
@@ -23,13 +25,38 @@ NAME = "idle"
 HELP = "track which pages of a process are idle (working-set size, idle ages, per-VMA, heatmaps)"
 ACTIONS = ("record", "report", "bitmap")
 SHADES = " .:-=+*#%@"
+MAX_DURATION_S = 1e7          # ~115 days; time.sleep overflows far beyond
+MAX_TEXT_WORDS = 1 << 20      # bitmap text/JSON output: 1 Mi lines (256 GiB of addresses); --raw streams any size
+RAW_CHUNK_WORDS = 1 << 16
+USER_END = 1 << 56            # end of the largest user half (5-level paging)
+MAX_ROWS = 4096
 
 
 def parse_duration(text: str) -> float:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
     if not m:
         raise argparse.ArgumentTypeError(f"bad duration {text!r}: use e.g. 500ms, 1s, 2m")
-    return float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+    v = float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+    if v > MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(f"duration {text!r} is over {MAX_DURATION_S:.0f} s")
+    return v
+
+
+def positive_duration(text: str) -> float:
+    v = parse_duration(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"duration {text!r} must be > 0: use e.g. 500ms, 1s")
+    return v
+
+
+def _rows(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= v <= MAX_ROWS:
+        raise argparse.ArgumentTypeError(f"--rows {v}: use 1 to {MAX_ROWS}")
+    return v
 
 
 def _int0(text: str) -> int:
@@ -44,8 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.add_argument("words", nargs="+", metavar="PID | record PID | report FILE | bitmap PID",
                    help="what to do (default: live view of PID)")
-    p.add_argument("--interval", type=parse_duration, default=1.0, help="sampling interval (default 1s)")
-    p.add_argument("--duration", type=parse_duration, default=None,
+    p.add_argument("--interval", type=positive_duration, default=1.0, help="sampling interval (default 1s)")
+    p.add_argument("--duration", type=positive_duration, default=None,
                    help="stop after this long (default: until Ctrl-C; record: 30s)")
     p.add_argument("--backend", default="auto", choices=["auto", "page_idle", "damon", "clear_refs", "guest-pte"],
                    help="auto: the most precise available; with --vm the process is in the VM: guest-pte")
@@ -55,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wss", action="store_true", help="report: working-set size per interval")
     p.add_argument("--heatmap", metavar="PNG|-", help="report: address x time heatmap to a PNG (and the terminal); "
                    "'-' = terminal only")
-    p.add_argument("--rows", type=int, default=32, help="heatmap rows (address bins)")
+    p.add_argument("--rows", type=_rows, default=32, help="heatmap rows (address bins)")
     p.add_argument("--start", type=_int0, help="bitmap: first gva (rounded down to 64 pages)")
     p.add_argument("--end", type=_int0, help="bitmap: end gva, exclusive (rounded up to 64 pages)")
     p.add_argument("--mark", action="store_true", help="bitmap: mark the range idle first, wait, then read")
@@ -121,16 +148,25 @@ def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
 
     as_json = getattr(args, "json", False)
     duration = args.duration if args.duration is not None else (30.0 if record else None)
+    if duration is not None and args.interval > duration + 1e-9:
+        raise VmsightError(f"--interval {args.interval:g}s is longer than --duration {duration:g}s"
+                           f"{'' if args.duration is not None else ' (the default of idle record)'}: nothing "
+                           "would be read in time; give a shorter --interval or a longer --duration")
     if record and not args.output:
         raise VmsightError("idle record: -o FILE is required")
-    out = open(args.output, "w") if record else sys.stdout  # noqa: SIM115 - closed below
+    if record:
+        parent = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(parent):
+            raise VmsightError(f"idle record: no directory {parent} for -o {args.output}: create it first")
+    out: Any = sys.stdout
     try:
         with _tracker(args, pid) as t:
+            if record:  # opened once the pid is known good: a typo does not truncate an existing file
+                out = _open_output(args.output)
             head = header_record(pid, t.process.comm, t.backend_name, t.reason, t.granularity,
                                  t.backend.approximate, args.interval * 1000)
             if record or as_json:
-                out.write(json.dumps(head) + "\n")
-                out.flush()
+                _emit(out, json.dumps(head), args.output)
             else:
                 print(f"pid {pid} ({t.process.comm}): {t.reason}", file=sys.stderr)
             live = None
@@ -141,8 +177,7 @@ def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
 
             def on_interval(rec: dict[str, Any], snap: Any) -> None:
                 if record or as_json:
-                    out.write(json.dumps(rec) + "\n")
-                    out.flush()
+                    _emit(out, json.dumps(rec), args.output)
                     if record:
                         print(f"\rinterval {rec['index']}: wss {_mib(rec['wss_bytes'])} MiB", end="",
                               file=sys.stderr, flush=True)
@@ -160,15 +195,37 @@ def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
                 if live is not None:
                     live.stop()
             if record or as_json:
-                out.write(json.dumps({"type": "end", "format_version": head["format_version"], "reason": why}) + "\n")
+                _emit(out, json.dumps({"type": "end", "format_version": head["format_version"], "reason": why}),
+                      args.output)
             if record:
                 print(f"\nrecorded to {args.output} ({why})", file=sys.stderr)
             elif why not in ("duration", "interrupted"):
                 print(f"stopped: {why}", file=sys.stderr)
     finally:
-        if record:
-            out.close()
+        if out is not sys.stdout:
+            with contextlib.suppress(OSError):
+                out.close()
     return 0
+
+
+def _open_output(path: str) -> Any:
+    """The recording, created 0600 (it names the process's mappings), never through a symlink."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise VmsightError(f"idle record: cannot create {path}: {e.strerror}"
+                           + (" (a symlink: give the real path)" if e.errno == errno.ELOOP else "")) from None
+    return os.fdopen(fd, "w")
+
+
+def _emit(out: Any, line: str, path: str | None) -> None:
+    try:
+        out.write(line + "\n")
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # ENOSPC (/dev/full), EIO, EFBIG ...
+        raise VmsightError(f"cannot write {path or 'the output'}: {e.strerror}") from None
 
 
 def _plain(rec: dict[str, Any]) -> str:
@@ -207,29 +264,34 @@ def _table(head: dict[str, Any], rec: dict[str, Any]) -> Any:
 
 # --- report -------------------------------------------------------------------------------------------------
 def _report(args: argparse.Namespace, path: str) -> int:
+    from vmsight.cli.common import escape
     from vmsight.idle.stats import heatmap_matrix, read_recording
 
     try:
-        with open(path) as f:
-            rec = read_recording(f)
+        rec = read_recording(path)
     except (OSError, ValueError) as e:
-        raise VmsightError(f"cannot read recording {path}: {e}") from None
+        raise VmsightError(f"cannot read recording {path}: {getattr(e, 'strerror', None) or e}") from None
+    for w in rec.warnings:
+        print(f"vmsight: warning: {path}: {escape(w)}", file=sys.stderr)
     h, its = rec.header, rec.intervals
     wss = [i["wss_bytes"] for i in its]
     as_json = getattr(args, "json", False)
     summary = {"format_version": h.get("format_version", 1), "pid": h.get("pid"), "comm": h.get("comm"),
                "backend": h.get("backend"), "intervals": len(its), "interval_ms": h.get("interval_ms"),
                "wss_mean_bytes": int(sum(wss) / len(wss)) if wss else 0, "wss_max_bytes": max(wss, default=0),
-               "wss_min_bytes": min(wss, default=0), "end": (rec.end or {}).get("reason")}
+               "wss_min_bytes": min(wss, default=0), "end": (rec.end or {}).get("reason"), "warnings": rec.warnings}
     if as_json:
         if args.wss:
             summary["wss_bytes"] = wss
         print(json.dumps(summary))
     else:
-        print(f"pid {summary['pid']} ({summary['comm']}), backend {summary['backend']}, {len(its)} intervals of "
-              f"{summary['interval_ms']} ms; WSS mean {_mib(summary['wss_mean_bytes'])} MiB, "
+        # header fields are whatever the file says: escaped and shortened for the terminal
+        pid, comm, backend, ival, end = (escape(str(summary[k]))[:200] for k in
+                                         ("pid", "comm", "backend", "interval_ms", "end"))
+        print(f"pid {pid} ({comm}), backend {backend}, {len(its)} intervals of {ival} ms; "
+              f"WSS mean {_mib(summary['wss_mean_bytes'])} MiB, "
               f"min {_mib(summary['wss_min_bytes'])}, max {_mib(summary['wss_max_bytes'])}"
-              + (f"; ended: {summary['end']}" if summary["end"] else ""))
+              + (f"; ended: {end}" if summary["end"] else ""))
         if args.wss:
             top = max(wss, default=0) or 1
             print(f"{'#':>4} {'elapsed_ms':>10} {'wss_MiB':>9} {'idle_MiB':>9} {'swapped_MiB':>11}")
@@ -238,7 +300,11 @@ def _report(args: argparse.Namespace, path: str) -> int:
                 print(f"{i['index']:>4} {i['elapsed_ms']:>10.0f} {_mib(i['wss_bytes']):>9} "
                       f"{_mib(i['idle_bytes']):>9} {_mib(i['swapped_bytes']):>11} {bar}")
     if args.heatmap:
-        mat, labels = heatmap_matrix(rec, args.rows)
+        try:
+            mat, labels = heatmap_matrix(rec, args.rows)
+        except (OSError, ValueError) as e:
+            raise VmsightError(f"cannot read the bitmaps of recording {path}: "
+                               f"{getattr(e, 'strerror', None) or e}") from None
         if mat.size == 0:
             raise VmsightError(f"{path} holds no bitmaps: record it with `vmsight idle record`")
         if not as_json:
@@ -268,12 +334,14 @@ def _png_heatmap(mat: Any, labels: list[tuple[int, int]], head: dict[str, Any], 
 
     fig, ax = plt.subplots(figsize=(10, 6))
     im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1, origin="lower")
-    ax.set_xlabel(f"interval ({head.get('interval_ms', '?')} ms each)")
+    ax.set_xlabel(f"interval ({str(head.get('interval_ms', '?'))[:40]} ms each)", parse_math=False)
     ax.set_ylabel("virtual address (mapped ranges, gaps removed)")
     step = max(1, len(labels) // 12)
     ax.set_yticks(range(0, len(labels), step))
     ax.set_yticklabels([f"{lo:#x}" for lo, _ in labels[::step]], fontsize=7)
-    ax.set_title(f"pid {head.get('pid')} ({head.get('comm')}) accessed fraction — {head.get('backend')}")
+    # parse_math off: a comm or backend name from the file must not be read as mathtext ("$\\x" raises)
+    ax.set_title(f"pid {str(head.get('pid'))[:40]} ({str(head.get('comm'))[:40]}) accessed fraction — "
+                 f"{str(head.get('backend'))[:40]}", parse_math=False)
     fig.colorbar(im, ax=ax, label="accessed fraction of tracked pages")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -282,21 +350,38 @@ def _png_heatmap(mat: Any, labels: list[tuple[int, int]], head: dict[str, Any], 
 
 # --- bitmap -------------------------------------------------------------------------------------------------
 def _bitmap(args: argparse.Namespace, pid: int) -> int:
-    if args.start is None or args.end is None or args.start >= args.end:
-        raise VmsightError("idle bitmap: --start GVA and --end GVA are required, start < end")
+    if args.start is None or args.end is None or not 0 <= args.start < args.end <= USER_END:
+        raise VmsightError(f"idle bitmap: --start GVA and --end GVA are required, 0 <= start < end <= "
+                           f"{USER_END:#x} (the user address space)")
     start_vfn = (args.start >> 12) // 64 * 64          # the ABI's offsets are multiples of 8 bytes = 64 pages
     end_page = -(-args.end // 4096)
     end_vfn = -(-end_page // 64) * 64
+    nwords = (end_vfn - start_vfn) // 64
+    if nwords > MAX_TEXT_WORDS and not args.raw:
+        raise VmsightError(f"idle bitmap: {nwords} words is over the {MAX_TEXT_WORDS}-word limit of text and "
+                           f"--json output ({MAX_TEXT_WORDS * 64 * 4096 >> 30} GiB of addresses): narrow "
+                           "--start/--end, or use --raw (streamed, any size)")
+    from vmsight.idle.tracker import MAX_DEFAULT_PAGES
+
     with _tracker(args, pid) as t:
-        rng = [(start_vfn << 12, end_vfn << 12)]
+        # only the mapped parts (unmapped words read 0 in the ABI): a range over the whole user half must
+        # not make the tracker allocate per-page state for 2^35 pages
+        lo, hi = start_vfn << 12, end_vfn << 12
+        rng = [(max(lo, v.start_gva), min(hi, v.end_gva)) for v in t.vmas()
+               if v.start_gva < hi and lo < v.end_gva and not v.perms.startswith("---")]
+        mapped = sum(b - a for a, b in rng) >> 12
+        if mapped > MAX_DEFAULT_PAGES:
+            raise VmsightError(f"idle bitmap: {mapped * 4096 >> 30} GiB of the range is mapped, over the "
+                               f"{MAX_DEFAULT_PAGES * 4096 >> 30} GiB one read holds: narrow --start/--end")
         if args.mark:
             t.mark_idle(rng)
             time.sleep(args.wait)
         snap = t.read(rng)
-    words = snap.words(start_vfn, end_vfn)
-    if args.raw:
-        sys.stdout.buffer.write(words.tobytes())
+    if args.raw:  # in pieces: the whole user range is 2^32+ bytes of (mostly zero) words
+        for v in range(start_vfn, end_vfn, RAW_CHUNK_WORDS * 64):
+            sys.stdout.buffer.write(snap.words(v, min(v + RAW_CHUNK_WORDS * 64, end_vfn)).tobytes())
         return 0
+    words = snap.words(start_vfn, end_vfn)
     if getattr(args, "json", False):
         print(json.dumps({"format_version": 1, "pid": pid, "backend": snap.backend, "start_vfn": start_vfn,
                           "offset_bytes": start_vfn // 64 * 8, "words": [f"{int(w):#018x}" for w in words],

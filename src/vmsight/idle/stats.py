@@ -16,18 +16,20 @@ keys added later, see :data:`INTERVAL_DEFAULTS`):
 from __future__ import annotations
 
 import base64
+import bisect
 import json
 import logging
+import os
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from vmsight.idle.abi import PAGE_SIZE, pack_bits, unpack_bits
+from vmsight.idle.abi import PAGE_SIZE, WORD_BITS, WORD_BYTES, pack_bits, unpack_bits
 from vmsight.idle.result import FORMAT_VERSION, IdleSnapshot, PageState
 
 log = logging.getLogger(__name__)
@@ -91,10 +93,6 @@ def _z(words: npt.NDArray[np.uint64]) -> str:
     return base64.b64encode(zlib.compress(words.astype("<u8").tobytes(), 6)).decode()
 
 
-def _unz(text: str) -> npt.NDArray[np.uint64]:
-    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<u8").astype(np.uint64)
-
-
 def interval_record(snap: IdleSnapshot, index: int, elapsed_ms: float, ages: IdleAges,
                     with_bitmap: bool = False) -> dict[str, Any]:
     rec: dict[str, Any] = {
@@ -111,39 +109,206 @@ def interval_record(snap: IdleSnapshot, index: int, elapsed_ms: float, ages: Idl
     return rec
 
 
+# --- reading recordings -------------------------------------------------------------------------------------
+# Recordings are untrusted input (a file anyone may hand to `idle report`): every size in them is bounded
+# before anything is allocated, and the file is streamed, never read whole.
+MAX_LINE_BYTES = 64 << 20     # one record; an interval's bitmaps compress ~100x, so this is a huge process
+MAX_INTERVALS = 1 << 18       # ~73 h at 1 s; the per-interval summaries kept in memory stay < ~300 MiB
+MAX_BITMAP_SPANS = 1 << 16    # distinct bitmap segments over a whole recording (one per VMA range tracked)
+USER_VFN_END = 1 << 44        # end of the largest user half (5-level paging, 2^56 bytes) in pages
+CHUNK_WORDS = 1 << 16         # heatmap: bitmap words decompressed and binned at a time (4 Mi pages)
+_popcount = getattr(np, "bitwise_count", None)  # numpy >= 2.0
+_SUMMARY_KEYS = ("index", "time_ns", "elapsed_ms", "wss_bytes", "idle_bytes", "present_bytes", "swapped_bytes",
+                 "untracked_bytes")
+
+
+class RecordingError(ValueError):
+    """A recording that is not what `vmsight idle record` writes (the message names the line)."""
+
+
 @dataclass
 class Recording:
+    """Header, per-interval summaries (numbers only: the keys of :data:`_SUMMARY_KEYS`,
+    ``idle_age_hist_bytes``, ``partial``) and end record of a recording. Bitmaps are not held: a recording
+    read from a path is read again for them (:meth:`bitmaps`), one read from lines keeps them."""
+
     header: dict[str, Any]
     intervals: list[dict[str, Any]] = field(default_factory=list)
     end: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    path: str | None = None
+    _bitmaps: list[Any] | None = field(default=None, repr=False)
+
+    def bitmaps(self) -> Iterator[tuple[int, list[Any]]]:
+        """(interval position, its ``bitmap`` list as found in the file), in interval order."""
+        if self._bitmaps is not None:
+            yield from enumerate(self._bitmaps)
+            return
+        if self.path is None:
+            return
+        i = 0
+        with open(self.path, "rb") as f:
+            for _, obj in iter_records(f):
+                if obj.get("type") == "interval":
+                    if i >= len(self.intervals):
+                        return  # the file grew since it was read: stick to what the summaries cover
+                    yield i, obj.get("bitmap", [])
+                    i += 1
 
 
-def read_recording(lines: Iterable[str]) -> Recording:
-    """Parse a JSON-lines recording; unknown record types are skipped, missing keys get defaults."""
-    rec: Recording | None = None
-    for n, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line:
+def _lines(source: IO[bytes] | Iterable[str | bytes]) -> Iterator[tuple[int, bytes | str]]:
+    """Numbered lines, each at most MAX_LINE_BYTES; a binary file is read with a bounded readline (a file
+    with no newline, such as /dev/zero, is refused after MAX_LINE_BYTES, not read into memory)."""
+    readline = getattr(source, "readline", None)
+    if readline is not None:
+        n = 0
+        while True:
+            n += 1
+            line = readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            if len(line) > MAX_LINE_BYTES:
+                raise RecordingError(f"line {n} is over {MAX_LINE_BYTES >> 20} MiB: not a vmsight recording")
+            yield n, line
+    for n, line in enumerate(source, 1):
+        if len(line) > MAX_LINE_BYTES:
+            raise RecordingError(f"line {n} is over {MAX_LINE_BYTES >> 20} MiB: not a vmsight recording")
+        yield n, line
+
+
+def iter_records(source: IO[bytes] | Iterable[str | bytes],
+                 warnings: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each JSON object line. A last line that does not parse is a recording cut
+    short (the recorder was killed mid-write): it is dropped with a note in ``warnings``; a bad line
+    anywhere else is a :class:`RecordingError`."""
+    bad: str | None = None
+    last_n = 0
+    for n, line in _lines(source):
+        if not line.strip():
             continue
+        if bad is not None:
+            raise RecordingError(bad)
         try:
             obj = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"line {n}: not JSON: {e}") from None
-        if obj.get("format_version", 1) > FORMAT_VERSION:
-            log.warning("line %d: format_version %s is newer than this reader (%d)", n,
-                        obj.get("format_version"), FORMAT_VERSION)
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+            bad = f"line {n}: not JSON: {str(e)[:200]}"
+            last_n = n
+            continue
+        if not isinstance(obj, dict):
+            raise RecordingError(f"line {n}: a {type(obj).__name__}, not a JSON object")
+        yield n, obj
+    if bad is not None:
+        msg = f"line {last_n} (the last) is cut short or not JSON: ignored"
+        log.info(msg)
+        if warnings is not None:
+            warnings.append(msg)
+
+
+def _number(obj: dict[str, Any], key: str, n: int, default: float = 0) -> float:
+    v = obj.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or v != v or v in (float("inf"), float("-inf")):
+        raise RecordingError(f"line {n}: {key} is {str(v)[:40]!r}, not a number")
+    return v
+
+
+def _summary(obj: dict[str, Any], n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {k: _number(obj, k, n, INTERVAL_DEFAULTS.get(k, 0)) for k in _SUMMARY_KEYS}
+    hist = obj.get("idle_age_hist_bytes", {})
+    if not isinstance(hist, dict) or len(hist) > 64:
+        raise RecordingError(f"line {n}: idle_age_hist_bytes is not an object of at most 64 counts")
+    out["idle_age_hist_bytes"] = {str(k)[:20]: _number(hist, k, n) for k in hist}
+    out["partial"] = bool(obj.get("partial", False))
+    return out
+
+
+def read_recording(source: str | os.PathLike[str] | IO[bytes] | Iterable[str | bytes]) -> Recording:
+    """Parse a JSON-lines recording (a path, a binary file or lines); unknown record types are skipped,
+    missing keys get defaults. A path is streamed: memory stays bounded whatever the file holds."""
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as f:
+            rec = _read(f, keep_bitmaps=False)
+        rec.path = os.fspath(source)
+        return rec
+    return _read(source, keep_bitmaps=True)
+
+
+def _read(source: IO[bytes] | Iterable[str | bytes], keep_bitmaps: bool) -> Recording:
+    rec: Recording | None = None
+    warnings: list[str] = []
+    bitmaps: list[Any] = []
+    for n, obj in iter_records(source, warnings):
+        version = obj.get("format_version", 1)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise RecordingError(f"line {n}: format_version {str(version)[:40]!r} is not a number")
+        if version > FORMAT_VERSION and not any("format_version" in w for w in warnings):
+            warnings.append(f"line {n}: format_version {version} is newer than this reader ({FORMAT_VERSION})")
         t = obj.get("type")
         if t == "header":
-            rec = Recording(obj)
+            rec = Recording(obj, warnings=warnings)
+            bitmaps = []
         elif t == "interval":
             if rec is None:
-                rec = Recording({"type": "header", "format_version": FORMAT_VERSION})
-            rec.intervals.append({**INTERVAL_DEFAULTS, **obj})
+                rec = Recording({"type": "header", "format_version": FORMAT_VERSION}, warnings=warnings)
+            if len(rec.intervals) >= MAX_INTERVALS:
+                raise RecordingError(f"line {n}: over {MAX_INTERVALS} intervals; split the recording")
+            rec.intervals.append(_summary(obj, n))
+            if keep_bitmaps:
+                bitmaps.append(obj.get("bitmap", []))
         elif t == "end" and rec is not None:
-            rec.end = obj
+            rec.end = {k: v for k, v in obj.items() if k in ("type", "format_version", "reason")}
     if rec is None:
-        raise ValueError("no header or interval records")
+        raise RecordingError("no header or interval records")
+    rec._bitmaps = bitmaps if keep_bitmaps else None
     return rec
+
+
+def _span(b: Any, where: str) -> tuple[int, int]:
+    """(start_vfn, nr_pages) of one bitmap entry, checked against the user address space."""
+    if not isinstance(b, dict):
+        raise RecordingError(f"{where}: not an object")
+    s, n = b.get("start_vfn"), b.get("nr_pages")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (s, n)):
+        raise RecordingError(f"{where}: start_vfn and nr_pages must be integers")
+    assert isinstance(s, int) and isinstance(n, int)
+    if not (0 <= s < USER_VFN_END and 0 < n <= USER_VFN_END - s):
+        raise RecordingError(f"{where}: pages [{s:#x}, {s:#x} + {n:#x}) are outside the user address space")
+    for key in ("idle_b64z", "tracked_b64z"):
+        if not isinstance(b.get(key), str):
+            raise RecordingError(f"{where}: {key} is not a string")
+    return s, n
+
+
+def _exactly(d: Any, data: bytes, size: int, where: str) -> Iterator[bytes]:
+    """``size`` bytes decompressed from ``data`` in pieces of at most CHUNK_WORDS words; the stream must hold
+    exactly that many (decompressobj's max_length: a zlib bomb never expands beyond what nr_pages claims)."""
+    tail = data
+    left = size
+    buf = b""
+    try:
+        while left > 0:
+            want = min(CHUNK_WORDS * WORD_BYTES, left) - len(buf)
+            out = d.decompress(tail, want)
+            tail = d.unconsumed_tail
+            if not out:
+                raise RecordingError(f"{where}: holds fewer than the {size} bytes nr_pages needs")
+            buf += out
+            if len(buf) == min(CHUNK_WORDS * WORD_BYTES, left):
+                left -= len(buf)
+                yield buf
+                buf = b""
+        if d.decompress(tail, 1) or not d.eof:
+            raise RecordingError(f"{where}: does not hold exactly the {size} bytes nr_pages needs")
+    except zlib.error as e:
+        raise RecordingError(f"{where}: not zlib data ({e})") from None
+
+
+def _words(text: str, nr_words: int, where: str) -> Iterator[npt.NDArray[np.uint64]]:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise RecordingError(f"{where}: not base64") from None
+    for chunk in _exactly(zlib.decompressobj(), data, nr_words * WORD_BYTES, where):
+        yield np.frombuffer(chunk, dtype="<u8").astype(np.uint64)
 
 
 def heatmap_matrix(rec: Recording, rows: int = 64) -> tuple[npt.NDArray[np.float64], list[tuple[int, int]]]:
@@ -151,12 +316,16 @@ def heatmap_matrix(rec: Recording, rows: int = 64) -> tuple[npt.NDArray[np.float
 
     The address axis concatenates every range ever recorded (gaps between VMAs are skipped) and splits it into
     ``rows`` bins; returns the matrix (rows x intervals) and each row's [start_gva, end_gva) of its first/last
-    page."""
+    page. Bitmaps are decompressed and binned CHUNK_WORDS words at a time: memory does not grow with them."""
     spans: dict[int, int] = {}
-    for it in rec.intervals:
-        for b in it.get("bitmap", []):
-            s, n = int(b["start_vfn"]), int(b["nr_pages"])
+    for t, bitmap in rec.bitmaps():
+        if not isinstance(bitmap, list):
+            raise RecordingError(f"interval {t}: bitmap is not a list")
+        for j, b in enumerate(bitmap):
+            s, n = _span(b, f"interval {t} bitmap {j}")
             spans[s] = max(spans.get(s, 0), n)
+            if len(spans) > MAX_BITMAP_SPANS:
+                raise RecordingError(f"over {MAX_BITMAP_SPANS} distinct bitmap segments: not a vmsight recording")
     merged: list[list[int]] = []
     for s in sorted(spans):
         e = s + spans[s]
@@ -167,23 +336,42 @@ def heatmap_matrix(rec: Recording, rows: int = 64) -> tuple[npt.NDArray[np.float
     total = sum(e - s for s, e in merged)
     if total == 0 or not rec.intervals:
         return np.zeros((0, len(rec.intervals))), []
+    starts = [s for s, _ in merged]
     offsets = np.cumsum([0] + [e - s for s, e in merged])
     rows = max(1, min(rows, total))
     edges = np.linspace(0, total, rows + 1).astype(np.int64)
     mat = np.full((rows, len(rec.intervals)), np.nan)
-    for t, it in enumerate(rec.intervals):
-        acc = np.zeros(total, bool)
-        trk = np.zeros(total, bool)
-        for b in it.get("bitmap", []):
-            s, n = int(b["start_vfn"]), int(b["nr_pages"])
-            k = next(i for i, (ms, me) in enumerate(merged) if ms <= s < me)
-            pos = offsets[k] + (s - merged[k][0])
-            idle = unpack_bits(_unz(b["idle_b64z"]))[:n]
-            tracked = unpack_bits(_unz(b["tracked_b64z"]))[:n]
-            trk[pos:pos + n] |= tracked
-            acc[pos:pos + n] |= tracked & ~idle
-        tsum = np.add.reduceat(trk.astype(np.int64), edges[:-1])
-        asum = np.add.reduceat(acc.astype(np.int64), edges[:-1])
+    for t, bitmap in rec.bitmaps():
+        tsum = np.zeros(rows, np.int64)
+        asum = np.zeros(rows, np.int64)
+        for j, b in enumerate(bitmap):
+            where = f"interval {t} bitmap {j}"
+            s, n = _span(b, where)
+            k = bisect.bisect_right(starts, s) - 1
+            if k < 0 or s + n > merged[k][1]:
+                raise RecordingError(f"{where}: not seen on the first pass (did the file change?)")
+            pos = int(offsets[k]) + (s - merged[k][0])
+            nw = -(-n // WORD_BITS)
+            for idle_w, trk_w in zip(_words(b["idle_b64z"], nw, where + " idle_b64z"),
+                                     _words(b["tracked_b64z"], nw, where + " tracked_b64z"), strict=True):
+                m = min(len(idle_w) * WORD_BITS, n)
+                r0 = int(np.searchsorted(edges, pos, side="right")) - 1
+                if _popcount is not None and m == len(idle_w) * WORD_BITS and edges[r0 + 1] >= pos + m:
+                    # the usual case, the piece inside one row: count bits, no unpacking (8x less memory)
+                    tsum[r0] += int(_popcount(trk_w).sum())
+                    asum[r0] += int(_popcount(trk_w & ~idle_w).sum())
+                    pos += m
+                    n -= m
+                    continue
+                trk = unpack_bits(trk_w)[:m]
+                acc = trk & ~unpack_bits(idle_w)[:m]
+                # the rows this piece [pos, pos + m) falls in, and where it crosses a row edge
+                r1 = int(np.searchsorted(edges, pos + m - 1, side="right")) - 1
+                cuts = np.concatenate(([0], edges[r0 + 1:r1 + 1] - pos))
+                tsum[r0:r1 + 1] += np.add.reduceat(trk.astype(np.int64), cuts)
+                asum[r0:r1 + 1] += np.add.reduceat(acc.astype(np.int64), cuts)
+                pos += m
+                n -= m
         with np.errstate(invalid="ignore", divide="ignore"):
             mat[:, t] = np.where(tsum > 0, asum / np.maximum(tsum, 1), np.nan)
     labels = []
@@ -203,15 +391,19 @@ def run_intervals(tracker: Any, interval_s: float, duration_s: float | None,
                   on_interval: Callable[[dict[str, Any], IdleSnapshot], None], ranges: Any = None,
                   with_bitmap: bool = False, sleep: Callable[[float], None] = time.sleep) -> str:
     """mark, then every ``interval_s``: read and re-mark (``read_and_mark``), calling ``on_interval(record, snapshot)``. Returns why
-    it stopped ("duration", or the error text when the process exited)."""
+    it stopped ("duration", or the error text when the process exited). A ``duration_s`` makes
+    floor(duration / interval) reads: the run never overshoots by a whole interval (an interval longer than the
+    duration is refused rather than run once past it)."""
     from vmsight.idle.errors import ProcessGone
 
+    count = None if duration_s is None else int(duration_s / interval_s + 1e-9)
+    if interval_s <= 0 or count == 0:
+        raise ValueError(f"interval {interval_s} s must be > 0 and at most the duration {duration_s} s")
     ages = IdleAges()
-    t0 = time.monotonic()
     tracker.mark_idle(ranges)
     last = time.monotonic()
     i = 0
-    while duration_s is None or time.monotonic() - t0 < duration_s - 1e-3:
+    while count is None or i < count:
         sleep(max(0.0, last + interval_s - time.monotonic()))
         try:
             snap = tracker.read_and_mark(ranges)

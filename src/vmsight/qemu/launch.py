@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 QEMU = os.environ.get("VMSIGHT_QEMU", "qemu-system-x86_64")
 _PR_SET_PDEATHSIG = 1
 _SOCK_MAX = 100  # sun_path is 108 bytes
+_VM_JSON_MAX = 1 << 20
 TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"
 
 
@@ -410,8 +412,20 @@ def load(directory: str | os.PathLike[str]) -> VmInstance:
     """The VM recorded in ``DIR/vm.json``."""
     p = Path(directory) / "vm.json"
     try:
-        data = json.loads(p.read_text())
+        with p.open("rb") as f:
+            raw = f.read(_VM_JSON_MAX + 1)  # launch writes ~1 KiB: a huge file is not one
+        data = json.loads(raw)
     except FileNotFoundError:
         raise VmsightError(f"{directory} holds no vm.json: start one with `vmsight vm launch --dir {directory}`") from None
+    except PermissionError:
+        raise VmsightError(f"cannot read {p}: run as root or as the user that launched the VM") from None
+    except (OSError, ValueError) as e:
+        raise TargetError(f"{p} is not a vm.json of `vmsight vm launch` ({str(e)[:100]}): relaunch the VM") from None
+    fields = {f.name for f in dataclasses.fields(VmInstance) if not f.name.startswith("_")}
+    if not (isinstance(data, dict) and len(raw) <= _VM_JSON_MAX and set(data) - {"format_version"} == fields
+            and all(isinstance(data[k], str) for k in ("dir", "qmp", "agent_socket", "console_log", "kernel"))
+            and all(isinstance(data[k], int) and not isinstance(data[k], bool) for k in ("pid", "ram_size"))
+            and all(isinstance(data[k], str | None) for k in ("gdb", "ram_file")) and isinstance(data["config"], dict)):
+        raise TargetError(f"{p} lacks the fields `vmsight vm launch` writes, or is damaged: relaunch the VM")
     data.pop("format_version", None)
     return VmInstance(**data)
