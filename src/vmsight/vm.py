@@ -25,6 +25,7 @@ from vmsight.memory.gdbphys import GdbPhysRam
 from vmsight.memory.paging import Translation, la57_from_cr4, translate
 from vmsight.memory.physical import BlockRam, MappedRam, PhysicalMemory, ProcMemRam
 from vmsight.memory.virtual import AddressSpace
+from vmsight.qemu.launch import stopped_message
 from vmsight.qemu.layout import RamLayout, parse_mtree
 from vmsight.qemu.monitors import (
     MonitorClaim,
@@ -525,6 +526,9 @@ def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, 
             raise TargetError(f"{info_path} lacks the fields `vmsight vm launch` writes (qmp, gdb, ram_file as "
                               "strings): relaunch the VM or pass --vm QMP_SOCKET")
         directory = str(p)
+        stopped = stopped_message(p, info)  # one line, not a refused connection to a dead QEMU's socket
+        if stopped:
+            raise TargetError(stopped)
         qmp_path = info["qmp"]
         gdb = gdb or info.get("gdb")
         ram_file = ram_file or info.get("ram_file")

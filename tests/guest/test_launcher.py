@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import need
 from vmsight.qemu.kernels import cached_kernel
-from vmsight.qemu.launch import reap_stale_ram_files
+from vmsight.qemu.launch import reap_stale_ram_files, runtime_dir_vm
 
 pytestmark = pytest.mark.guest
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -76,3 +76,46 @@ def test_cli_launch_exec_stop(tmp_path: Path) -> None:
     assert r.returncode == 0
     time.sleep(0.2)
     assert not _alive(info["pid"]) and not Path(info["ram_file"]).exists()
+
+
+def _one_line_error(r: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and r.stderr.startswith("vmsight: error: "), r.stderr
+    assert needle in r.stderr, r.stderr
+
+
+def test_qemu_exit_during_launch_shows_qemus_error(tmp_path: Path) -> None:
+    """Issue 9 item 10: QEMU's own reason (qemu.log), not 'agent connection reset'; nothing left behind."""
+    env = {**os.environ, "PYTHONPATH": SRC}
+    d = tmp_path / "vm"
+    r = subprocess.run([sys.executable, "-m", "vmsight.cli.main", "vm", "launch", "--kernel", "/etc/passwd",
+                        "--dir", str(d), "--detach"], capture_output=True, text=True, env=env, timeout=120)
+    _one_line_error(r, "linux kernel too old to load a ram disk")
+    assert "connection" not in r.stderr
+    assert not d.exists()
+    for rt in Path("/dev/shm").glob("vmsight-*"):
+        assert runtime_dir_vm(str(rt)) != str(d)
+    assert subprocess.run(["pgrep", "-f", str(d)], capture_output=True, text=True).stdout == ""
+
+
+def test_stopped_vm_is_reported_as_stopped(tmp_path: Path) -> None:
+    need(cached_kernel("debian-6.1") is not None, "debian-6.1 kernel not cached")
+    env = {**os.environ, "PYTHONPATH": SRC}
+    vmsight = [sys.executable, "-m", "vmsight.cli.main"]
+    d = tmp_path / "vm"
+    r = subprocess.run(vmsight + ["vm", "launch", "--kernel", "debian-6.1", "--dir", str(d), "--detach"],
+                       capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr
+    pid = json.loads((d / "vm.json").read_text())["pid"]
+    try:
+        os.kill(pid, signal.SIGKILL)  # QEMU dies behind vmsight's back (the OOM killer, a crash, a kill)
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid)
+        for argv in (["--vm", str(d), "ps"], ["regs", "--vm", str(d)], ["--vm", str(d), "read-phys", "0x1000", "8"],
+                     ["vm", "exec", "--dir", str(d), "--", "true"], ["--vm", str(d), "vm", "resume"]):
+            r = subprocess.run(vmsight + argv, capture_output=True, text=True, env=env, timeout=60)
+            _one_line_error(r, f"the VM in {d} is stopped: its QEMU (pid {pid}) has exited")
+    finally:
+        r = subprocess.run(vmsight + ["vm", "stop", "--dir", str(d)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr

@@ -6,7 +6,8 @@ import argparse
 import shlex
 import sys
 
-from vmsight.qemu.launch import load
+from vmsight.errors import TargetError
+from vmsight.qemu.launch import load, stopped_message
 
 NAME = "vm exec"
 HELP = "run a command in the guest (through its agent); prints its output, exits with its status"
@@ -25,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
         print("vmsight: error: no command given (vmsight vm exec --dir DIR -- CMD...)", file=sys.stderr)
         return 2
     vm = load(args.dir)
+    if stopped := stopped_message(args.dir, vm.to_json()):
+        raise TargetError(stopped)
     text = cmd[0] if len(cmd) == 1 else shlex.join(cmd)
     r = vm.agent.run(text, timeout=args.timeout, root="host" if args.host_root else None)
     sys.stdout.buffer.write(r.stdout)

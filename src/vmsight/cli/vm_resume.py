@@ -27,9 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _sockets(target: str, gdb: str | None) -> tuple[str, str | None]:
     if os.path.isdir(target):
-        from vmsight.qemu.launch import load
+        from vmsight.qemu.launch import load, stopped_message
 
         inst = load(target)
+        if stopped := stopped_message(target, inst.to_json()):
+            raise TargetError(stopped)
         return inst.qmp, gdb or inst.gdb
     return target, gdb
 

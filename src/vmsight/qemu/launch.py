@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vmsight import runtime
-from vmsight.errors import TargetError, VmsightError
+from vmsight.errors import GuestAgentError, TargetError, VmsightError
 from vmsight.qemu.accel import choose_accel
 from vmsight.qemu.agent import GuestAgent
 from vmsight.qemu.initramfs import build_initramfs, with_extra_files
@@ -298,10 +298,27 @@ def reap_stale_ram_files(shm: str = "/dev/shm", min_age_s: float = 10.0) -> list
 
 def launch(cfg: LaunchConfig, directory: str | os.PathLike[str], *, detach: bool = False) -> VmInstance:
     """Start a guest and return once its agent answers. With ``detach`` QEMU outlives this process
-    (``vmsight vm launch --detach``); otherwise it dies with it."""
+    (``vmsight vm launch --detach``); otherwise it dies with it. If QEMU or the guest fails to start, the
+    error says why in QEMU's own words (qemu.log) and nothing is left: no process, socket, log, RAM, or
+    directory that this call created."""
     if shutil.which(QEMU) is None:
         raise VmsightError(f"{QEMU} not found: run scripts/setup.sh (apt-get install qemu-system-x86)")
     d = Path(directory).resolve()
+    created = not d.exists()
+    try:
+        return _launch(cfg, d, detach=detach)
+    except BaseException:
+        if created:
+            for name in _LAUNCH_FILES:
+                (d / name).unlink(missing_ok=True)
+            try:
+                d.rmdir()  # only if empty: anything else in it is not ours
+            except OSError:
+                pass
+        raise
+
+
+def _launch(cfg: LaunchConfig, d: Path, *, detach: bool) -> VmInstance:
     d.mkdir(parents=True, exist_ok=True)
     old = d / "vm.json"
     if old.exists():
@@ -351,6 +368,7 @@ def launch(cfg: LaunchConfig, directory: str | os.PathLike[str], *, detach: bool
         _wait_booted(vm, proc, cfg.boot_timeout)
     except BaseException:
         vm.stop()
+        _forget_failed_launch(vm)
         raise
     (d / "vm.json").write_text(json.dumps(vm.to_json(), indent=2) + "\n")
     if detach:
@@ -382,30 +400,94 @@ def _write_host_dirs(dirs: list[str], d: Path) -> str:
     return str(out)
 
 
+# What a launch writes into the VM directory besides sockets (removed again when the launch fails).
+_LAUNCH_FILES = ("console.log", "qemu.log", "initrd.img", "hostdirs")
+
+
+def _forget_failed_launch(vm: VmInstance) -> None:
+    """Remove the sockets and files of a launch whose QEMU is dead (the error message carries the logs)."""
+    for s in (vm.qmp, vm.gdb, vm.agent_socket, *getattr(vm, "qmp_aux", ())):
+        if s:
+            Path(s).unlink(missing_ok=True)
+    for name in _LAUNCH_FILES:
+        (Path(vm.dir) / name).unlink(missing_ok=True)
+
+
 def _wait_booted(vm: VmInstance, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
+
+    def exited() -> TargetError:
+        qemu, console = log_tail(Path(vm.dir) / "qemu.log"), log_tail(Path(vm.console_log))
+        return TargetError(f"QEMU exited with status {proc.returncode} during start-up" + (f": {qemu}" if qemu else "")
+                           + (f"; console: {console}" if console else ""))
+
     while not os.path.exists(vm.agent_socket):
         if proc.poll() is not None:
-            raise TargetError(f"QEMU exited with status {proc.returncode}: {_tail(Path(vm.dir) / 'qemu.log')}")
+            raise exited()
         if time.monotonic() > deadline:
             raise TargetError("QEMU did not create its sockets")
         time.sleep(0.02)
-    agent = vm.agent
     while True:
-        if agent.ping(0.5):
-            return
+        try:
+            if vm._agent is None:  # noqa: SLF001 - a short connect timeout: QEMU may be exiting
+                vm._agent = GuestAgent(vm.agent_socket, connect_timeout=0.5)  # noqa: SLF001
+            if vm._agent.ping(0.5):  # noqa: SLF001
+                return
+        except (GuestAgentError, OSError) as e:
+            # QEMU closes (or never serves) the agent socket when it exits: report why QEMU exited, in its own
+            # words, rather than how the socket failed ("connection reset").
+            try:
+                proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    raise TargetError(f"the guest agent fails ({e}); console: "
+                                      f"{log_tail(Path(vm.console_log))}") from None
+                if vm._agent is not None:  # noqa: SLF001
+                    vm._agent.close()  # noqa: SLF001
+                    vm._agent = None  # noqa: SLF001
+                time.sleep(0.2)
+                continue
+            raise exited() from None
         if proc.poll() is not None:
-            raise TargetError(f"QEMU exited with status {proc.returncode} during boot; console: "
-                              f"{_tail(Path(vm.console_log))}")
+            raise exited()
         if time.monotonic() > deadline:
-            raise TargetError(f"guest did not boot within {timeout:.0f} s; console: {_tail(Path(vm.console_log))}")
+            raise TargetError(f"guest did not boot within {timeout:.0f} s; console: {log_tail(Path(vm.console_log))}")
 
 
-def _tail(path: Path, n: int = 600) -> str:
+def log_tail(path: Path, lines: int = 3, limit: int = 400) -> str:
+    """The last ``lines`` non-blank lines of a log (QEMU's errors, a console), joined by " | " into one line
+    of at most ``limit`` characters; "" when there are none. Control characters are left to the caller's
+    escaping (the CLI escapes every message)."""
     try:
-        return path.read_text(errors="replace")[-n:].strip()
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+            text = f.read().decode(errors="replace")
     except OSError:
-        return "(no log)"
+        return ""
+    tail = " | ".join([ln.strip() for ln in text.splitlines() if ln.strip()][-lines:])
+    return tail if len(tail) <= limit else "..." + tail[-limit:]
+
+
+def stopped_message(directory: str | os.PathLike[str], info: dict[str, Any]) -> str | None:
+    """One line saying that the VM recorded in ``directory`` (its vm.json ``info``) is stopped: its QEMU is
+    gone, a zombie, or the pid now runs something else (its command line lacks the VM's QMP socket). None
+    when it runs, or when that cannot be told (no pid recorded, /proc hidden)."""
+    pid, qmp = info.get("pid"), info.get("qmp")
+    if type(pid) is not int or pid <= 0 or not isinstance(qmp, str):
+        return None
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        running = state not in ("Z", "X") and f"unix:{qmp},".encode() in cmdline
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        running = False
+    except OSError:
+        return None
+    if running:
+        return None
+    said = log_tail(Path(directory) / "qemu.log", lines=1, limit=200)
+    return (f"the VM in {directory} is stopped: its QEMU (pid {pid}) has exited" + (f" ({said})" if said else "")
+            + f"; `vmsight vm launch --dir {directory}` starts a new one")
 
 
 def load(directory: str | os.PathLike[str]) -> VmInstance:
