@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
+from vmsight.errors import VmsightError
 from vmsight.qemu.launch import LaunchConfig, launch
 
 NAME = "vm launch"
@@ -24,7 +27,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detach", action="store_true", help="leave the VM running after this command returns")
 
 
+def _check_dir(text: str) -> None:
+    """--dir must be (or be creatable as) a directory we may write: refused before anything is created."""
+    p = Path(text).absolute()
+    if p.exists() and not p.is_dir():
+        raise VmsightError(f"--dir {text} exists and is not a directory: give a new or existing directory "
+                           "for the VM's files")
+    first = next(a for a in (p, *p.parents) if a.exists())
+    if not first.is_dir():
+        raise VmsightError(f"--dir {text}: {first} is not a directory: give a directory path for the VM's files")
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise VmsightError(f"--dir {text}: {first} is not writable by this user: run as its owner or root, or "
+                           "pick another directory")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_dir(args.dir)
     cfg = LaunchConfig(kernel=args.kernel, initrd=args.initrd, memory=args.memory, smp=args.smp,
                        append=args.append, accel=args.accel, host_root=args.host_root)
     vm = launch(cfg, args.dir, detach=args.detach)

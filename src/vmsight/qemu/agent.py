@@ -55,6 +55,10 @@ class GuestAgent:
             try:
                 self._sock.connect(path)
                 break
+            except PermissionError:
+                self._sock.close()
+                raise GuestAgentError(f"permission denied on the guest agent socket {path}: run as root or as "
+                                      "the user that launched the VM") from None
             except (FileNotFoundError, ConnectionRefusedError) as e:
                 if time.monotonic() > deadline:
                     raise GuestAgentError(f"cannot connect to the guest agent socket {path}: {e}") from e
