@@ -358,7 +358,8 @@ def run_in_guest() -> dict[str, Any]:
 
     kernel = subprocess.run([str(ROOT / "guest" / "build-idle-kernel.sh")], capture_output=True, text=True,
                             check=True).stdout.strip()
-    cfg = LaunchConfig(kernel=kernel, memory="1G", smp=2, host_root=True, gdb=False)
+    # the checkout at its own path, wherever it lives (the guest mounts its own /run and /dev)
+    cfg = LaunchConfig(kernel=kernel, memory="1G", smp=2, host_root=True, gdb=False, host_dirs=[str(ROOT)])
     with tempfile.TemporaryDirectory(prefix="vmsight-bench-idle-") as d, launch(cfg, d) as vm:
         r = vm.agent.run(f"cd {ROOT} && .venv/bin/python -m benchmarks.bench_idle --here", timeout=1500,
                          root="host")

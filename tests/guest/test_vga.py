@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import random
 import re
-import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,18 +44,18 @@ def vga_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmInstance]:
 @pytest.fixture(scope="module")
 def numa_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmInstance]:
     """RAM in two shared files, one per NUMA node (plus the default VGA): two memory backends."""
-    tag = secrets.token_hex(4)
-    files = [f"/dev/shm/vmsight-{tag}-node{i}.ram" for i in range(2)]
+    private = Path(tempfile.mkdtemp(prefix="vmtest-numa-", dir="/dev/shm"))  # 0700: guest RAM is private
     args = []
-    for i, f in enumerate(files):
+    for i in range(2):
+        f = private / f"node{i}.ram"
+        os.close(os.open(f, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))  # QEMU would make it 0644
         args += ["-object", f"memory-backend-file,id=node{i},size=192M,mem-path={f},share=on",
                  "-numa", f"node,nodeid={i},memdev=node{i}"]
     try:
         yield from _boot(tmp_path_factory.mktemp("numa-vm"), defaults=True, ram_backend="anonymous",
                          memory="384M", extra_args=args)
     finally:
-        for f in files:
-            Path(f).unlink(missing_ok=True)
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _xp(vm: VM, gpa: int, n: int) -> bytes:
@@ -136,7 +136,7 @@ def test_two_memory_backends_are_each_mapped(numa_guest: VmInstance) -> None:
         assert isinstance(vm.phys, BlockRam)
         assert {r.block for r in vm.layout} == {"node0", "node1"}
         paths = {b: os.path.realpath(p.path) for b, p in vm.phys.parts.items()}  # type: ignore[attr-defined]
-        assert sorted(paths) == ["node0", "node1"] and all("-node" in p for p in paths.values())
+        assert {b: Path(p).name for b, p in paths.items()} == {"node0": "node0.ram", "node1": "node1.ram"}
         r1 = min((r for r in vm.layout if r.block == "node1"), key=lambda r: r.gpa)
         assert r1.gpa == 192 << 20, "node 1 starts where node 0 ends"
         _check_reads(vm, numa_guest)
