@@ -4,6 +4,7 @@ second serial port and get stdout, stderr and the exit status back. Ground truth
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import logging
 import secrets
@@ -17,6 +18,26 @@ from vmsight.errors import GuestAgentError
 log = logging.getLogger(__name__)
 
 NUDGE_S = 1.0  # send an empty line after this long without a reply
+
+
+def frame_request(rid: str, root: str, timeout_s: int, command: str) -> bytes:
+    """One RUN line: ``RUN id root timeout len sha256 payload``, ``len`` the payload's length and ``sha256``
+    the hex digest of ``"id root timeout payload"``. The guest runs nothing whose length or digest is off: a
+    request cut short (the host killed mid-write, the VM stopped) or glued to another's tail is rejected
+    instead of run half-parsed (once seen: ``timeout -s KILL "" /bin/sh ...``). The leading newline ends any
+    partial line an earlier, interrupted exchange left in the guest's buffer."""
+    payload = base64.b64encode(command.encode()).decode()
+    body = f"{rid} {root} {timeout_s} {payload}"
+    return f"\nRUN {rid} {root} {timeout_s} {len(payload)} {hashlib.sha256(body.encode()).hexdigest()} {payload}\n".encode()
+
+
+def frame_ok(line: bytes) -> bool:
+    """The guest's check (guest_init.sh), for tests: fields split on single spaces as busybox ``read`` does."""
+    f = line.decode(errors="replace").split(" ", 6)
+    if len(f) != 7 or f[0] != "RUN":
+        return False
+    _, rid, root, tmo, n, digest, payload = f
+    return str(len(payload)) == n and hashlib.sha256(f"{rid} {root} {tmo} {payload}".encode()).hexdigest() == digest
 
 
 def request_ids() -> Iterator[str]:
@@ -108,11 +129,9 @@ class GuestAgent:
         """Run ``command`` with /bin/sh in the guest. ``root="host"`` runs it chrooted into the host's root
         filesystem (guests launched with ``host_root=True``). The guest kills it after ``timeout`` s."""
         n = next(self._ids)
-        payload = base64.b64encode(command.encode()).decode()
-        # The leading newline ends any partial line left by an earlier, interrupted exchange: the agent
-        # ignores an empty or unknown line instead of gluing it to this command.
-        request = f"\nRUN {n} {root or '-'} {max(1, int(timeout))} {payload}\n".encode()
+        request = frame_request(n, root or "-", max(1, int(timeout)), command)
         self._sock.sendall(request)
+        rejected = 0
         deadline = time.monotonic() + timeout + 10.0
         out: list[bytes] = []
         err: list[bytes] = []
@@ -131,6 +150,14 @@ class GuestAgent:
                 if line == b"READY" and sink is None:
                     # the agent (re)started and announces it: a request it was sent meanwhile is lost
                     log.warning("guest agent restarted; sending request %s again", n)
+                    self._sock.sendall(request)
+                elif line == f"BAD {n}".encode():
+                    # it arrived damaged and did not run: sending it again is safe
+                    rejected += 1
+                    if rejected > 2:
+                        raise GuestAgentError(f"the guest agent rejected request {n} {rejected} times as "
+                                              "damaged in transit (length or sha256 mismatch); nothing ran")
+                    log.warning("guest agent got request %s damaged; sending it again", n)
                     self._sock.sendall(request)
                 elif line == f"BEGIN {n}".encode():
                     sink = out

@@ -1,8 +1,9 @@
 #!/bin/busybox sh
 # vmsight test-guest init (busybox initramfs). Runs the guest agent on /dev/ttyS1:
-#   host -> guest:  RUN <id> <root> <timeout_s> <base64 command>      root: "-" (initramfs) or "host" (9p chroot)
+#   host -> guest:  RUN <id> <root> <timeout_s> <len> <sha256> <base64 command>   root: "-" (initramfs) or "host"
+#                   (9p chroot); len = the base64's length, sha256 = of "<id> <root> <timeout_s> <base64 command>"
 #                   PING <id>
-#   guest -> host:  PONG <id> | BEGIN <id> / base64 stdout / STDERR <id> / base64 stderr / END <id> <rc>
+#   guest -> host:  PONG <id> | BAD <id> (damaged: not run) | BEGIN <id> / base64 stdout / STDERR <id> / base64 stderr / END <id> <rc>
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mkdir -p /proc /sys /dev /tmp /run /mnt /root
@@ -51,10 +52,13 @@ agent() {
   stty -F /dev/ttyS1 raw -echo 2>/dev/null
   exec 3<>/dev/ttyS1
   echo "READY" >&3
-  while IFS=' ' read -r verb id root tmo cmd <&3; do
+  while IFS=' ' read -r verb id root tmo len sum cmd <&3; do
     case "$verb" in
       PING) echo "PONG $id" >&3 ;;
       RUN)
+        # framed: a request cut short or glued to another's tail never runs (see agent.py frame_request)
+        got=$(printf '%s %s %s %s' "$id" "$root" "$tmo" "$cmd" | sha256sum)
+        if [ "${#cmd}" != "$len" ] || [ "${got%% *}" != "$sum" ]; then echo "BAD $id" >&3; continue; fi
         # a request sent again after an agent restart (the host resends on READY): run it once
         last=; read -r last < $A/last 2>/dev/null
         if [ "$id" = "$last" ]; then continue; fi
