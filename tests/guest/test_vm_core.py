@@ -3,7 +3,6 @@ independent path — HMP `info registers`, QMP `gva2gpa`, gdbstub physical reads
 
 from __future__ import annotations
 
-import base64
 import random
 import re
 
@@ -13,6 +12,7 @@ from vmsight.errors import PhysicalAddressError, TranslationFault
 from vmsight.memory.gdbphys import GdbPhysRam
 from vmsight.memory.paging import walk_range
 from vmsight.memory.physical import ProcMemRam
+from vmsight.qemu.agent import frame_request
 from vmsight.qemu.launch import VmInstance
 from vmsight.vm import VM
 
@@ -145,8 +145,8 @@ def test_agent_survives_orphans_exiting_and_runs_a_resent_request_once(guest: Vm
         assert guest.agent.run("echo ok", timeout=20).check().text == "ok\n"
     # the same request id twice (what the host sends after an agent restart): run once, answered once
     n = next(guest.agent._ids)
-    cmd = base64.b64encode(b"echo x >> /tmp/resent; cat /tmp/resent").decode()
-    guest.agent._sock.sendall(f"\nRUN {n} - 20 {cmd}\nRUN {n} - 20 {cmd}\n".encode())
+    frame = frame_request(n, "-", 20, "echo x >> /tmp/resent; cat /tmp/resent")
+    guest.agent._sock.sendall(frame + frame)
     assert guest.agent.run("sleep 0.5; cat /tmp/resent; rm /tmp/resent", timeout=20).check().text == "x\n"
 
 
