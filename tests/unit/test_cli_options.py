@@ -58,12 +58,9 @@ def test_every_command_module_is_in_the_parser() -> None:
     import importlib
 
     names = set(IDS)
-    for mod in COMMANDS:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError:
-            continue
-        assert m.NAME in names
+    for name, mod in COMMANDS.items():
+        m = importlib.import_module(mod)
+        assert m.NAME == name and name in names
     assert {"ps", "vm launch", "idle", "trace"} <= names
 
 
@@ -134,3 +131,28 @@ def test_unexpected_exception_is_one_line() -> None:
     assert r.returncode == 1
     assert r.stderr.startswith("Traceback (most recent call last):") and 'line 2, in run\nKeyError' in r.stderr
     assert r.stderr.endswith("vmsight: internal error: KeyError: 'a bug'\n")
+
+
+def test_a_command_loads_only_its_own_module() -> None:
+    """`vmsight ps` imports the ps command, not trace's event machinery, demo's rich, idle's numpy paths."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vmsight.cli.main import build_parser; build_parser(['--vm', 'x', 'ps', '--json']); "
+            "print(sorted(m for m in sys.modules if m.startswith(('vmsight.cli.', 'vmsight.events.dispatcher', "
+            "'rich', 'matplotlib'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert eval(out) == ["vmsight.cli.common", "vmsight.cli.main", "vmsight.cli.ps", "vmsight.cli.signals"]
+    code = "from vmsight.cli.main import build_parser, _selected; print(_selected(%r))"
+    for argv, want in ((["--vm", "ps", "ps"], "ps"), (["vm", "exec", "--dir", "d"], "vm exec"),
+                       (["-v", "--gdb", "x", "idle", "record", "1"], "idle"), (["vm"], None), (["--help"], None),
+                       (["pss"], None)):
+        r = subprocess.run([sys.executable, "-c", code % argv], capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == str(want), argv
+
+
+def test_events_package_names_resolve_lazily() -> None:
+    import vmsight.events as ev
+
+    assert set(ev.__all__) == set(ev._WHERE)
+    assert all(getattr(ev, name).__name__ == name for name in ev.__all__)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import logging
 import os
 import sys
@@ -19,38 +18,63 @@ from types import ModuleType
 from vmsight.cli import signals
 from vmsight.errors import VmsightError
 
-# (module, ...) in the order `vmsight --help` lists them. A module's NAME may contain a space
-# ("vm launch") to make a sub-command group.
-COMMANDS: list[str] = [
-    "vmsight.cli.demo",
-    "vmsight.cli.vm",
-    "vmsight.cli.vm_exec",
-    "vmsight.cli.vm_stop",
-    "vmsight.cli.vm_resume",
-    "vmsight.cli.regs",
-    "vmsight.cli.read_phys",
-    "vmsight.cli.read_virt",
-    "vmsight.cli.translate",
-    "vmsight.cli.ps",
-    "vmsight.cli.maps",
-    "vmsight.cli.lsmod",
-    "vmsight.cli.sym",
-    "vmsight.cli.uname",
-    "vmsight.cli.trace",
-    "vmsight.cli.watch",
-    "vmsight.cli.idle",
-]
+# Command name -> module, in the order `vmsight --help` lists them. A name with a space ("vm launch") is a
+# sub-command of a group. Only the module of the command being run is imported (`vmsight ps` pays for
+# nothing else); every module's NAME equals its key here (tests/unit/test_cli_options.py).
+COMMANDS: dict[str, str] = {
+    "demo": "vmsight.cli.demo",
+    "vm launch": "vmsight.cli.vm",
+    "vm exec": "vmsight.cli.vm_exec",
+    "vm stop": "vmsight.cli.vm_stop",
+    "vm resume": "vmsight.cli.vm_resume",
+    "regs": "vmsight.cli.regs",
+    "read-phys": "vmsight.cli.read_phys",
+    "read-virt": "vmsight.cli.read_virt",
+    "translate": "vmsight.cli.translate",
+    "ps": "vmsight.cli.ps",
+    "maps": "vmsight.cli.maps",
+    "lsmod": "vmsight.cli.lsmod",
+    "sym": "vmsight.cli.sym",
+    "uname": "vmsight.cli.uname",
+    "trace": "vmsight.cli.trace",
+    "watch": "vmsight.cli.watch",
+    "idle": "vmsight.cli.idle",
+}
+_VALUED = ("--vm", "--gdb")   # global options that take a value
+
 
 log = logging.getLogger("vmsight")
 
 
-def _load_commands() -> list[ModuleType]:
+def _selected(argv: list[str]) -> str | None:
+    """The command ``argv`` names ("ps", "vm launch"), found without importing anything, or None (help, a
+    group without its sub-command, a typo: then every command is loaded, for argparse's own messages)."""
+    words: list[str] = []
+    skip = False
+    for tok in argv:
+        if skip:
+            skip = False
+        elif tok == "--":
+            break
+        elif tok.startswith("-"):
+            skip = tok in _VALUED
+        else:
+            words.append(tok)
+            if len(words) == 2 or words[0] in COMMANDS:
+                break
+    key = " ".join(words)
+    return key if key in COMMANDS else None
+
+
+def _load_commands(only: str | None = None) -> list[ModuleType]:
     mods = []
-    for name in COMMANDS:
+    for name, module in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         try:
-            mods.append(importlib.import_module(name))
+            mods.append(importlib.import_module(module))
         except ModuleNotFoundError as e:
-            if e.name != name:  # a real import error inside an existing command
+            if e.name != module:  # a real import error inside an existing command
                 raise
     return mods
 
@@ -83,6 +107,8 @@ def positive_float(text: str) -> float:
 
 
 def _version() -> str:
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("vmsight")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
@@ -112,13 +138,22 @@ def add_global_options(p: argparse.ArgumentParser, level: str = "") -> None:
         help="log more (-vv for debug and tracebacks)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Version(argparse.Action):
+    """--version, reading the package metadata only when asked (importlib.metadata costs ~20 ms)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"vmsight {_version()}")
+        parser.exit()
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, only the command it names is loaded (with its arguments and help)."""
     p = argparse.ArgumentParser(prog="vmsight", description="See inside running Linux VMs and processes.")
     add_global_options(p)
-    p.add_argument("--version", action="version", version=f"vmsight {_version()}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show vmsight's version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
-    for mod in _load_commands():
+    for mod in _load_commands(None if argv is None else _selected(argv)):
         words = mod.NAME.split()
         if len(words) == 1:
             sp = sub.add_parser(words[0], help=mod.HELP, description=mod.HELP)
@@ -150,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv, parser)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")

@@ -14,7 +14,7 @@ import signal
 import threading
 from types import FrameType
 
-from vmsight.events.dispatcher import in_exchange
+from vmsight.qemu.rsp import in_exchange
 
 RETRY_S = 0.005
 _first: int | None = None

@@ -26,7 +26,6 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
-import os
 import signal
 import threading
 import time
@@ -53,7 +52,7 @@ from vmsight.events.types import (
 )
 from vmsight.memory.paging import is_kernel_half
 from vmsight.memory.virtual import AddressSpace
-from vmsight.qemu.rsp import GdbStub, StopReply
+from vmsight.qemu.rsp import GdbStub, StopReply, in_exchange
 
 if TYPE_CHECKING:
     from vmsight.events.watchdog import WatchdogClient
@@ -892,35 +891,6 @@ class Dispatcher:
                 return
 
 
-def _exchange_code() -> tuple[tuple[str, ...], frozenset[str]]:
-    import asyncio
-
-    import qemu.qmp
-
-    import vmsight.qemu.qmp
-    import vmsight.qemu.rsp
-
-    dirs = tuple(os.path.dirname(m.__file__) + os.sep for m in (asyncio, qemu.qmp) if m.__file__)
-    return dirs, frozenset(m.__file__ for m in (vmsight.qemu.qmp, vmsight.qemu.rsp) if m.__file__)
-
-
-_EXCHANGE_DIRS, _EXCHANGE_FILES = _exchange_code()
-
-
-def in_exchange(frame: FrameType | None) -> bool:
-    """Whether a signal handler's ``frame`` interrupted a QMP or gdbstub exchange (asyncio, qemu.qmp, our
-    QMP and RSP clients): an exception raised there leaves the session out of step, and the clean-up that
-    needs it with it."""
-    for _ in range(512):
-        if frame is None:
-            return False
-        name = frame.f_code.co_filename
-        if name in _EXCHANGE_FILES or name.startswith(_EXCHANGE_DIRS):
-            return True
-        frame = frame.f_back
-    return False
-
-
 def _send_break(stub: GdbStub) -> None:
     """Send ^C (a bare byte, not a packet): stops a running VM; QEMU ignores it when stopped.
     GdbStub.interrupt() also waits for the stop reply, which the run loop wants to read itself."""
@@ -954,4 +924,4 @@ def _close_all() -> None:
             pass
 
 
-__all__ = ["BreakpointHandle", "Dispatcher", "Handler", "Stats", "WatchHandle", "in_exchange"]
+__all__ = ["BreakpointHandle", "Dispatcher", "Handler", "Stats", "WatchHandle"]

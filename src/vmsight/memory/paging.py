@@ -29,8 +29,6 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
-import numpy as np
-
 from vmsight.errors import (
     CorruptData,
     NonCanonicalAddress,
@@ -614,6 +612,8 @@ def _walk_table(mem: PhysicalMemory, table_gpa: int, level: int, base: int, lo: 
     i1 = min(512, ((hi - 1 - base) >> shift) + 1)
     if i0 >= i1:
         return
+    import numpy as np  # here, not at module level: translating needs no numpy (`vmsight ps` never loads it)
+
     arr = np.frombuffer(raw, dtype="<u8")[i0:i1]
     if nonpresent and level <= 2:
         idx = np.flatnonzero(arr & np.uint64(~PAGE_KNL_ERRATUM_MASK & _U64))

@@ -17,8 +17,6 @@ import os
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
-import numpy as np
-
 from vmsight.errors import PermissionDenied, PhysicalAddressError
 from vmsight.qemu.layout import RamLayout, RamRange
 
@@ -67,11 +65,11 @@ class BufferRam:
 
     def read_into(self, gpa: int, out: memoryview | bytearray) -> None:
         """Copy [gpa, gpa+len(out)) into ``out`` (no allocation: bulk reads run at memcpy speed)."""
-        dst = np.frombuffer(out, dtype=np.uint8)
+        dst = memoryview(out).cast("B")
         pos = 0
         for rr, p, n in self.layout.pieces(gpa, len(dst)):
             off = rr.offset + p - rr.gpa
-            np.copyto(dst[pos:pos + n], np.frombuffer(self._buf[off:off + n], dtype=np.uint8))
+            dst[pos:pos + n] = self._buf[off:off + n]
             pos += n
 
     def read_u64(self, gpa: int) -> int:

@@ -8,11 +8,13 @@ to the stub while the VM is stopped (``vmsight.vm.VM.paused`` arranges that)."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from types import FrameType
 
 from vmsight.errors import GdbStubError, TargetError
 from vmsight.qemu.qmp import connect_unix, tcp_address
@@ -40,6 +42,34 @@ class StopReply:
     address: int | None     # watchpoint start address
     raw: str
     exited: bool = False
+
+
+def _exchange_code() -> tuple[tuple[str, ...], frozenset[str]]:
+    import asyncio
+
+    import qemu.qmp
+
+    import vmsight.qemu.qmp
+
+    dirs = tuple(os.path.dirname(m.__file__) + os.sep for m in (asyncio, qemu.qmp) if m.__file__)
+    return dirs, frozenset(f for f in (vmsight.qemu.qmp.__file__, __file__) if f)
+
+
+_EXCHANGE_DIRS, _EXCHANGE_FILES = _exchange_code()
+
+
+def in_exchange(frame: FrameType | None) -> bool:
+    """Whether a signal handler's ``frame`` interrupted a QMP or gdbstub exchange (asyncio, qemu.qmp, our
+    QMP and RSP clients): an exception raised there leaves the session out of step, and the clean-up that
+    needs it with it."""
+    for _ in range(512):
+        if frame is None:
+            return False
+        name = frame.f_code.co_filename
+        if name in _EXCHANGE_FILES or name.startswith(_EXCHANGE_DIRS):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def frame(payload: str | bytes) -> bytes:
