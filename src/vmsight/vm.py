@@ -7,6 +7,7 @@ translation caches are dropped whenever it resumes."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -131,15 +132,19 @@ class VM:
     def _mapped_ram(self, ram_file: str | None, writable: bool) -> PhysicalMemory:
         """Each RAM block's shared file or memfd, mapped (one block: a MappedRam; several: a BlockRam)."""
         blocks = sorted({r.block for r in self.layout})
-        if ram_file and len(blocks) == 1:  # given by vm.json or the caller
-            return MappedRam(ram_file, self.layout, writable=writable)
         if self.pid is None:
             raise TargetError("QEMU is remote: its RAM files are on another host")
+        pid = self.pid
+        if ram_file and len(blocks) == 1:  # given by vm.json or the caller
+            return MappedRam(ram_file, self.layout, writable=writable,
+                             verify=lambda st: _mapped_shared_by(pid, st, ram_file))
         parts: dict[str, MappedRam] = {}
         try:
             for block in blocks:
                 sub = RamLayout([r for r in self.layout if r.block == block])
-                parts[block] = MappedRam(self._shared_block_file(block), sub, writable=writable)
+                path = self._shared_block_file(block)
+                parts[block] = MappedRam(path, sub, writable=writable,
+                                         verify=functools.partial(_mapped_shared_by, pid, path=path))
         except BaseException:
             for part in parts.values():
                 part.close()
@@ -466,6 +471,23 @@ def parse_info_registers(text: str, vcpu: int) -> dict[str, int]:
         out[f"{m.group(1).lower()}r_base"] = int(m.group(2), 16)
         out[f"{m.group(1).lower()}r_limit"] = int(m.group(3), 16)
     return out
+
+
+def _mapped_shared_by(pid: int, st: os.stat_result, path: str) -> None:
+    """Refuse a RAM file that QEMU (``pid``) does not itself map shared: vm.json and QMP name the file, and
+    neither is trusted to make root map (and write) a file of its choosing (a forged VM directory, a fake
+    QMP server)."""
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                if len(fields) >= 5 and fields[3] == dev and fields[4] == str(st.st_ino) and fields[1][3:4] == "s":
+                    return
+    except OSError as e:
+        raise TargetError(f"cannot check QEMU pid {pid}'s mappings ({e.strerror}): run as root or its user") from None
+    raise TargetError(f"{path} is not guest RAM of QEMU pid {pid} (QEMU does not map it shared): refusing to map "
+                      "it; relaunch the VM or pass --vm QMP_SOCKET")
 
 
 def _tgid(tid: int) -> int:

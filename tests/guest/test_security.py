@@ -321,3 +321,30 @@ def test_long_path_vm_keeps_its_sockets_private(tmp_path: Path) -> None:
         with attach(inst.dir) as vm:
             assert vm.registers(0)["cr3"]
     assert not os.path.lexists(rt)
+
+
+def test_forged_ram_file_is_never_mapped(plain_vm: VmInstance, attacker: pwd.struct_passwd) -> None:
+    """An attacker's VM directory names root's real QMP socket but, as the RAM file, a file of the attacker's
+    choosing: root's attach does not map it (QEMU does not), falls back to /proc/PID/mem, and a write through
+    vmsight reaches the guest's RAM only."""
+    info = json.loads(Path(plain_vm.dir, "vm.json").read_text())
+    r = as_user(attacker, """
+        import os, tempfile
+        d = tempfile.mkdtemp(dir="/tmp"); os.chmod(d, 0o755)
+        with open(d + "/decoy", "wb") as f:
+            f.write(b"precious" * (1 << 17))
+        os.chmod(d + "/decoy", 0o666)
+        print(d)""")
+    assert r.returncode == 0, r.stderr
+    forged = Path(r.stdout.strip())
+    decoy = forged / "decoy"
+    before = decoy.read_bytes()
+    try:
+        info.update(ram_file=str(decoy), qmp_aux=[])
+        (forged / "vm.json").write_text(json.dumps(info))
+        with attach(str(forged)) as vm:
+            assert vm.backend != "mapped-ram-file"
+            assert vm.read_gpa(0x100000, 8) != b"precious"
+        assert decoy.read_bytes() == before
+    finally:
+        shutil.rmtree(forged, ignore_errors=True)

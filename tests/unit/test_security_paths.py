@@ -387,3 +387,27 @@ def test_vm_json_symlink_or_garbage_is_one_line(tmp_path: Path) -> None:
     (d / "vm.json").write_text(json.dumps({"pid": "1; rm -rf /", "qmp": 3}))
     r = _vm_stop(d)
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "not a vm.json" in r.stderr, r.stderr
+
+
+def test_ram_file_must_be_mapped_shared_by_qemu(tmp_path: Path) -> None:
+    """vm.json and QMP name the RAM file; it is mapped (read-write, as root) only if the QEMU process itself
+    maps that very file shared (here this process plays QEMU)."""
+    import mmap
+
+    from vmsight.errors import TargetError
+    from vmsight.vm import _mapped_shared_by
+
+    shared, private, other = (tmp_path / n for n in ("shared", "private", "other"))
+    for f in (shared, private, other):
+        f.write_bytes(b"\0" * 8192)
+    with shared.open("r+b") as a, private.open("r+b") as b:
+        ma = mmap.mmap(a.fileno(), 8192, mmap.MAP_SHARED)
+        mb = mmap.mmap(b.fileno(), 8192, mmap.MAP_PRIVATE)
+        try:
+            _mapped_shared_by(os.getpid(), os.stat(shared), str(shared))
+            for f in (private, other):
+                with pytest.raises(TargetError, match="not guest RAM of QEMU"):
+                    _mapped_shared_by(os.getpid(), os.stat(f), str(f))
+        finally:
+            ma.close()
+            mb.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 from vmsight.errors import PermissionDenied, PhysicalAddressError
@@ -94,14 +94,20 @@ class MappedRam(BufferRam):
 
     name = "mapped-ram-file"
 
-    def __init__(self, path: str, layout: RamLayout, writable: bool = True) -> None:
+    def __init__(self, path: str, layout: RamLayout, writable: bool = True,
+                 verify: Callable[[os.stat_result], None] | None = None) -> None:
+        """``verify`` sees the opened file's stat before anything is mapped (it raises to refuse a file the
+        target does not use: the path came from a file or a peer vmsight does not trust)."""
         try:
-            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO named: no hang
         except PermissionError as e:
             raise PermissionDenied(f"cannot open guest RAM file {path}: {e.strerror}; run as root "
                                    "or as the user that started QEMU") from e
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if verify is not None:
+                verify(st)
+            size = st.st_size
             need = max((r.offset + r.size for r in layout), default=0)
             if size < need:
                 raise PhysicalAddressError(0, need, f"beyond the RAM file {path} ({size:#x} bytes)")
