@@ -112,10 +112,22 @@ def run(args: argparse.Namespace) -> int:
 def _ranges(args: argparse.Namespace) -> list[Any] | None:
     if not args.ranges:
         return None
+    from vmsight.idle.tracker import MAX_DEFAULT_PAGES
+
     out: list[Any] = []
+    pages = 0
     for r in args.ranges:
         m = re.fullmatch(r"(0x[0-9a-fA-F]+|\d+)-(0x[0-9a-fA-F]+|\d+)", r)
-        out.append((int(m.group(1), 0), int(m.group(2), 0)) if m else r)
+        if m:
+            lo, hi = int(m.group(1), 0), int(m.group(2), 0)
+            if not lo < hi <= USER_END:
+                raise VmsightError(f"--range {r}: need START < END <= {USER_END:#x} (the user address space)")
+            pages += (hi - lo) >> 12
+        out.append((lo, hi) if m else r)
+    # a gva range is tracked page by page whether mapped or not: bounded like the default set of VMAs
+    if pages > MAX_DEFAULT_PAGES:
+        raise VmsightError(f"--range spans {pages * 4096 >> 30} GiB, over the {MAX_DEFAULT_PAGES * 4096 >> 30} GiB "
+                           "one read holds: name VMAs instead ([heap], a file path) or give narrower ranges")
     return out
 
 
@@ -154,6 +166,7 @@ def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
                            "would be read in time; give a shorter --interval or a longer --duration")
     if record and not args.output:
         raise VmsightError("idle record: -o FILE is required")
+    ranges = _ranges(args)
     if record:
         parent = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(parent):
@@ -187,7 +200,7 @@ def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
                     print(_plain(rec))
 
             try:
-                why = run_intervals(t, args.interval, duration, on_interval, ranges=_ranges(args),
+                why = run_intervals(t, args.interval, duration, on_interval, ranges=ranges,
                                     with_bitmap=record)
             except KeyboardInterrupt:
                 why = "interrupted"
