@@ -358,3 +358,20 @@ def test_record_is_0600_and_a_bad_pid_leaves_the_file(work: Workload, tmp_path: 
     r = vmsight("idle", "record", str(work.p.pid), "-o", str(tmp_path / "link"), "--duration", "200ms",
                 "--interval", "200ms", "--backend", "clear_refs")
     assert_one_line_error(r, "symlink")
+
+
+def test_named_and_gva_ranges_are_bounded() -> None:
+    """A 1 TiB VMA (a reservation, or a corrupt guest VMA) named as a range is refused, not allocated page by
+    page; the default set skips it (truncated, flagged partial) as before."""
+    from vmsight.idle.errors import BadRange
+    from vmsight.idle.procfs import Vma
+    from vmsight.idle.tracker import resolve_ranges
+
+    big = Vma(0x7F00_0000_0000, 0x7F00_0000_0000 + (1 << 40), "rw-p", 0, "00:00", 0, "[anon:huge]")
+    heap = Vma(0x5000_0000, 0x5010_0000, "rw-p", 0, "00:00", 0, "[heap]")
+    with pytest.raises(BadRange, match="1024 GiB, over the 64 GiB"):
+        resolve_ranges("[anon]", [heap, big])
+    with pytest.raises(BadRange, match="over the 64 GiB"):
+        resolve_ranges([(0, 1 << 47)], [])
+    assert resolve_ranges("[heap]", [heap, big]) == ([(0x50000, 0x50100)], False)
+    assert resolve_ranges(None, [heap, big]) == ([(0x50000, 0x50100)], True)

@@ -113,6 +113,12 @@ def resolve_ranges(ranges: Ranges, vmas: list[Vma]) -> tuple[list[VfnRange], boo
             merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
         else:
             merged.append((lo, hi))
+    # Every page of a named range gets per-page state (~18 bytes): a huge VMA or gva range (a 1 TiB
+    # reservation, a corrupt guest VMA) must be refused, not allocated. The default set is truncated above.
+    pages = sum(hi - lo for lo, hi in merged)
+    if ranges is not None and pages > MAX_DEFAULT_PAGES:
+        raise BadRange(f"{str(ranges)[:100]}: {pages << PAGE_SHIFT >> 30} GiB, over the "
+                       f"{MAX_DEFAULT_PAGES << PAGE_SHIFT >> 30} GiB one read tracks; name fewer or narrower ranges")
     return merged, truncated
 
 
