@@ -348,3 +348,12 @@ def test_forged_ram_file_is_never_mapped(plain_vm: VmInstance, attacker: pwd.str
         assert decoy.read_bytes() == before
     finally:
         shutil.rmtree(forged, ignore_errors=True)
+
+
+def test_vm_logs_are_private(plain_vm: VmInstance, attacker: pwd.struct_passwd) -> None:
+    """The guest's console (anything a guest process prints) and QEMU's log are 0600, even in a 0755 --dir."""
+    for name in ("console.log", "qemu.log"):
+        p = Path(plain_vm.dir, name)
+        assert p.stat().st_mode & 0o777 == 0o600 and p.stat().st_uid == os.geteuid(), name
+        r = as_user(attacker, f"print(len(open({str(p)!r}, 'rb').read()))")
+        assert r.returncode != 0 and "Permission denied" in r.stderr, r.stdout

@@ -411,3 +411,36 @@ def test_ram_file_must_be_mapped_shared_by_qemu(tmp_path: Path) -> None:
         finally:
             ma.close()
             mb.close()
+
+
+def test_vm_directory_must_be_our_own(tmp_path: Path) -> None:
+    """`vm launch --dir D`: QEMU, run as root, writes its logs in D; in a directory another user can write, a
+    planted symlink would aim them. D is created 0700, or refused unless it is ours and nobody else writes it."""
+    from vmsight.errors import VmsightError
+    from vmsight.qemu.launch import _own_dir, _private_log
+
+    new = tmp_path / "a" / "vm"
+    _own_dir(new)
+    assert new.stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(VmsightError, match="others may write"):
+        _own_dir(shared)
+    link = tmp_path / "link"
+    link.symlink_to(new)
+    with pytest.raises(VmsightError, match="not a directory"):
+        _own_dir(link)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(VmsightError, match="uid 65534"):
+        _own_dir(theirs)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (new / "console.log").symlink_to(victim)
+    with pytest.raises(OSError):
+        _private_log(new / "console.log")
+    assert victim.read_text() == "precious"
+    os.close(_private_log(new / "qemu.log"))
+    assert (new / "qemu.log").stat().st_mode & 0o777 == 0o600

@@ -318,8 +318,25 @@ def launch(cfg: LaunchConfig, directory: str | os.PathLike[str], *, detach: bool
         raise
 
 
+def _own_dir(d: Path) -> None:
+    """``d`` made (0700) or checked: a directory of this user that nobody else can write. QEMU (run by us,
+    often root) creates its logs there: in another user's directory a planted link would aim them."""
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = d.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise VmsightError(f"{d} is not a directory (a symlink?): pass a directory of your own as --dir")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise VmsightError(f"{d} belongs to uid {st.st_uid} or others may write to it (mode "
+                           f"{stat.S_IMODE(st.st_mode):o}): pass a directory of your own as --dir")
+
+
+def _private_log(path: Path) -> int:
+    """A fresh 0600 log file at ``path`` (never through a symlink); its fd, open for writing."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
 def _launch(cfg: LaunchConfig, d: Path, *, detach: bool) -> VmInstance:
-    d.mkdir(parents=True, exist_ok=True)
+    _own_dir(d)
     old = d / "vm.json"
     if old.exists():
         prev = load(d)
@@ -346,10 +363,11 @@ def _launch(cfg: LaunchConfig, d: Path, *, detach: bool) -> VmInstance:
             Path(s).unlink(missing_ok=True)
         ram_file = create_ram_file(rt) if cfg.ram_backend == "file" else None
         console_log = str(d / "console.log")
+        os.close(_private_log(Path(console_log)))   # QEMU appends to it: the guest's console stays private
         cmd = qemu_command(cfg, kernel=kernel, initrd=initrd, accel=accel, ram_file=ram_file,
                            ram_size=ram_size, socks=socks, console_log=console_log)
         log.info("starting %s", " ".join(cmd))
-        qlog = open(d / "qemu.log", "wb")
+        qlog = os.fdopen(_private_log(d / "qemu.log"), "wb")
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT,
                                 preexec_fn=os.setsid if detach else _die_with_parent)
         qlog.close()
