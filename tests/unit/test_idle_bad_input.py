@@ -375,3 +375,26 @@ def test_named_and_gva_ranges_are_bounded() -> None:
         resolve_ranges([(0, 1 << 47)], [])
     assert resolve_ranges("[heap]", [heap, big]) == ([(0x50000, 0x50100)], False)
     assert resolve_ranges(None, [heap, big]) == ([(0x50000, 0x50100)], True)
+
+
+def test_iter_words_pieces_are_words() -> None:
+    from vmsight.idle.result import IdleSegment, IdleSnapshot
+
+    segs = []
+    for start, n in ((64, 640), (4096, 128), (100_032, 64)):
+        s = IdleSegment.empty(start, n)
+        s.idle[:] = np.arange(1, len(s.idle) + 1, dtype=np.uint64) * np.uint64(start)
+        segs.append(s)
+    snap = IdleSnapshot(1, "x", 0, "fake", "page", False, segs, [], [], 0)
+    for lo, hi, chunk in ((0, 100_100, 3), (70, 5000, 1), (64, 128, 100), (0, 130_000, 1 << 16)):
+        pieces = list(snap.iter_words(lo, hi, chunk))
+        assert all(len(w) <= chunk for _, w in pieces) and pieces[0][0] == lo // 64 * 64
+        assert np.concatenate([w for _, w in pieces]).tolist() == snap.words(lo, hi).tolist()
+
+
+def test_heatmap_size_is_bounded(tmp_path: Path) -> None:
+    """4096 rows x 65536 intervals would be a 2 GiB matrix: refused, naming the --rows that fits."""
+    bm = [{"start_vfn": 0, "nr_pages": 4096, "idle_b64z": z(bytes(512)), "tracked_b64z": z(b"\xff" * 512)}]
+    f = write(tmp_path / "r.jsonl", HEADER, *[interval(bm, index=i) for i in range(1 << 16)])
+    assert_one_line_error(vmsight("idle", "report", str(f), "--heatmap", "-", "--rows", "4096"),
+                          "4096 rows x 65536 intervals is over 16777216 cells: give --rows 256 or fewer")

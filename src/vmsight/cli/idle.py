@@ -30,6 +30,7 @@ MAX_TEXT_WORDS = 1 << 20      # bitmap text/JSON output: 1 Mi lines (256 GiB of 
 RAW_CHUNK_WORDS = 1 << 16
 USER_END = 1 << 56            # end of the largest user half (5-level paging)
 MAX_ROWS = 4096
+MAX_HEATMAP_CELLS = 1 << 24   # rows x intervals of float64: 128 MiB
 
 
 def parse_duration(text: str) -> float:
@@ -313,6 +314,9 @@ def _report(args: argparse.Namespace, path: str) -> int:
                 print(f"{i['index']:>4} {i['elapsed_ms']:>10.0f} {_mib(i['wss_bytes']):>9} "
                       f"{_mib(i['idle_bytes']):>9} {_mib(i['swapped_bytes']):>11} {bar}")
     if args.heatmap:
+        if args.rows * len(its) > MAX_HEATMAP_CELLS:
+            raise VmsightError(f"--heatmap: {args.rows} rows x {len(its)} intervals is over {MAX_HEATMAP_CELLS} "
+                               f"cells: give --rows {max(1, MAX_HEATMAP_CELLS // len(its))} or fewer")
         try:
             mat, labels = heatmap_matrix(rec, args.rows)
         except (OSError, ValueError) as e:
@@ -391,8 +395,8 @@ def _bitmap(args: argparse.Namespace, pid: int) -> int:
             time.sleep(args.wait)
         snap = t.read(rng)
     if args.raw:  # in pieces: the whole user range is 2^32+ bytes of (mostly zero) words
-        for v in range(start_vfn, end_vfn, RAW_CHUNK_WORDS * 64):
-            sys.stdout.buffer.write(snap.words(v, min(v + RAW_CHUNK_WORDS * 64, end_vfn)).tobytes())
+        for _, piece in snap.iter_words(start_vfn, end_vfn, RAW_CHUNK_WORDS):
+            sys.stdout.buffer.write(piece.tobytes())
         return 0
     words = snap.words(start_vfn, end_vfn)
     if getattr(args, "json", False):

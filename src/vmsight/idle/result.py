@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,6 +172,16 @@ class IdleSnapshot:
             if a < b:
                 out[a - w0:b - w0] = s.idle[a - s.first_word:b - s.first_word]
         return out
+
+    def iter_words(self, start_vfn: int, end_vfn: int,
+                   chunk_words: int = 1 << 16) -> Iterator[tuple[int, npt.NDArray[np.uint64]]]:
+        """:meth:`words` in pieces of at most ``chunk_words`` (first vfn, words): a span as large as the whole
+        user address space (2^29+ words, mostly unmapped zeros) without holding it."""
+        v = start_vfn // WORD_BITS * WORD_BITS
+        while v < end_vfn:
+            e = min(v + chunk_words * WORD_BITS, end_vfn)
+            yield v, self.words(v, e)
+            v = e
 
     def pages(self, flag: PageState | None = None, idle: bool | None = None) -> npt.NDArray[np.int64]:
         """Sorted vfns of pages that have ``flag`` (all of its bits) and, if given, that idle state."""
