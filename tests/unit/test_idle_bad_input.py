@@ -398,3 +398,22 @@ def test_heatmap_size_is_bounded(tmp_path: Path) -> None:
     f = write(tmp_path / "r.jsonl", HEADER, *[interval(bm, index=i) for i in range(1 << 16)])
     assert_one_line_error(vmsight("idle", "report", str(f), "--heatmap", "-", "--rows", "4096"),
                           "4096 rows x 65536 intervals is over 16777216 cells: give --rows 256 or fewer")
+
+
+def test_report_from_a_pipe(tmp_path: Path) -> None:
+    """A pipe cannot be read twice for the heatmap: its bitmaps are kept, at most 256 MiB of them."""
+    words = np.array([0xFFFF_FFFF_0000_0000], "<u8").tobytes()   # pages 0-31 accessed, 32-63 idle
+    bm = [{"start_vfn": 64, "nr_pages": 64, "idle_b64z": z(words), "tracked_b64z": z(b"\xff" * 8)}]
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in (HEADER, interval(bm), interval(bm)))
+    r = subprocess.run([sys.executable, "-m", "vmsight.cli.main", "idle", "report", "/dev/stdin", "--heatmap", "-",
+                        "--rows", "2"], input=data, capture_output=True, timeout=60, preexec_fn=_limit,
+                       env={**os.environ, "PYTHONPATH": SRC})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().splitlines()[-2:] == ["0x000000040000 |@@|", "0x000000060000 |  |"]
+    rnd = base64.b64encode(np.random.default_rng(0).bytes(3 << 20)).decode()   # 4 MiB a line
+    big = [{"start_vfn": 0, "nr_pages": 64, "idle_b64z": rnd, "tracked_b64z": ""}]
+    line = json.dumps(interval(big)).encode() + b"\n"
+    r = subprocess.run([sys.executable, "-m", "vmsight.cli.main", "idle", "report", "/dev/stdin", "--heatmap", "-"],
+                       input=json.dumps(HEADER).encode() + b"\n" + line * 70, capture_output=True, timeout=60,
+                       preexec_fn=_limit, env={**os.environ, "PYTHONPATH": SRC})
+    assert_one_line_error(r, "over 256 MiB of bitmaps from a pipe", "save the recording to a file")

@@ -282,7 +282,7 @@ def _report(args: argparse.Namespace, path: str) -> int:
     from vmsight.idle.stats import heatmap_matrix, read_recording
 
     try:
-        rec = read_recording(path)
+        rec = read_recording(path, bitmaps=bool(args.heatmap))
     except (OSError, ValueError) as e:
         raise VmsightError(f"cannot read recording {path}: {getattr(e, 'strerror', None) or e}") from None
     for w in rec.warnings:

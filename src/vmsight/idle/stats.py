@@ -20,6 +20,7 @@ import bisect
 import json
 import logging
 import os
+import stat
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -116,6 +117,7 @@ MAX_LINE_BYTES = 64 << 20     # one record; an interval's bitmaps compress ~100x
 MAX_INTERVALS = 1 << 18       # ~73 h at 1 s; the per-interval summaries kept in memory stay < ~300 MiB
 MAX_BITMAP_SPANS = 1 << 16    # distinct bitmap segments over a whole recording (one per VMA range tracked)
 USER_VFN_END = 1 << 44        # end of the largest user half (5-level paging, 2^56 bytes) in pages
+MAX_KEPT_BITMAP_BYTES = 256 << 20  # bitmaps held when the source cannot be read twice (a pipe)
 CHUNK_WORDS = 1 << 16         # heatmap: bitmap words decompressed and binned at a time (4 Mi pages)
 _popcount = getattr(np, "bitwise_count", None)  # numpy >= 2.0
 _SUMMARY_KEYS = ("index", "time_ns", "elapsed_ms", "wss_bytes", "idle_bytes", "present_bytes", "swapped_bytes",
@@ -221,21 +223,28 @@ def _summary(obj: dict[str, Any], n: int) -> dict[str, Any]:
     return out
 
 
-def read_recording(source: str | os.PathLike[str] | IO[bytes] | Iterable[str | bytes]) -> Recording:
+def read_recording(source: str | os.PathLike[str] | IO[bytes] | Iterable[str | bytes],
+                   bitmaps: bool = True) -> Recording:
     """Parse a JSON-lines recording (a path, a binary file or lines); unknown record types are skipped,
-    missing keys get defaults. A path is streamed: memory stays bounded whatever the file holds."""
+    missing keys get defaults. A regular file is streamed and read again for its bitmaps: memory stays bounded
+    whatever it holds. A pipe cannot be read twice: its bitmaps are kept (``bitmaps=False``: dropped), at
+    most MAX_KEPT_BITMAP_BYTES of them."""
     if isinstance(source, str | os.PathLike):
         with open(source, "rb") as f:
-            rec = _read(f, keep_bitmaps=False)
-        rec.path = os.fspath(source)
+            if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                rec = _read(f, keep_bitmaps=False)
+                rec.path = os.fspath(source)
+            else:
+                rec = _read(f, keep_bitmaps=bitmaps)
         return rec
-    return _read(source, keep_bitmaps=True)
+    return _read(source, keep_bitmaps=bitmaps)
 
 
 def _read(source: IO[bytes] | Iterable[str | bytes], keep_bitmaps: bool) -> Recording:
     rec: Recording | None = None
     warnings: list[str] = []
     bitmaps: list[Any] = []
+    kept = 0
     for n, obj in iter_records(source, warnings):
         version = obj.get("format_version", 1)
         if not isinstance(version, int) or isinstance(version, bool):
@@ -253,7 +262,13 @@ def _read(source: IO[bytes] | Iterable[str | bytes], keep_bitmaps: bool) -> Reco
                 raise RecordingError(f"line {n}: over {MAX_INTERVALS} intervals; split the recording")
             rec.intervals.append(_summary(obj, n))
             if keep_bitmaps:
-                bitmaps.append(obj.get("bitmap", []))
+                bm = obj.get("bitmap", [])
+                kept += sum(len(v) for b in bm if isinstance(b, dict) for v in b.values()
+                            if isinstance(v, str)) if isinstance(bm, list) else 0
+                if kept > MAX_KEPT_BITMAP_BYTES:
+                    raise RecordingError(f"line {n}: over {MAX_KEPT_BITMAP_BYTES >> 20} MiB of bitmaps from a "
+                                         "pipe or lines: save the recording to a file (it is then streamed)")
+                bitmaps.append(bm)
         elif t == "end" and rec is not None:
             rec.end = {k: v for k, v in obj.items() if k in ("type", "format_version", "reason")}
     if rec is None:
