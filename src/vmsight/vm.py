@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vmsight import runtime
+from vmsight.dump import DumpMachine, is_regular_file, open_dump
 from vmsight.errors import GdbStubError, PermissionDenied, TargetError, VmsightError
 from vmsight.memory.gdbphys import GdbPhysRam
 from vmsight.memory.paging import Translation, la57_from_cr4, translate
@@ -37,6 +38,7 @@ from vmsight.qemu.monitors import (
 )
 from vmsight.qemu.qmp import Qmp
 from vmsight.qemu.rsp import GdbStub
+from vmsight.target import CONTROL_REGISTERS
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +383,20 @@ class VM:
         self._vcpu(vcpu)
         return parse_info_registers(self.qmp.hmp("info registers -a"), vcpu)
 
+    def control_registers(self) -> dict[int, dict[str, int]]:
+        """Every vCPU's control and segment registers (:class:`vmsight.target.Machine`), from one HMP
+        ``info registers -a``: a few ms, no gdbstub, so it works while another command holds the stub."""
+        text = self.qmp.hmp("info registers -a")
+        out: dict[int, dict[str, int]] = {}
+        for cpu in self.vcpus():
+            try:
+                regs = parse_info_registers(text, cpu.index)
+            except VmsightError:
+                continue
+            regs.update({"fs_base": regs.get("fs_base_hmp", 0), "gs_base": regs.get("gs_base_hmp", 0)})
+            out[cpu.index] = {k: regs[k] for k in CONTROL_REGISTERS if k in regs}
+        return out
+
     def flush_tlb(self, vcpu: int | None = None) -> None:
         """Flush the TLB of one vCPU (default: all) by writing CR3 back unchanged through the gdbstub.
 
@@ -558,6 +574,9 @@ def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, 
         qmp_path = str(p)
     elif not p.exists():
         raise TargetError(f"{target} does not exist: pass a `vmsight vm launch` directory or a QMP socket")
+    elif is_regular_file(target):
+        raise TargetError(f"{target} is a file, not a running VM: memory dumps are read by ps, maps, lsmod, uname "
+                          "(vmsight.vm.open_target)")
     else:
         raise TargetError(f"{target} is neither a directory nor a socket")
     claim = None
@@ -580,4 +599,13 @@ def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, 
     return vm
 
 
-__all__ = ["VM", "Vcpu", "attach", "parse_info_registers", "PermissionDenied"]
+def open_target(target: str, *, cr3: int | None = None, **attach_kw: Any) -> VM | DumpMachine:
+    """A :class:`vmsight.target.Machine` for ``target``: a regular file is a memory dump (an ELF core from
+    ``dump-guest-memory``, else a raw ``pmemsave`` image; ``cr3`` for one without registers), anything else
+    is attached as a live VM (:func:`attach`, which keeps its VM-only type for its callers)."""
+    if is_regular_file(target):
+        return open_dump(target, cr3=cr3)
+    return attach(target, **attach_kw)
+
+
+__all__ = ["VM", "Vcpu", "attach", "open_target", "parse_info_registers", "PermissionDenied"]

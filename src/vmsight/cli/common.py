@@ -7,7 +7,8 @@ import json
 import sys
 from typing import Any
 
-from vmsight.cli.main import require_vm
+from vmsight.cli.main import int0, require_vm
+from vmsight.dump import DumpMachine, is_regular_file, open_dump
 from vmsight.events.watchdog import supervise
 from vmsight.vm import VM, attach
 
@@ -24,6 +25,22 @@ def open_vm(args: argparse.Namespace) -> VM:
             vm.close()
             raise
     return vm
+
+
+def add_dump_options(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that also read memory dumps (``--vm FILE``)."""
+    p.add_argument("--cr3", type=int0, metavar="GPA",
+                   help="with --vm RAW_IMAGE (pmemsave): a page table to find the kernel from (default: "
+                        "found by scanning the image)")
+
+
+def open_machine(args: argparse.Namespace) -> VM | DumpMachine:
+    """:func:`open_vm`, or for a --vm that is a file, the memory dump it holds (``--cr3`` for a raw image):
+    for the commands that only read the guest kernel (ps, maps, lsmod, uname)."""
+    target = require_vm(args)
+    if is_regular_file(target):
+        return open_dump(target, cr3=getattr(args, "cr3", None))
+    return open_vm(args)
 
 
 def note_if_stopped(vm: VM) -> None:

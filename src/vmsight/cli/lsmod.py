@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmsight.cli.common import emit_json, escape, open_vm
+from vmsight.cli.common import add_dump_options, emit_json, escape, open_machine
 from vmsight.linux import kernel_of
 from vmsight.linux.modules import lsmod
 
@@ -13,11 +13,11 @@ HELP = "list the guest's loaded kernel modules"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    add_dump_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_vm(args) as vm:
+    with open_machine(args) as vm:
         k = kernel_of(vm)
         with vm.paused():
             mods = lsmod(k)

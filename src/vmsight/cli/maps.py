@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmsight.cli.common import emit_json, escape, open_vm
+from vmsight.cli.common import add_dump_options, emit_json, escape, open_machine
 from vmsight.linux import kernel_of
 from vmsight.linux.mm import task_vmas
 
@@ -13,11 +13,12 @@ HELP = "show a guest process's memory mappings (VMAs), like /proc/PID/maps"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_dump_options(p)
     p.add_argument("pid", type=int)
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_vm(args) as vm:
+    with open_machine(args) as vm:
         k = kernel_of(vm)
         with vm.paused():
             vmas = task_vmas(k, args.pid)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmsight.cli.common import emit_json, escape, open_vm
+from vmsight.cli.common import add_dump_options, emit_json, escape, open_machine
 from vmsight.linux import kernel_of
 from vmsight.linux.tasks import processes
 
@@ -13,11 +13,12 @@ HELP = "list guest processes (from the guest kernel's task list)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_dump_options(p)
     p.add_argument("--threads", action="store_true", help="list every thread, not only processes")
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_vm(args) as vm:
+    with open_machine(args) as vm:
         k = kernel_of(vm)
         with vm.paused():
             procs = processes(k, threads=args.threads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from vmsight.cli.common import emit_json, escape, open_vm
+from vmsight.cli.common import add_dump_options, emit_json, escape, open_machine
 from vmsight.linux import kernel_of, set_hostname, uname
 
 NAME = "uname"
@@ -29,13 +29,14 @@ def hostname_arg(text: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_dump_options(p)
     p.add_argument("--set-hostname", metavar="NAME", type=hostname_arg,
                    help="write NAME into init_uts_ns.name.nodename (what the guest's `hostname` prints)")
     p.add_argument("-a", "--all", action="store_true", help="also show discovery facts (bases, slide, ...)")
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_vm(args) as vm:
+    with open_machine(args) as vm:
         k = kernel_of(vm)
         with vm.paused():
             if args.set_hostname is not None:

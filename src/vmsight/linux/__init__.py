@@ -34,7 +34,7 @@ from vmsight.linux.tasks import processes as task_dicts
 from vmsight.memory.virtual import AddressSpace
 
 if TYPE_CHECKING:
-    from vmsight.vm import VM
+    from vmsight.target import Machine
 
 
 class Process:
@@ -76,7 +76,7 @@ class Process:
 class Guest:
     """A Linux guest: ``Guest(vm)`` discovers the kernel (or raises NoLinuxKernel)."""
 
-    def __init__(self, vm: VM) -> None:
+    def __init__(self, vm: Machine) -> None:
         self.vm = vm
         self.kernel = kernel_of(vm)
 
@@ -109,7 +109,7 @@ class Guest:
         return self.kernel.symbolize(gva)
 
 
-def processes(vm: VM, *, threads: bool = False) -> list[dict[str, Any]]:
+def processes(vm: Machine, *, threads: bool = False) -> list[dict[str, Any]]:
     """Simple dicts (pid, tgid, ppid, uid, gid, state, comm, cmdline, ...) of every guest process,
     sorted by pid; the VM is paused while they are read."""
     k = kernel_of(vm)
@@ -118,7 +118,7 @@ def processes(vm: VM, *, threads: bool = False) -> list[dict[str, Any]]:
         return task_dicts(k, threads=threads)
 
 
-def process_dtb(vm: VM, pid: int) -> int:
+def process_dtb(vm: Machine, pid: int) -> int:
     """gpa of the page table mapping process ``pid``'s user half (PTI: the user PGD). For
     ``read-virt --pid``. Raises ProcessNotFound, NoLinuxKernel."""
     k = kernel_of(vm)

@@ -2,7 +2,8 @@
 
 Discovery (first sight of a build):
 
-1. CR3 of every vCPU (HMP ``info registers -a``: a few ms, no gdbstub needed). Under PTI a vCPU in user
+1. CR3 of every vCPU (the target's ``control_registers()``: for a live VM one HMP ``info registers -a``, a
+   few ms, no gdbstub; for a dump its notes). Under PTI a vCPU in user
    mode holds the user PGD, so the kernel half of the PGD pair (``cr3 & ~0x1fff``) is tried as well.
 2. The kernel image: the pages at the bottom of ``__START_KERNEL_map`` (0xffffffff80000000, 1 GiB) that
    share one virtual-to-physical delta (with PTI the gaps between sections are unmapped). ``cleanup_highmap()`` zaps that region below ``_text``, so the run starts at ``_text``; its
@@ -63,7 +64,7 @@ from vmsight.memory.physical import PhysicalMemory
 from vmsight.memory.virtual import AddressSpace
 
 if TYPE_CHECKING:
-    from vmsight.vm import VM
+    from vmsight.target import Machine
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ class Kernel:
 
     def __init__(self, phys: PhysicalMemory, *, text_gva: int, text_gpa: int, image_size: int, la57: bool,
                  symbols: SymbolTable, release: str, banner: str, build_id: str, btf_raw_gva: int,
-                 btf_size: int, btf: Btf | None = None, vm: VM | None = None, from_cache: bool = False,
+                 btf_size: int, btf: Btf | None = None, vm: Machine | None = None, from_cache: bool = False,
                  timings: dict[str, float] | None = None) -> None:
         self.phys = phys
         self.vm = vm
@@ -668,43 +669,52 @@ def _check_btf_header(raw: bytes, gva: int) -> None:
 
 # --- discovery ---------------------------------------------------------------------------------------
 
-def _vcpu_state(vm: VM) -> tuple[list[int], bool, bool]:
-    """(CR3 of every vCPU with paging on, la57, any vCPU in long mode with paging)."""
-    from vmsight.vm import parse_info_registers
-
-    text = vm.qmp.hmp("info registers -a")
+def _vcpu_state(vm: Machine) -> tuple[list[int], list[bool], bool]:
+    """(CR3 of every vCPU with paging on, the paging modes to try, any vCPU in long mode with paging).
+    A target that knows no control state (a raw image) or only CR3 (``--cr3``) gets both modes tried."""
+    regs_by_cpu = vm.control_registers()
+    if not regs_by_cpu:
+        return [], [False, True], True
     cr3s: list[int] = []
     la57 = False
     paging = False
-    for cpu in vm.vcpus():
-        try:
-            regs = parse_info_registers(text, cpu.index)
-        except VmsightError:
+    unknown_mode = False
+    for regs in regs_by_cpu.values():
+        if "cr3" in regs and not {"cr0", "efer", "cr4"} <= regs.keys():
+            cr3s.append(regs["cr3"])
+            paging = unknown_mode = True
             continue
         cr0, cr3, cr4, efer = (regs.get(k, 0) for k in ("cr0", "cr3", "cr4", "efer"))
         if cr0 >> 31 & 1 and efer >> 10 & 1:  # CR0.PG and EFER.LMA: 64-bit paging is on
             paging = True
             la57 = la57 or la57_from_cr4(cr4)
             cr3s.append(cr3)
-    return cr3s, la57, paging
+    return cr3s, ([la57, not la57] if unknown_mode else [la57]), paging
 
 
-def discover(vm: VM, *, use_cache: bool = True) -> Kernel:
-    """Find and validate the kernel of a running (or paused) VM. Raises NoLinuxKernel when there is none
-    (not Linux, not booted yet), UnsupportedKernel for a kernel whose kallsyms layout is unknown."""
+def discover(vm: Machine, *, use_cache: bool = True) -> Kernel:
+    """Find and validate the kernel of a target (a running or paused VM, a dump). Raises NoLinuxKernel when
+    there is none (not Linux, not booted yet), UnsupportedKernel for a kernel whose kallsyms layout is
+    unknown."""
     t0 = time.perf_counter()
-    cr3s, la57, paging = _vcpu_state(vm)
+    cr3s, modes, paging = _vcpu_state(vm)
     t_regs = time.perf_counter() - t0
     if not paging:
         raise NoLinuxKernel(f"{NO_LINUX} (no vCPU has 64-bit paging enabled: not booted yet?)")
-    k = discover_in_memory(vm.phys, cr3s, la57, use_cache=use_cache, vm=vm)
+    for i, la57 in enumerate(modes):
+        try:
+            k = discover_in_memory(vm.phys, cr3s, la57, use_cache=use_cache, vm=vm)
+            break
+        except NoLinuxKernel:
+            if i == len(modes) - 1:
+                raise
     k.timings["registers"] = t_regs
     k.timings["total"] = time.perf_counter() - t0
     return k
 
 
 def discover_in_memory(phys: PhysicalMemory, cr3s: list[int], la57: bool, *, use_cache: bool = True,
-                       vm: VM | None = None) -> Kernel:
+                       vm: Machine | None = None) -> Kernel:
     """Discovery over any physical-memory backend, given CR3 values (may be empty: then all RAM is
     scanned). Tests call this on a :class:`~vmsight.memory.physical.BufferRam`."""
     timings: dict[str, float] = {}
@@ -803,7 +813,7 @@ def _build_id(banner: str, token_table: bytes) -> str:
     return hashlib.blake2b(banner.encode() + b"\0" + token_table, digest_size=10).hexdigest()
 
 
-def _discover_cold(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: VM | None,
+def _discover_cold(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: Machine | None,
                    timings: dict[str, float], use_cache: bool) -> Kernel:
     t = time.perf_counter()
     _DECODE_TIME[0] = 0.0
@@ -851,7 +861,7 @@ def _discover_cold(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: V
     return k
 
 
-def _from_cache(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: VM | None,
+def _from_cache(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: Machine | None,
                 timings: dict[str, float]) -> Kernel | None:
     """A Kernel from a cache entry whose banner and token table are where the entry says (validated)."""
     t = time.perf_counter()
@@ -909,8 +919,8 @@ def _token_table_len(raw: bytes) -> int | None:
 _KERNELS: weakref.WeakKeyDictionary[Any, Kernel] = weakref.WeakKeyDictionary()
 
 
-def kernel_of(vm: VM) -> Kernel:
-    """The VM's kernel, discovered on first use (per VM object; the disk cache makes re-attach fast)."""
+def kernel_of(vm: Machine) -> Kernel:
+    """The target's kernel, discovered on first use (per VM object; the disk cache makes re-attach fast)."""
     k = _KERNELS.get(vm)
     if k is None:
         with vm.paused():
