@@ -430,7 +430,8 @@ class VM:
     @property
     def la57(self) -> bool:
         if not hasattr(self, "_la57"):
-            self._la57 = la57_from_cr4(self.registers(0)["cr4"])
+            # HMP, not the gdbstub: connecting the stub would stop the VM just to learn the paging mode
+            self._la57 = la57_from_cr4(self.hmp_registers(0)["cr4"])
         return self._la57
 
     def current_dtb(self, vcpu: int = 0) -> int:
