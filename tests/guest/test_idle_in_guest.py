@@ -77,8 +77,10 @@ def test_kernel_has_what_the_tracker_needs(idle_guest: VmInstance) -> None:
 
 
 def test_inguest_suite(idle_guest: VmInstance) -> None:
-    r = idle_guest.agent.run(f"cd {shlex.quote(str(ROOT))} && .venv/bin/python -m pytest -p no:cacheprovider -q -rA -s tests/inguest",
-                             timeout=900, root="host")
+    # Temporary files in the guest's own tmpfs (/run), apart from the host's /tmp and its pytest directories.
+    r = idle_guest.agent.run(f"mkdir -p -m 1777 /run/inguest-tmp && cd {shlex.quote(str(ROOT))} && "
+                             "TMPDIR=/run/inguest-tmp .venv/bin/python -m pytest -p no:cacheprovider -q -rA -s "
+                             "tests/inguest", timeout=900, root="host")
     out = r.stdout.decode(errors="replace")
     print(out[-6000:])
     assert r.rc == 0, out[-4000:] + r.stderr.decode(errors="replace")[-2000:]

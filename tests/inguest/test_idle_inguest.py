@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,7 +207,7 @@ def test_kernel_thread_and_non_root() -> None:
             "os.setgid(65534); os.setuid(65534)\n"
             f"try:\n  IdleTracker({os.getpid()}, 'page_idle')\nexcept Exception as e:\n  print(type(e).__name__, e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, VMSIGHT_LOCK_DIR="/tmp/idle-nobody"))
+                       env=dict(os.environ, VMSIGHT_LOCK_DIR=os.path.join(tempfile.gettempdir(), "idle-nobody")))
     assert r.stdout.startswith("AccessDenied") and "root" in r.stdout, r.stdout + r.stderr
 
 
