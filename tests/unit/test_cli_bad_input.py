@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmsight.cli.common import escape, json_safe
-from vmsight.cli.main import positive_float, positive_int0
+from vmsight.cli.common import escape, json_safe, positive_float, positive_int0
 from vmsight.cli.uname import hostname_arg
 from vmsight.errors import TargetError
 from vmsight.qemu.qmp import tcp_address

@@ -7,10 +7,82 @@ import json
 import sys
 from typing import Any
 
-from vmsight.cli.main import int0, require_vm
 from vmsight.dump import DumpMachine, is_regular_file, open_dump
+from vmsight.errors import VmsightError
 from vmsight.events.watchdog import supervise
+from vmsight.memory.paging import PagingEntry
 from vmsight.vm import VM, attach
+
+# --- argument types and the target (argparse) -------------------------------------------------------
+
+def int0(text: str) -> int:
+    """argparse type for numbers that may be hex (``0x...``)."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal, or hex with 0x)") from None
+
+
+def positive_int0(text: str) -> int:
+    """argparse type for a count or size: an integer >= 1, decimal or hex."""
+    n = int0(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return n
+
+
+def positive_float(text: str) -> float:
+    """argparse type for a duration in seconds: a finite number > 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
+    return x
+
+
+def require_vm(args: argparse.Namespace) -> str:
+    """The --vm value, or a clear error."""
+    if not args.vm:
+        raise VmsightError("no target VM: pass --vm DIR (from `vmsight vm launch --dir DIR`) or --vm QMP_SOCKET")
+    return str(args.vm)
+
+
+# --- helpers shared by commands (commands do not import each other) -----------------------------------
+
+def show(args: argparse.Namespace, data: bytes, base: int, meta: dict[str, object]) -> int:
+    if args.raw:
+        sys.stdout.buffer.write(data)
+    elif args.json:
+        emit_json({**meta, "size": len(data), "hex": data.hex()})
+    else:
+        print(hexdump(data, base))
+    return 0
+
+
+def resolve_dtb(vm: VM, args: argparse.Namespace) -> int:
+    if getattr(args, "pid", None) is not None:
+        from vmsight.linux import process_dtb  # the Linux layer: pid -> the task's user page tables
+
+        return int(process_dtb(vm, args.pid))
+    return int(args.dtb) if args.dtb is not None else vm.current_dtb()
+
+
+def flags(e: PagingEntry) -> list[str]:
+    names = [("present", e.present), ("writable", e.writable), ("user", e.user), ("accessed", e.accessed),
+             ("dirty", e.dirty), ("huge", e.ps and e.level in (2, 3)), ("global", e.global_), ("nx", e.nx)]
+    return [n for n, on in names if on]
+
+
+def symbol_type(k: Any, name: str) -> str:
+    """nm type letter of a kallsyms name ('?' when absent)."""
+    syms = k.symbols
+    try:
+        i = syms.names.index(name)
+    except ValueError:
+        return "?"
+    return chr(syms.types[i])
 
 
 def open_vm(args: argparse.Namespace) -> VM:

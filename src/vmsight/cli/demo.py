@@ -10,8 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vmsight.cli.common import hexdump
-from vmsight.cli.translate import flags
+from vmsight.cli.common import flags, hexdump
 from vmsight.qemu.initramfs import build_workload
 from vmsight.qemu.launch import LaunchConfig, VmInstance, launch
 from vmsight.vm import VM, attach

@@ -16,6 +16,7 @@ import traceback
 from types import ModuleType
 
 from vmsight.cli import signals
+from vmsight.cli.common import escape
 from vmsight.errors import VmsightError
 
 # Command name -> module, in the order `vmsight --help` lists them. A name with a space ("vm launch") is a
@@ -77,33 +78,6 @@ def _load_commands(only: str | None = None) -> list[ModuleType]:
             if e.name != module:  # a real import error inside an existing command
                 raise
     return mods
-
-
-def int0(text: str) -> int:
-    """argparse type for numbers that may be hex (``0x...``)."""
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal, or hex with 0x)") from None
-
-
-def positive_int0(text: str) -> int:
-    """argparse type for a count or size: an integer >= 1, decimal or hex."""
-    n = int0(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
-    return n
-
-
-def positive_float(text: str) -> float:
-    """argparse type for a duration in seconds: a finite number > 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
-    return x
 
 
 def _version() -> str:
@@ -195,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args))
     except VmsightError as e:
-        print(f"vmsight: error: {_escape(str(e))}", file=sys.stderr)
+        print(f"vmsight: error: {escape(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
@@ -204,23 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a bug, not bad input: still one line, the traceback on request
         if args.verbose >= 2:
             traceback.print_exc()
-        print(f"vmsight: internal error: {type(e).__name__}: {_escape(str(e))}"
+        print(f"vmsight: internal error: {type(e).__name__}: {escape(str(e))}"
               + ("" if args.verbose >= 2 else " (run with -vv for the traceback)"), file=sys.stderr)
         return 1
-
-
-def _escape(text: str) -> str:
-    """Error messages quote guest strings (symbols, paths): same escaping as command output."""
-    from vmsight.cli.common import escape  # common imports this module
-
-    return escape(text)
-
-
-def require_vm(args: argparse.Namespace) -> str:
-    """The --vm value, or a clear error."""
-    if not args.vm:
-        raise VmsightError("no target VM: pass --vm DIR (from `vmsight vm launch --dir DIR`) or --vm QMP_SOCKET")
-    return str(args.vm)
 
 
 if __name__ == "__main__":

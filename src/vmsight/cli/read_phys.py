@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from vmsight.cli.common import emit_json, hexdump, open_vm
-from vmsight.cli.main import int0, positive_int0
+from vmsight.cli.common import int0, open_vm, positive_int0, show
 
 NAME = "read-phys"
 HELP = "read guest-physical memory (RAM only; MMIO is refused)"
@@ -23,13 +21,3 @@ def run(args: argparse.Namespace) -> int:
         data = vm.read_gpa(args.gpa, args.size)
         backend = vm.backend
     return show(args, data, args.gpa, {"gpa": args.gpa, "backend": backend})
-
-
-def show(args: argparse.Namespace, data: bytes, base: int, meta: dict[str, object]) -> int:
-    if args.raw:
-        sys.stdout.buffer.write(data)
-    elif args.json:
-        emit_json({**meta, "size": len(data), "hex": data.hex()})
-    else:
-        print(hexdump(data, base))
-    return 0

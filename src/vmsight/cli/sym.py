@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vmsight.cli.common import emit_json, escape, open_vm
+from vmsight.cli.common import emit_json, escape, open_vm, symbol_type
 from vmsight.linux import kernel_of
 
 NAME = "sym"
@@ -46,13 +46,3 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{o['address']:016x} {escape(o['text'])}")
     return 0
-
-
-def symbol_type(k: Any, name: str) -> str:
-    """nm type letter of a kallsyms name ('?' when absent)."""
-    syms = k.symbols
-    try:
-        i = syms.names.index(name)
-    except ValueError:
-        return "?"
-    return chr(syms.types[i])

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from vmsight.cli.common import emit_json, open_vm
-from vmsight.cli.main import int0
-from vmsight.cli.read_virt import resolve_dtb
+from vmsight.cli.common import emit_json, flags, int0, open_vm, resolve_dtb
 from vmsight.errors import TranslationFault
-from vmsight.memory.paging import PagingEntry
 
 NAME = "translate"
 HELP = "translate a guest-virtual address, showing each paging level's entry"
@@ -19,12 +16,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--dtb", type=int0, help="page-table root (CR3 value); default: vCPU 0's CR3")
     g.add_argument("--pid", type=int, help="use this guest process's page tables")
-
-
-def flags(e: PagingEntry) -> list[str]:
-    names = [("present", e.present), ("writable", e.writable), ("user", e.user), ("accessed", e.accessed),
-             ("dirty", e.dirty), ("huge", e.ps and e.level in (2, 3)), ("global", e.global_), ("nx", e.nx)]
-    return [n for n, on in names if on]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from vmsight.cli.main import require_vm
+from vmsight.cli.common import require_vm
 from vmsight.errors import TargetError
 from vmsight.events.watchdog import cleanup
 from vmsight.qemu.qmp import Qmp

@@ -10,8 +10,15 @@ import argparse
 import sys
 from typing import Any
 
-from vmsight.cli.common import escape, json_line, note_if_stopped, open_vm
-from vmsight.cli.main import int0, positive_float, positive_int0
+from vmsight.cli.common import (
+    escape,
+    int0,
+    json_line,
+    note_if_stopped,
+    open_vm,
+    positive_float,
+    positive_int0,
+)
 from vmsight.errors import VmsightError
 from vmsight.events import Dispatcher, Event, PageAccess
 from vmsight.memory.paging import is_canonical
