@@ -190,7 +190,7 @@ def _records() -> st.SearchStrategy[bytes]:
             lambda cut: (b"\n".join(ls) + b"\n")[:cut] if ls else b""))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(content=_records(), heatmap=st.booleans())
 def test_fuzz_idle_report(tmp_path: Path, content: bytes, heatmap: bool) -> None:
@@ -203,9 +203,17 @@ def test_fuzz_idle_report(tmp_path: Path, content: bytes, heatmap: bool) -> None
         assert_one_line_error(r)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+VALID_VM_JSON = {"dir": "/nonexistent/vm", "pid": 1 << 30, "qmp": "/nonexistent/vm/qmp.sock",
+                 "gdb": "/nonexistent/vm/gdb.sock", "agent_socket": "/nonexistent/vm/agent.sock", "ram_file": None,
+                 "ram_size": 1 << 28, "console_log": "/nonexistent/vm/console.log", "kernel": "k", "accel": "tcg",
+                 "config": {}, "format_version": 1}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(content=st.one_of(st.binary(max_size=200), _json_values().map(lambda v: json.dumps(v).encode()),
+                         st.tuples(st.sampled_from(sorted(VALID_VM_JSON)), _json_values()).map(  # one field off
+                             lambda kv: json.dumps({**VALID_VM_JSON, kv[0]: kv[1]}).encode()),
                          st.dictionaries(st.sampled_from(["qmp", "gdb", "ram_file", "pid", "dir", "agent_socket",
                                                           "format_version"]), _json_values(), max_size=6)
                          .map(lambda d: json.dumps(d).encode())),
