@@ -148,6 +148,9 @@ def test_malformed_report_bitmaps(tmp_path: Path, bitmap: Any, needle: str) -> N
     ('{"type": "interval", "elapsed_ms": [1]}', "elapsed_ms"), ('[1, 2]', "not a JSON object"),
     ('{"type": "header", "format_version": "2"}', "format_version"), ("[" * 100_000, "not JSON"),
     ('{"type": "interval", "idle_age_hist_bytes": {"1": "x"}}', "not a number"),
+    ('{"type": "interval", "wss_bytes": 1e308}\n{"type": "interval", "wss_bytes": 1e308}', "1e+308"),
+    ('{"type": "interval", "wss_bytes": -5}', "wss_bytes is '-5', not a number from 0 to 2^63"),
+    ('{"type": "interval", "elapsed_ms": NaN}', "elapsed_ms is 'nan'"),
 ])
 def test_malformed_records(tmp_path: Path, line: str, needle: str) -> None:
     f = tmp_path / "r.jsonl"

@@ -208,8 +208,9 @@ def iter_records(source: IO[bytes] | Iterable[str | bytes],
 
 def _number(obj: dict[str, Any], key: str, n: int, default: float = 0) -> float:
     v = obj.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int | float) or v != v or v in (float("inf"), float("-inf")):
-        raise RecordingError(f"line {n}: {key} is {str(v)[:40]!r}, not a number")
+    # counts, bytes and times are >= 0 and fit in 64 bits: sums and bar widths of them stay finite
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1 << 63:
+        raise RecordingError(f"line {n}: {key} is {str(v)[:40]!r}, not a number from 0 to 2^63")
     return v
 
 
