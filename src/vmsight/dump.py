@@ -26,10 +26,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from vmsight.errors import PermissionDenied, TargetError
+from vmsight.memory.layout import RamLayout, RamRange
 from vmsight.memory.paging import la57_from_cr4
 from vmsight.memory.physical import BufferRam
 from vmsight.memory.virtual import AddressSpace
-from vmsight.qemu.layout import RamLayout, RamRange
 from vmsight.target import CONTROL_REGISTERS
 
 log = logging.getLogger(__name__)

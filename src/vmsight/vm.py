@@ -24,11 +24,12 @@ from vmsight import runtime
 from vmsight.dump import DumpMachine, is_regular_file, open_dump
 from vmsight.errors import GdbStubError, PermissionDenied, TargetError, VmsightError
 from vmsight.memory.gdbphys import GdbPhysRam
+from vmsight.memory.layout import RamLayout
 from vmsight.memory.paging import Translation, la57_from_cr4, translate
 from vmsight.memory.physical import BlockRam, MappedRam, PhysicalMemory, ProcMemRam
 from vmsight.memory.virtual import AddressSpace
 from vmsight.qemu.launch import stopped_message
-from vmsight.qemu.layout import RamLayout, parse_mtree
+from vmsight.qemu.layout import parse_mtree
 from vmsight.qemu.monitors import (
     MonitorClaim,
     RunControl,

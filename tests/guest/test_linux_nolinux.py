@@ -15,8 +15,8 @@ import pytest
 from tests.conftest import need
 from vmsight.errors import NoLinuxKernel
 from vmsight.linux.kernel import NO_LINUX, discover, discover_in_memory
+from vmsight.memory.layout import RamLayout, RamRange
 from vmsight.memory.physical import BufferRam
-from vmsight.qemu.layout import RamLayout, RamRange
 from vmsight.vm import attach
 
 

@@ -6,8 +6,8 @@ compares the walker with what was built, not with itself. Swap entries are built
 
 from __future__ import annotations
 
+from vmsight.memory.layout import RamLayout, RamRange
 from vmsight.memory.physical import BufferRam
-from vmsight.qemu.layout import RamLayout, RamRange
 
 P, RW, US, PWT, PCD, A, D, PS, G = (1 << b for b in range(9))
 PROTNONE = G

@@ -36,6 +36,7 @@ from vmsight.errors import (
     TranslationFault,
     VmsightError,
 )
+from vmsight.memory.layout import RamLayout, RamRange
 from vmsight.memory.paging import (
     BadPageTable,
     LeafMapping,
@@ -61,7 +62,6 @@ from vmsight.memory.paging import (
 )
 from vmsight.memory.physical import BufferRam
 from vmsight.memory.virtual import AddressSpace
-from vmsight.qemu.layout import RamLayout, RamRange
 
 USER_GVA = 0x7F12_3456_7000
 KERNEL_GVA = 0xFFFF_FFFF_8100_0000

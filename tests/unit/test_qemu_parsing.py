@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vmsight.errors import PhysicalAddressError
-from vmsight.qemu.layout import RamLayout, RamRange, parse_mtree
+from vmsight.memory.layout import RamLayout, RamRange
+from vmsight.qemu.layout import parse_mtree
 from vmsight.qemu.rsp import checksum, escape, parse_stop_reply, unescape
 from vmsight.vm import parse_info_registers
 

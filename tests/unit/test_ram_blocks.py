@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from vmsight.errors import PhysicalAddressError, VmsightError
+from vmsight.memory.layout import RamLayout, RamRange
 from vmsight.memory.physical import BlockRam, BufferRam
-from vmsight.qemu.layout import RamLayout, RamRange, parse_mtree
+from vmsight.qemu.layout import parse_mtree
 from vmsight.vm import VM
 
 # `info mtree -f` of QEMU 7.2 started without -nodefaults (the default VGA), RAM in memory-backend-file "mem".

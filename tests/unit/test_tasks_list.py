@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from vmsight.errors import CorruptData, MemoryAccessError, ProcessNotFound, SymbolNotFound, VmsightError
 from vmsight.linux import tasks as T
+from vmsight.linux.list import list_for_each
 
 BASE = 0xFFFF888000000000
 TASK_SIZE = 0x200
@@ -146,7 +147,7 @@ def test_user_pointer_and_length_bound() -> None:
     k2 = FakeKernel()
     build(k2, list(range(1, 40)))
     with pytest.raises(CorruptData, match="more than"):
-        list(T.list_for_each(k2.read_u64, task_gva(0) + 0x10, max_nodes=10, la57=False))
+        list(list_for_each(k2.read_u64, task_gva(0) + 0x10, max_nodes=10, la57=False))
 
 
 # A 5-level guest's direct map (page_offset_base is randomised from 0xff11000000000000): the pointer of

@@ -10,10 +10,10 @@ import pytest
 
 from tests.unit.pagetables import KB4, MB2, PageTables, swp_entry
 from vmsight.errors import PageSwapped, PhysicalAddressError, TranslationFault
+from vmsight.memory.layout import RamLayout, RamRange
 from vmsight.memory.paging import clear_accessed, fast_readers, translate, walk_range
 from vmsight.memory.physical import BufferRam, MappedRam
 from vmsight.memory.virtual import AddressSpace
-from vmsight.qemu.layout import RamLayout, RamRange
 
 GVA = 0x5555_0000_0000
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from vmsight.linux.kernel import NO_LINUX, Kernel, discover, kernel_of, set_hostname, uname
+from vmsight.linux.list import list_for_each
 from vmsight.linux.mm import Vma, d_path, for_each_vma, mt_entries, task_vmas
 from vmsight.linux.modules import Module, for_each_module, lsmod
 from vmsight.linux.tasks import (
@@ -28,7 +29,6 @@ from vmsight.linux.tasks import (
     for_each_process,
     for_each_task,
     init_task,
-    list_for_each,
 )
 from vmsight.linux.tasks import processes as task_dicts
 from vmsight.memory.virtual import AddressSpace

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmsight.errors import FieldNotFound, VmsightError
-from vmsight.linux.kernel import Kernel
-from vmsight.linux.tasks import list_for_each
+from vmsight.linux.list import list_for_each
+
+if TYPE_CHECKING:  # kernel.py imports this module (Kernel.lookup of module addresses)
+    from vmsight.linux.kernel import Kernel
 
 log = logging.getLogger(__name__)
 

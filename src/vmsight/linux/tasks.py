@@ -11,7 +11,7 @@ detects cycles and rejects pointers outside the kernel half (:class:`~vmsight.er
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from vmsight.errors import (
     VmsightError,
 )
 from vmsight.linux.kernel import Kernel
+from vmsight.linux.list import list_for_each
 from vmsight.memory.paging import PAGE_SIZE_4K, is_kernel_half, user_half_end
 from vmsight.memory.virtual import AddressSpace
 
@@ -45,29 +46,6 @@ TASK_REPORT_IDLE = TASK_REPORT + 1
 TASK_RTLOCK_WAIT = 0x1000
 TASK_FROZEN = 0x8000
 _STATE_LETTERS = "RSDTtXZPI"
-
-
-def list_for_each(read_u64: Callable[[int], int], head: int, *, max_nodes: int, la57: bool,
-                  what: str = "list") -> Iterator[int]:
-    """Yield the ``struct list_head`` gvas of the circular list at ``head`` (``head`` itself excluded).
-
-    Bounded: raises CorruptData for a pointer outside the kernel half of the paging mode (``la57``:
-    the kernel's ``Kernel.la57``), a cycle that does not pass through ``head``, or more than
-    ``max_nodes`` nodes. Read failures propagate as MemoryAccessError."""
-    seen: set[int] = set()
-    prev = head
-    node = read_u64(head)
-    while node != head:
-        if not is_kernel_half(node, la57=la57) or node & 7:
-            raise CorruptData(f"{what}: next pointer {node:#x} is not an aligned kernel address", prev)
-        if node in seen:
-            raise CorruptData(f"{what}: cycle at {node:#x} that does not return to the head", node)
-        if len(seen) >= max_nodes:
-            raise CorruptData(f"{what}: more than {max_nodes} entries", head)
-        seen.add(node)
-        yield node
-        prev = node
-        node = read_u64(node)
 
 
 @dataclass(frozen=True)
@@ -479,5 +457,5 @@ def processes(kernel: Kernel, *, threads: bool = False) -> list[dict[str, Any]]:
 
 __all__ = [
     "MAX_TASKS", "Task", "TaskLayout", "current_task", "find_task", "for_each_process", "for_each_task",
-    "init_task", "list_for_each", "processes", "task_layout",
+    "init_task", "processes", "task_layout",
 ]

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Protocol
 
-from vmsight.qemu.layout import RamLayout
-from vmsight.qemu.rsp import GdbStub
+from vmsight.memory.layout import RamLayout
+
+
+class PhysicalModeStub(Protocol):
+    """What this backend needs of a gdbstub client (:class:`vmsight.qemu.rsp.GdbStub`; memory/ knows no QEMU)."""
+
+    def set_physical_mode(self, on: bool) -> None: ...
+    def read_memory(self, addr: int, size: int) -> bytes: ...
+    def write_memory(self, addr: int, data: bytes) -> None: ...
 
 
 class GdbPhysRam:
     name = "gdbstub-physical"
 
-    def __init__(self, stopped_stub: Callable[[], AbstractContextManager[GdbStub]], layout: RamLayout) -> None:
+    def __init__(self, stopped_stub: Callable[[], AbstractContextManager[PhysicalModeStub]], layout: RamLayout) -> None:
         """``stopped_stub()`` yields the stub with the VM stopped (packets to a running VM are lost)."""
         self._stopped_stub = stopped_stub
         self.layout = layout

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 from vmsight.errors import PermissionDenied, PhysicalAddressError
-from vmsight.qemu.layout import RamLayout, RamRange
+from vmsight.memory.layout import RamLayout, RamRange
 
 log = logging.getLogger(__name__)
 
