@@ -124,3 +124,11 @@ def test_linux_and_idle_do_not_speak_qmp() -> None:
                 if isinstance(node, ast.Attribute) and node.attr in ("qmp", "hmp", "execute"):
                     calls.add((m, node.lineno, node.attr))
     assert not calls
+
+
+def test_no_module_shadows_a_builtin() -> None:
+    """Importing ``pkg.x`` binds ``x`` in ``pkg``'s namespace: a submodule named ``list`` made every ``list(...)``
+    in ``vmsight/linux/__init__.py`` call a module ("'module' object is not callable")."""
+    import builtins
+
+    assert not {m for m in MODULES if m.rpartition(".")[2] in dir(builtins)}

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from vmsight.linux.kernel import NO_LINUX, Kernel, discover, kernel_of, set_hostname, uname
-from vmsight.linux.list import list_for_each
+from vmsight.linux.lists import list_for_each
 from vmsight.linux.mm import Vma, d_path, for_each_vma, mt_entries, task_vmas
 from vmsight.linux.modules import Module, for_each_module, lsmod
 from vmsight.linux.tasks import (

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vmsight.errors import FieldNotFound, VmsightError
-from vmsight.linux.list import list_for_each
+from vmsight.linux.lists import list_for_each
 
 if TYPE_CHECKING:  # kernel.py imports this module (Kernel.lookup of module addresses)
     from vmsight.linux.kernel import Kernel

@@ -25,7 +25,7 @@ from vmsight.errors import (
     VmsightError,
 )
 from vmsight.linux.kernel import Kernel
-from vmsight.linux.list import list_for_each
+from vmsight.linux.lists import list_for_each
 from vmsight.memory.paging import PAGE_SIZE_4K, is_kernel_half, user_half_end
 from vmsight.memory.virtual import AddressSpace
 

@@ -1,5 +1,6 @@
 """The kernel's circular doubly linked lists (``struct list_head``), walked with bounds: a generic helper
-like drgn's ``list_for_each``, below every kernel object that is kept in a list (tasks, threads, modules)."""
+like drgn's ``list_for_each``, below every kernel object that is kept in a list (tasks, threads, modules). Not ``list.py``: importing
+a submodule binds its name in the package, and ``list`` would shadow the builtin in ``linux/__init__``."""
 
 from __future__ import annotations
 
