@@ -73,8 +73,10 @@ def test_a_failing_connection_moves_on(tmp_path: Path) -> None:
     got, claim = connect_monitor(str(tmp_path), mons, "me", connect)
     assert got == mons[1]
     claim.release()
-    with pytest.raises(TargetError, match="busy"):
+    with pytest.raises(TargetError, match="^busy$"):
         connect_monitor(str(tmp_path), mons[:1], "me", connect)
+    with pytest.raises(TargetError, match="none of the 2 QMP monitors .* answered; the last: busy"):
+        connect_monitor(str(tmp_path), [mons[0], mons[0]], "me", connect)
 
 
 def test_run_control_between_processes(tmp_path: Path, holder) -> None:  # type: ignore[no-untyped-def]

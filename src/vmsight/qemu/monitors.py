@@ -108,7 +108,9 @@ def connect_monitor(directory: str, monitors: list[str], purpose: str,
             last = e
             log.debug("monitor %s: %s", path, e)
     if last is not None and not busy:
-        raise last
+        if len(monitors) == 1:
+            raise last
+        raise TargetError(f"none of the {len(monitors)} QMP monitors of {directory} answered; the last: {last}")
     n = len(monitors)
     raise TargetError(f"all {n} QMP monitor{'s' if n > 1 else ''} of {directory} are in use ("
                       + "; ".join(busy + ([str(last)] if last else [])) + "): wait for one of those commands to end"

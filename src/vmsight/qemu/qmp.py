@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -56,6 +57,11 @@ class Qmp:
                 raise TargetError(f"{path}: connection refused: QEMU is not running (stale socket)") from None
             if isinstance(cause, PermissionError):
                 raise PermissionDenied(f"{path}: permission denied: run as root or QEMU's user") from None
+            if isinstance(cause, OSError) and cause.errno in (errno.EAGAIN, errno.EINVAL) and not self.remote:
+                # QEMU queues clients of a busy monitor (listen backlog 1); once that queue is full, a
+                # connect fails at once (EAGAIN, which asyncio reports as EINVAL)
+                raise TargetError(f"{path}: another QMP client is connected (QEMU serves one per socket) and "
+                                  "others wait in its queue: close them or use another monitor") from None
             raise TargetError(f"{path}: not a QMP socket or the handshake failed ({cause})") from None
 
     def _run(self, aw: Awaitable[_T], timeout: float | None = None) -> _T:
