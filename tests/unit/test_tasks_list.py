@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from vmsight.errors import CorruptData, MemoryAccessError, ProcessNotFound, SymbolNotFound, VmsightError
 from vmsight.linux import tasks as T
-from vmsight.linux.list import list_for_each
+from vmsight.linux.lists import list_for_each
 
 BASE = 0xFFFF888000000000
 TASK_SIZE = 0x200
