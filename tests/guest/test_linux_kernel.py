@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from vmsight.linux import Guest, current_task, find_task, kernel_of
+from vmsight.linux import Guest, current_task, find_task, for_each_task, kernel_of
 from vmsight.linux.kernel import DEFAULT_TEXT_GVA, discover, discover_in_memory, set_hostname, uname
 from vmsight.memory.paging import gva_to_gpa
 from vmsight.qemu.launch import VmInstance
@@ -63,7 +64,22 @@ def test_discovery_matches_guest(guest: VmInstance, vm: VM, fresh_cache: Path) -
         k2 = discover(vm)
     assert k2.from_cache
     assert k2.facts() | {"from_cache": False} == k.facts()
-    assert k2.symbol("schedule") == truth["schedule"]
+    # Offsets resolved from BTF are kept with the entry: the next attach walks tasks without parsing BTF,
+    # and without reading the full symbol table (the hot symbols suffice).
+    with vm.paused():
+        pids = sorted(t.pid for t in for_each_task(k2))
+        assert not k2.has_member("task_struct", "no_such_member_here")
+    k2.flush_offsets()
+    offsets = json.loads(next(fresh_cache.glob("kernels-seen/*/offsets.json")).read_text())
+    assert offsets["task_struct\tpid"] == k.offsetof("task_struct", "pid")
+    assert offsets["task_struct\tno_such_member_here"] == -1
+    with vm.paused():
+        k3 = discover(vm)
+        assert k3.from_cache and sorted(t.pid for t in for_each_task(k3)) == pids
+        assert k3._btf is None and k3.symbols._names is None          # neither was needed
+        assert not k3.has_member("task_struct", "no_such_member_here") and k3._btf is None
+        assert k3.symbol("schedule") == truth["schedule"]              # a cold symbol: the table, loaded now
+        assert k3.symbols._names is not None
 
 
 def test_address_to_symbol(guest: VmInstance, vm: VM) -> None:

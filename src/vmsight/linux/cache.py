@@ -2,76 +2,42 @@
 
 A build is identified by its ``linux_banner`` and its kallsyms token table (both constant for a build, both
 in ``.rodata``); everything stored here is independent of the KASLR slide: symbol addresses relative to
-``_text`` (per-cpu symbols, which are absolute, are flagged), table offsets relative to ``_text``, and the
-raw BTF blob. A later attach to the same build validates the cached facts against guest memory (the banner
-and token table must be where the cache says) before using them.
+``_text`` (per-cpu symbols, which are absolute, are flagged) and table offsets relative to ``_text``. A later
+attach to the same build validates the cached facts against guest memory (the banner and token table must be
+where the cache says) before using them.
 
-Layout of an entry: ``meta.json`` (versioned, self-describing), ``kallsyms.npz`` (names as one NUL-joined
-blob, type letters, addresses) and ``btf.pickle`` (the parsed BTF, when it pickles). Writes go to a
-temporary directory renamed into place, so a crashed writer never leaves a half entry.
+An entry is data only, never code (no pickles): ``meta.json`` (versioned; the few hot symbols a re-attach
+needs), ``kallsyms.npz`` (names as one NUL-joined blob, type letters, addresses; read only when a symbol
+outside the hot set is asked for) and ``offsets.json`` (struct member offsets and sizes resolved from BTF
+so far, so that a re-attach walks tasks without parsing BTF; the BTF itself is read from guest memory
+when a new one is needed). Writes go to a temporary file or directory renamed into place, so a crashed
+writer never leaves half an entry.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import pickle
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2   # 2: btf.pickle holds (parser fingerprint, Btf)
+FORMAT_VERSION = 3   # 3: no btf.pickle; offsets.json; hot_absolute in meta
+_OFFSETS_MAX = 1 << 20   # bytes of offsets.json: a few KiB in practice
+_OFFSET_LIMIT = 1 << 24  # no struct member lies 16 MiB in
 
 
 def cache_root() -> Path:
     """``$VMSIGHT_CACHE/kernels-seen`` (default ``~/.cache/vmsight/kernels-seen``)."""
     base = Path(os.environ.get("VMSIGHT_CACHE", Path.home() / ".cache" / "vmsight"))
     return base / "kernels-seen"
-
-
-@dataclass
-class CachedKernel:
-    """One cache entry, loaded. ``meta`` holds ``release``, ``banner``, ``banner_offset``,
-    ``token_table_offset``, ``token_table_sha``, ``btf_offset``, ``btf_size`` (offsets from ``_text``)."""
-
-    build_id: str
-    meta: dict[str, Any]
-    names: list[str]
-    types: bytes
-    rel_addresses: np.ndarray     # int64: gva - _text for relative symbols, the gva for absolute ones
-    absolute: np.ndarray          # bool: per-cpu / absolute symbols (not moved by KASLR)
-    btf: Any | None               # the parsed BTF object, if it was pickled
-
-
-def btf_code_version() -> str:
-    """Fingerprint of the BTF parser's source: a pickle written by another version is not trusted."""
-    try:
-        from vmsight.linux import btf as kbtf
-
-        return hashlib.blake2b(Path(kbtf.__file__).read_bytes(), digest_size=8).hexdigest()
-    except (ImportError, OSError):
-        return "unknown"
-
-
-def save_btf(build_id: str, btf: Any, root: Path | None = None) -> None:
-    """Add the parsed BTF to an existing entry (one written before BTF was parsed, or by an older
-    parser)."""
-    d = (root or cache_root()) / build_id
-    try:
-        tmp = d / f".btf.pickle.{os.getpid()}"
-        with tmp.open("wb") as f:
-            pickle.dump((btf_code_version(), btf), f, protocol=pickle.HIGHEST_PROTOCOL)
-        tmp.replace(d / "btf.pickle")
-    except Exception as e:  # noqa: BLE001 - caching is an optimisation
-        log.info("BTF not cached in %s: %s", d, e)
 
 
 def list_entries(root: Path | None = None) -> list[tuple[str, dict[str, Any]]]:
@@ -92,40 +58,60 @@ def list_entries(root: Path | None = None) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def load(build_id: str, root: Path | None = None) -> CachedKernel | None:
-    """The entry for ``build_id``, or None when it is missing or unreadable (then it is rebuilt)."""
+def load_symbols(build_id: str, root: Path | None = None) -> tuple[list[str], bytes, np.ndarray, np.ndarray]:
+    """(names, type letters, addresses relative to ``_text`` or absolute, absolute flags) of an entry.
+    Raises OSError or ValueError for a missing or damaged entry."""
+    import numpy as np
+
     d = (root or cache_root()) / build_id
+    with np.load(d / "kallsyms.npz", allow_pickle=False) as z:
+        blob = z["names"].tobytes()
+        types = z["types"].tobytes()
+        rel = z["rel_addresses"].astype(np.int64)
+        absolute = z["absolute"].astype(bool)
+    names = blob.decode("latin-1").split("\0")
+    if len(names) != len(types) or len(rel) != len(types) or len(absolute) != len(types):
+        raise ValueError(f"inconsistent kallsyms arrays in {d}")
+    return names, types, rel, absolute
+
+
+def load_offsets(build_id: str, root: Path | None = None) -> dict[str, int]:
+    """The entry's resolved offsets (``"struct\\tmember"`` -> offset or size; -1: no such member, -2: no such
+    type); anything malformed is dropped (the offsets are then resolved from BTF again)."""
+    path = (root or cache_root()) / build_id / "offsets.json"
     try:
-        meta = json.loads((d / "meta.json").read_text())
-        with np.load(d / "kallsyms.npz", allow_pickle=False) as z:
-            blob = z["names"].tobytes()
-            types = z["types"].tobytes()
-            rel = z["rel_addresses"].astype(np.int64)
-            absolute = z["absolute"].astype(bool)
-        names = blob.decode("latin-1").split("\0")
-        if len(names) != len(types) or len(rel) != len(types) or len(absolute) != len(types):
-            raise ValueError("inconsistent kallsyms arrays")
-        btf = None
-        bp = d / "btf.pickle"
-        if bp.exists():
-            try:
-                with bp.open("rb") as f:
-                    version, btf = pickle.load(f)  # noqa: S301 - our own cache file, written by save()
-                if version != btf_code_version():
-                    btf = None
-            except Exception as e:  # noqa: BLE001 - a stale pickle (class changed) is just a cache miss
-                log.info("ignoring unreadable BTF pickle in %s: %s", d, e)
-                btf = None
-    except (OSError, ValueError, KeyError) as e:
-        log.info("kernel cache entry %s unusable: %s", d, e)
-        return None
-    return CachedKernel(build_id, meta, names, types, rel, absolute, btf)
+        with path.open("rb") as f:
+            raw = f.read(_OFFSETS_MAX + 1)
+        data = json.loads(raw) if len(raw) <= _OFFSETS_MAX else None
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items()
+            if isinstance(k, str) and type(v) is int and -2 <= v < _OFFSET_LIMIT}
+
+
+def save_offsets(build_id: str, offsets: dict[str, int], root: Path | None = None) -> None:
+    """Merge ``offsets`` into the entry's offsets.json (atomically; failure is logged, not raised)."""
+    d = (root or cache_root()) / build_id
+    if not d.is_dir():
+        return
+    merged = {**load_offsets(build_id, root), **offsets}
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".offsets.", dir=d)
+        with os.fdopen(fd, "w") as f:
+            json.dump(merged, f, sort_keys=True)
+        os.replace(tmp, d / "offsets.json")
+    except OSError as e:
+        log.info("offsets not cached in %s: %s", d, e)
 
 
 def save(build_id: str, meta: dict[str, Any], names: list[str], types: bytes, rel_addresses: np.ndarray,
-         absolute: np.ndarray, btf: Any | None, root: Path | None = None) -> Path | None:
+         absolute: np.ndarray, root: Path | None = None) -> Path | None:
     """Write an entry atomically. Returns its directory, or None when the cache is not writable
     (caching is an optimisation: failure is logged, not raised)."""
+    import numpy as np
+
     root = root or cache_root()
     final = root / build_id
     try:
@@ -137,13 +123,6 @@ def save(build_id: str, meta: dict[str, Any], names: list[str], types: bytes, re
                      types=np.frombuffer(types, dtype=np.uint8),
                      rel_addresses=np.asarray(rel_addresses, dtype=np.int64),
                      absolute=np.asarray(absolute, dtype=bool))
-            if btf is not None:
-                try:
-                    with (tmp / "btf.pickle").open("wb") as f:
-                        pickle.dump((btf_code_version(), btf), f, protocol=pickle.HIGHEST_PROTOCOL)
-                except Exception as e:  # noqa: BLE001 - unpicklable BTF: re-parse on the next attach
-                    log.info("BTF not cached (%s)", e)
-                    (tmp / "btf.pickle").unlink(missing_ok=True)
             (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1))
             if final.exists():
                 shutil.rmtree(final, ignore_errors=True)
@@ -157,5 +136,4 @@ def save(build_id: str, meta: dict[str, Any], names: list[str], types: bytes, re
     return final
 
 
-__all__ = ["FORMAT_VERSION", "CachedKernel", "btf_code_version", "cache_root", "list_entries", "load", "save",
-           "save_btf"]
+__all__ = ["FORMAT_VERSION", "cache_root", "list_entries", "load_offsets", "load_symbols", "save", "save_offsets"]

@@ -28,16 +28,17 @@ Kernel memory is read through three paths: the image (linear to the physical bas
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import logging
 import re
+import struct
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from vmsight.errors import (
     CorruptData,
@@ -51,8 +52,6 @@ from vmsight.errors import (
     VmsightError,
 )
 from vmsight.linux import cache as kcache
-from vmsight.linux.btf import Btf
-from vmsight.linux.kallsyms import Kallsyms, decode_kallsyms, find_token_tables
 from vmsight.memory.paging import (
     dtb_from_cr3,
     gva_to_gpa,
@@ -64,7 +63,14 @@ from vmsight.memory.physical import PhysicalMemory
 from vmsight.memory.virtual import AddressSpace
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from vmsight.linux.btf import Btf
+    from vmsight.linux.kallsyms import Kallsyms
     from vmsight.target import Machine
+
+# numpy, the kallsyms decoder and the BTF parser are imported where first needed: a re-attach to a kernel
+# seen before (the disk cache) needs none of them, and `vmsight ps` then starts in half the time.
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,8 @@ class ImageCandidate:
 def _u64_hits(phys: PhysicalMemory, gpa: int, size: int, value: int) -> list[int]:
     """gpas of 8-byte-aligned u64s equal to ``value`` in [gpa, gpa+size) (numpy over the mapped RAM
     when the backend offers a zero-copy view, else over a copy)."""
+    import numpy as np
+
     view = getattr(phys, "view", None)
     out: list[int] = []
     step = 16 << 20
@@ -121,6 +129,8 @@ def _u64_hits(phys: PhysicalMemory, gpa: int, size: int, value: int) -> list[int
 
 def _pattern_hits(phys: PhysicalMemory, gpa: int, size: int, pattern: bytes, limit: int = 64) -> list[int]:
     """gpas where ``pattern`` starts in [gpa, gpa+size): numpy filter on the first bytes, exact check after."""
+    import numpy as np
+
     view = getattr(phys, "view", None)
     out: list[int] = []
     step = 16 << 20
@@ -191,6 +201,8 @@ _DECODE_TIME = [0.0]   # seconds spent in decode_kallsyms (layout detection + na
 
 
 def _decode_at(phys: PhysicalMemory, lo_gpa: int, hi_gpa: int, tt_gpa: int) -> tuple[Kallsyms, int] | None:
+    from vmsight.linux.kallsyms import decode_kallsyms, find_token_tables
+
     """Decode the kallsyms whose token table is at ``tt_gpa``, handing the decoder a copy of
     [lo_gpa, hi_gpa). Returns (kallsyms, buffer gpa) or None."""
     # Validate the token table on a small read first: most digit runs are not one.
@@ -282,21 +294,49 @@ HOT_SYMBOLS = ("_text", "_end", "init_top_pgt", "linux_banner", "page_offset_bas
 
 class SymbolTable:
     """Name <-> gva over kallsyms arrays, with the lookup structures built lazily (a warm attach only
-    needs the few :data:`HOT_SYMBOLS`). Duplicate names resolve like
-    :meth:`vmsight.linux.kallsyms.Kallsyms.address` (first global, else first). Wraps a decoded
-    :class:`~vmsight.linux.kallsyms.Kallsyms` directly when one is given."""
+    needs the few :data:`HOT_SYMBOLS`; the arrays themselves come from ``load`` on first need). Duplicate
+    names resolve like :meth:`vmsight.linux.kallsyms.Kallsyms.address` (first global, else first). Wraps a
+    decoded :class:`~vmsight.linux.kallsyms.Kallsyms` directly when one is given."""
 
-    def __init__(self, names: list[str], types: bytes, addresses: np.ndarray, text_gva: int, *,
-                 hot: dict[str, int] | None = None, kallsyms: Kallsyms | None = None) -> None:
-        self.names = names
-        self.types = types
-        self.addresses = np.asarray(addresses, dtype=np.uint64)
+    def __init__(self, names: list[str] | None, types: bytes | None, addresses: np.ndarray | None, text_gva: int,
+                 *, hot: dict[str, int] | None = None, kallsyms: Kallsyms | None = None,
+                 load: Callable[[], tuple[list[str], bytes, np.ndarray]] | None = None,
+                 absent: frozenset[str] = frozenset()) -> None:
+        """``absent``: names known not to exist (hot symbols this kernel lacks), answered without loading."""
+        self._names = names
+        self._types = types
+        self._addresses = addresses
+        self._load = load
         self.relative_base = text_gva
         self._ks = kallsyms
         self._hot = dict(hot or {})
+        self._absent = absent
         self._by_name: dict[str, int] | None = None
         self._order: np.ndarray | None = None
         self._sorted: np.ndarray | None = None
+
+    def _arrays(self) -> tuple[list[str], bytes, np.ndarray]:
+        if self._names is None or self._types is None or self._addresses is None:
+            import numpy as np
+
+            assert self._load is not None, "a SymbolTable needs arrays or a loader"
+            names, types, addresses = self._load()
+            self._names, self._types = names, types
+            self._addresses = np.asarray(addresses, dtype=np.uint64)
+            self._load = None
+        return self._names, self._types, self._addresses
+
+    @property
+    def names(self) -> list[str]:
+        return self._arrays()[0]
+
+    @property
+    def types(self) -> bytes:
+        return self._arrays()[1]
+
+    @property
+    def addresses(self) -> np.ndarray:
+        return self._arrays()[2]
 
     @classmethod
     def from_kallsyms(cls, ks: Kallsyms) -> SymbolTable:
@@ -313,6 +353,8 @@ class SymbolTable:
             if self._ks is not None:
                 self._by_name = self._ks.as_dict()
             else:
+                import numpy as np
+
                 addr = self.addresses.tolist()
                 by_name = dict(zip(reversed(self.names), reversed(addr), strict=True))
                 t = np.frombuffer(self.types, dtype=np.uint8)
@@ -325,6 +367,8 @@ class SymbolTable:
         hit = self._hot.get(name)
         if hit is not None:
             return hit
+        if name in self._absent:
+            return default
         if self._ks is not None:
             return self._ks.get(name, default)
         return self._index().get(name, default)
@@ -346,6 +390,8 @@ class SymbolTable:
         """(name, offset) of the symbol at or below ``gva``, or None below the first symbol."""
         if self._ks is not None:
             return self._ks.lookup(gva)
+        import numpy as np
+
         if self._order is None:
             self._order = np.argsort(self.addresses, kind="stable")
             self._sorted = self.addresses[self._order]
@@ -370,7 +416,10 @@ class Kernel:
     def __init__(self, phys: PhysicalMemory, *, text_gva: int, text_gpa: int, image_size: int, la57: bool,
                  symbols: SymbolTable, release: str, banner: str, build_id: str, btf_raw_gva: int,
                  btf_size: int, btf: Btf | None = None, vm: Machine | None = None, from_cache: bool = False,
-                 timings: dict[str, float] | None = None) -> None:
+                 timings: dict[str, float] | None = None, offsets: dict[str, int] | None = None,
+                 cached: bool = False) -> None:
+        """``offsets``: member offsets/sizes resolved before (the disk cache); ``cached``: the build has a
+        cache entry, where offsets resolved from now on are added at exit."""
         self.phys = phys
         self.vm = vm
         self.text_gva = text_gva
@@ -387,7 +436,9 @@ class Kernel:
         self._btf_gva = btf_raw_gva
         self._btf_size = btf_size
         self._types: Any | None = None
-        self._offsets: dict[tuple[str, str], int] = {}
+        self._offsets: dict[tuple[str, str], int] = {
+            tuple(k.split("\t", 1)): v for k, v in (offsets or {}).items() if "\t" in k}  # type: ignore[misc]
+        self._new_offsets: dict[str, int] | None = {} if cached else None
         self.dtb = self.image_gpa(symbols.address("init_top_pgt"))
         # Through the VM when there is one, so its resume hook drops this translation cache too.
         self._aspace = (vm.address_space(self.dtb, la57=la57) if vm is not None
@@ -539,18 +590,40 @@ class Kernel:
         """The guest's parsed BTF (:mod:`vmsight.linux.btf`), parsed on first use if not cached."""
         if self._btf is None:
             self._btf = _parse_btf(self.read(self._btf_gva, self._btf_size))
-            if self.from_cache:
-                kcache.save_btf(self.build_id, self._btf)
         return self._btf
+
+    def _resolved(self, key: tuple[str, str], resolve: Callable[[], int]) -> int:
+        """An offset or size from BTF, remembered here and, for a cached build, on disk (-1/-2 record a
+        missing member/type, so that has_member probes of absent fields cost nothing next time either)."""
+        value = self._offsets.get(key)
+        if value is None:
+            try:
+                value = int(resolve())
+            except FieldNotFound:
+                value = -1
+            except TypeNotFound:
+                value = -2
+            self._offsets[key] = value
+            if self._new_offsets is not None:
+                if not self._new_offsets:
+                    atexit.register(_flush_offsets, weakref.ref(self))
+                self._new_offsets["\t".join(key)] = value
+        if value == -1:
+            raise FieldNotFound(key[0], key[1].removesuffix("#size"))
+        if value == -2:
+            raise TypeNotFound(key[0])
+        return value
+
+    def flush_offsets(self) -> None:
+        """Add the offsets resolved since the last flush to the build's cache entry (also done at exit)."""
+        if self._new_offsets:
+            kcache.save_offsets(self.build_id, self._new_offsets)
+            self._new_offsets = {}
 
     def offsetof(self, struct: str, member: str) -> int:
         """Byte offset of ``member`` (dotted path through nested structs allowed; anonymous members are
         searched) in ``struct`` (``"task_struct"``), from BTF, cached. Raises FieldNotFound, TypeNotFound."""
-        key = (struct, member)
-        off = self._offsets.get(key)
-        if off is None:
-            off = self._offsets[key] = int(self.btf.member_offset(struct, member))
-        return off
+        return self._resolved((struct, member), lambda: self.btf.member_offset(struct, member))
 
     def has_member(self, struct: str, member: str) -> bool:
         try:
@@ -560,19 +633,12 @@ class Kernel:
         return True
 
     def sizeof(self, type_name: str) -> int:
-        key = (type_name, "")
-        size = self._offsets.get(key)
-        if size is None:
-            size = self._offsets[key] = int(self.btf.size_of(type_name))
-        return size
+        return self._resolved((type_name, ""), lambda: self.btf.size_of(type_name))
 
     def member_size(self, struct: str, member: str) -> int:
         """sizeof() of a member (e.g. 4 or 8 for ``task_struct.__state`` depending on the kernel)."""
-        key = (struct, member + "#size")
-        size = self._offsets.get(key)
-        if size is None:
-            size = self._offsets[key] = int(self.btf.size_of(self.btf.member(struct, member).type_id))
-        return size
+        return self._resolved((struct, member + "#size"),
+                              lambda: self.btf.size_of(self.btf.member(struct, member).type_id))
 
     def btf_raw(self) -> bytes:
         return self.read(self._btf_gva, self._btf_size)
@@ -654,6 +720,8 @@ def set_hostname(kernel: Kernel, hostname: str) -> None:
 # --- BTF adapter -----------------------------------------------------------------------------------
 
 def _parse_btf(raw: bytes) -> Btf:
+    from vmsight.linux.btf import Btf
+
     return Btf(raw)
 
 
@@ -662,7 +730,7 @@ def _check_btf_header(raw: bytes, gva: int) -> None:
     fit the blob between __start_BTF and __stop_BTF."""
     if len(raw) < 24 or raw[:3] != _BTF_MAGIC:
         raise CorruptData("no BTF header at __start_BTF", gva)
-    hdr_len, type_off, type_len, str_off, str_len = np.frombuffer(raw[4:24], dtype="<u4").tolist()
+    hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from("<5I", raw, 4)
     if hdr_len < 24 or hdr_len + max(type_off + type_len, str_off + str_len) > len(raw):
         raise CorruptData("BTF header sizes exceed __stop_BTF - __start_BTF", gva)
 
@@ -846,6 +914,8 @@ def _discover_cold(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: M
                symbols=syms, release=release, banner=banner, build_id=build_id, btf_raw_gva=btf_gva,
                btf_size=btf_size, btf=btf, vm=vm, timings=timings)
     if use_cache:
+        import numpy as np
+
         t = time.perf_counter()
         addrs = ks.addresses.astype(np.uint64)
         absolute = addrs < np.uint64(0xFFFF800000000000)
@@ -855,8 +925,11 @@ def _discover_cold(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: M
                 "btf_offset": btf_gva - cand.text_gva, "btf_size": btf_size, "image_size": image_size,
                 "kallsyms_order": ks.layout.order if ks.layout else None,
                 "hot_symbols": {n: (a - cand.text_gva if a >= 0xFFFF800000000000 else None)
-                                for n, a in syms.hot().items()}}
-        kcache.save(build_id, meta, ks.names, bytes(ks.types), rel, absolute, btf)
+                                for n, a in syms.hot().items()},
+                "hot_absolute": {n: a for n, a in syms.hot().items() if a < 0xFFFF800000000000},
+                "hot_absent": sorted(set(HOT_SYMBOLS) - set(syms.hot()))}
+        if kcache.save(build_id, meta, ks.names, bytes(ks.types), rel, absolute) is not None:
+            k._new_offsets = {}
         timings["cache_write"] = time.perf_counter() - t
     return k
 
@@ -876,19 +949,23 @@ def _from_cache(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: Mach
             tt_raw = phys.read_gpa(tt_gpa, 256 * 2 + 4096)
         except (KeyError, TypeError, VmsightError):
             continue
-        entry = kcache.load(build_id)
-        if entry is None:
-            continue
         # The token table's exact length is in the cache's token table hash; recompute from the bytes.
         tt = _token_table_len(tt_raw)
         if tt is None or hashlib.sha256(phys.read_gpa(tt_gpa, tt)).hexdigest() != meta["token_table_sha"]:
             continue
         if _build_id(banner, phys.read_gpa(tt_gpa, tt)) != build_id:
             continue
-        addrs = np.where(entry.absolute, entry.rel_addresses.astype(np.uint64),
-                         entry.rel_addresses.astype(np.uint64) + np.uint64(cand.text_gva))
-        hot = {n: cand.text_gva + off for n, off in meta.get("hot_symbols", {}).items() if off is not None}
-        ks = SymbolTable(entry.names, entry.types, addrs, cand.text_gva, hot=hot)
+        try:
+            hot = {n: cand.text_gva + int(off) for n, off in meta.get("hot_symbols", {}).items() if off is not None}
+            hot.update({n: int(a) for n, a in meta.get("hot_absolute", {}).items()})
+            btf_gva, btf_size = cand.text_gva + int(meta["btf_offset"]), int(meta["btf_size"])
+            absent = frozenset(str(n) for n in meta.get("hot_absent", ())) & frozenset(HOT_SYMBOLS)
+            if not 24 <= btf_size <= 64 << 20:
+                continue
+        except (AttributeError, KeyError, TypeError, ValueError):
+            continue
+        ks = SymbolTable(None, None, None, cand.text_gva, hot=hot, absent=absent - hot.keys(),
+                         load=functools.partial(_cached_symbols, build_id, cand.text_gva))
         try:
             _validate_image(phys, ks, cand, la57)
         except VmsightError as e:
@@ -897,9 +974,28 @@ def _from_cache(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: Mach
         timings["cache_load"] = time.perf_counter() - t
         return Kernel(phys, text_gva=cand.text_gva, text_gpa=cand.text_gpa, image_size=cand.size, la57=la57,
                       symbols=ks, release=release, banner=banner, build_id=build_id,
-                      btf_raw_gva=cand.text_gva + meta["btf_offset"], btf_size=meta["btf_size"],
-                      btf=entry.btf, vm=vm, from_cache=True, timings=timings)
+                      btf_raw_gva=btf_gva, btf_size=btf_size, vm=vm, from_cache=True, timings=timings,
+                      offsets=kcache.load_offsets(build_id), cached=True)
     return None
+
+
+def _cached_symbols(build_id: str, text_gva: int) -> tuple[list[str], bytes, np.ndarray]:
+    """The whole symbol table of a cached build, at this boot's ``_text`` (read on first non-hot lookup)."""
+    import numpy as np
+
+    try:
+        names, types, rel, absolute = kcache.load_symbols(build_id)
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptData(f"kernel cache entry {build_id} is unreadable ({e}): remove it from "
+                          f"{kcache.cache_root()}") from None
+    addrs = np.where(absolute, rel.astype(np.uint64), rel.astype(np.uint64) + np.uint64(text_gva))
+    return names, types, addrs
+
+
+def _flush_offsets(ref: weakref.ref[Kernel]) -> None:
+    k = ref()
+    if k is not None:
+        k.flush_offsets()
 
 
 def _token_table_len(raw: bytes) -> int | None:

@@ -591,6 +591,9 @@ def _bad(strict: bool, gva: int, level: int, entry: int, table_gpa: int, reason:
     log.warning("skipping gva %#x: level-%d entry %#018x %s", gva, level, entry, reason)
 
 
+_PY_TABLES = 256   # tables a walk filters in pure Python before it switches to numpy (faster per table)
+
+
 def _walk_table(mem: PhysicalMemory, table_gpa: int, level: int, base: int, lo: int, hi: int, bias: int,
                 nonpresent: bool, budget: _Budget, strict: bool, parent_level: int,
                 parent: int) -> Iterator[LeafMapping]:
@@ -612,21 +615,30 @@ def _walk_table(mem: PhysicalMemory, table_gpa: int, level: int, base: int, lo: 
     i1 = min(512, ((hi - 1 - base) >> shift) + 1)
     if i0 >= i1:
         return
-    import numpy as np  # here, not at module level: translating needs no numpy (`vmsight ps` never loads it)
-
-    arr = np.frombuffer(raw, dtype="<u8")[i0:i1]
-    if nonpresent and level <= 2:
-        idx = np.flatnonzero(arr & np.uint64(~PAGE_KNL_ERRATUM_MASK & _U64))
+    mask = ~PAGE_KNL_ERRATUM_MASK & _U64 if nonpresent and level <= 2 else PAGE_PRESENT
+    if budget.limit - budget.left <= _PY_TABLES:
+        # A short walk (finding the kernel image: ~8 tables) filters in Python: importing numpy would cost
+        # more than the whole walk, and `vmsight ps` needs it nowhere else.
+        entries = struct.unpack_from("<512Q", raw)[i0:i1]
+        hits = [(i, v) for i, v in enumerate(entries) if v & mask]
+        if not hits:
+            return
+        idx_list = [i for i, _ in hits]
+        values = [v for _, v in hits]
     else:
-        idx = np.flatnonzero(arr & np.uint64(PAGE_PRESENT))
-    if not len(idx):
-        return
-    values = arr[idx].tolist()
+        import numpy as np
+
+        arr = np.frombuffer(raw, dtype="<u8")[i0:i1]
+        idx = np.flatnonzero(arr & np.uint64(mask))
+        if not len(idx):
+            return
+        values = arr[idx].tolist()
+        idx_list = idx.tolist()
     if level == 1:
         # Hot loop: one LeafMapping per 4 KiB page.
         first_gva = base + bias + (i0 << 12)
         first_egpa = table_gpa + (i0 << 3)
-        for i, v in zip(idx.tolist(), values, strict=True):
+        for i, v in zip(idx_list, values, strict=True):
             if v & PAGE_PRESENT:
                 gpa = v & PTE_ADDR_MASK
             elif v & PAGE_PROTNONE:
@@ -635,7 +647,7 @@ def _walk_table(mem: PhysicalMemory, table_gpa: int, level: int, base: int, lo: 
                 gpa = -1
             yield LeafMapping(first_gva + (i << 12), gpa, PAGE_SIZE_4K, v, first_egpa + (i << 3))
         return
-    for i, v in zip(idx.tolist(), values, strict=True):
+    for i, v in zip(idx_list, values, strict=True):
         j = i0 + i
         lin = base + j * span
         entry_gpa = table_gpa + (j << 3)
