@@ -29,7 +29,7 @@ from vmsight.errors import PermissionDenied, TargetError
 from vmsight.memory.layout import RamLayout, RamRange
 from vmsight.memory.paging import la57_from_cr4
 from vmsight.memory.physical import BufferRam
-from vmsight.memory.virtual import AddressSpace
+from vmsight.memory.virtual import AddressSpace, AddressSpaces
 from vmsight.target import CONTROL_REGISTERS
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class DumpMachine:
         self.backend = phys.name
         self._cpus = cpus
         self._cr3 = cr3
-        self._spaces: dict[tuple[int, bool], AddressSpace] = {}
+        self._spaces = AddressSpaces()
 
     def __repr__(self) -> str:
         return f"<DumpMachine {self.kind} {self.path} {self.layout.total_bytes >> 20} MiB {len(self._cpus)} vCPUs>"
@@ -285,13 +285,7 @@ class DumpMachine:
         return self.phys.read_gpa(gpa, size)
 
     def address_space(self, dtb: int, *, la57: bool | None = None) -> AddressSpace:
-        if la57 is None:
-            la57 = self.la57
-        key = (dtb, la57)
-        sp = self._spaces.get(key)
-        if sp is None:
-            sp = self._spaces[key] = AddressSpace(self.phys, dtb, la57=la57)
-        return sp
+        return self._spaces.get(self.phys, dtb, self.la57 if la57 is None else la57)
 
     def invalidate(self) -> None:
         """Nothing to drop: a dump does not change."""

@@ -27,7 +27,7 @@ from vmsight.memory.gdbphys import GdbPhysRam
 from vmsight.memory.layout import RamLayout
 from vmsight.memory.paging import Translation, la57_from_cr4, translate
 from vmsight.memory.physical import BlockRam, MappedRam, PhysicalMemory, ProcMemRam
-from vmsight.memory.virtual import AddressSpace
+from vmsight.memory.virtual import AddressSpace, AddressSpaces
 from vmsight.qemu.launch import stopped_message
 from vmsight.qemu.layout import parse_mtree
 from vmsight.qemu.monitors import (
@@ -68,7 +68,7 @@ class VM:
         self._lock = threading.RLock()
         self._pause_depth = 0
         self._resume_on_exit = False
-        self._spaces: dict[tuple[int, bool], AddressSpace] = {}
+        self._spaces = AddressSpaces()
         # Run by close() before QMP closes (vmsight.events.watchdog.supervise settles the run state here).
         self.close_hooks: list[Callable[[], None]] = []
         self.monitor_claim: MonitorClaim | None = None    # the QMP monitor this VM object holds (attach)
@@ -420,13 +420,7 @@ class VM:
 
     def address_space(self, dtb: int, *, la57: bool | None = None) -> AddressSpace:
         """The address space rooted at ``dtb`` (a CR3 value; PCID/no-flush bits are masked)."""
-        if la57 is None:
-            la57 = self.la57
-        key = (dtb, la57)
-        sp = self._spaces.get(key)
-        if sp is None:
-            sp = self._spaces[key] = AddressSpace(self.phys, dtb, la57=la57)
-        return sp
+        return self._spaces.get(self.phys, dtb, self.la57 if la57 is None else la57)
 
     @property
     def la57(self) -> bool:
@@ -450,8 +444,7 @@ class VM:
 
     def invalidate(self) -> None:
         """Drop translation caches (done automatically on resume)."""
-        for sp in self._spaces.values():
-            sp.invalidate()
+        self._spaces.invalidate()
 
 
 _REG = re.compile(r"\b([A-Z][A-Z0-9]*)\s*=\s*([0-9a-fA-F]+)")

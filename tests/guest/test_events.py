@@ -397,3 +397,27 @@ def test_paused_vm_stays_paused_under_trace_and_dispatcher(guest: VmInstance, vm
             q.execute("cont")
     with attach(guest.dir) as v:
         _alive(guest, v)
+
+
+def test_resume_drops_the_vms_translation_caches(guest: VmInstance, vm: VM) -> None:
+    """Issue 11: Dispatcher._resume dropped only its own address spaces; vm.address_space() ones stayed stale
+    across resumes (the guest may have changed its page tables meanwhile)."""
+    with vm.paused():
+        regs = vm.registers(0)
+    space = vm.address_space(regs["cr3"])
+    with Dispatcher(vm) as d:
+        bp = d.add_breakpoint("__x64_sys_getpid")
+        bg = Bg(guest, "for i in 1 2 3; do sh -c 'echo $$' > /dev/null; done")
+        ev = None
+        deadline = time.monotonic() + 60
+        while ev is None and time.monotonic() < deadline:
+            ev = d.listen(0.5)
+        assert ev is not None
+        space.read(regs["rip"], 8)              # stopped at the hit: a translation is cached
+        assert space.cached_pages > 0
+        d.listen(0.2)                           # the dispatcher resumes the VM
+        assert space.cached_pages == 0
+        d.remove(bp)
+        while bg.thread.is_alive():
+            d.listen(0.2)
+    bg.done()

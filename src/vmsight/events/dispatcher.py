@@ -155,7 +155,7 @@ class _Live:
     def write(self, gva: int, data: bytes) -> None:
         self.d._select(self.thread)
         self.d._stub.write_memory(gva, data)
-        self.d._spaces_dirty = True
+        self.d.vm.invalidate()   # the write may have changed page tables: no translation is trusted after it
 
 
 class Dispatcher:
@@ -189,8 +189,6 @@ class Dispatcher:
         self._pending: deque[Event] = deque()
         self._step_over: dict[str, BreakpointHandle] = {}   # thread -> breakpoint it sits on
         self._live: list[_Live] = []
-        self._spaces: dict[int, AddressSpace] = {}
-        self._spaces_dirty = False
         self._selected: str | None = None
         self._sstep = _SSTEP_QUIET
         self._closed: str | None = None
@@ -623,11 +621,7 @@ class Dispatcher:
             self._selected = thread
 
     def _space(self, cr3: int) -> AddressSpace:
-        sp = self._spaces.get(cr3)
-        if sp is None:
-            sp = self._spaces[cr3] = AddressSpace(self.vm.phys, cr3, la57=self._la57())
-        self._spaces_dirty = True
-        return sp
+        return self.vm.address_space(cr3, la57=self._la57())
 
     def _la57(self) -> bool:
         if self._kernel is not None:
@@ -639,10 +633,7 @@ class Dispatcher:
         for live in self._live:
             live.valid = False
         self._live.clear()
-        if self._spaces_dirty:
-            for sp in self._spaces.values():
-                sp.invalidate()
-            self._spaces_dirty = False
+        self.vm.invalidate()      # every translation cache of the VM, not only this loop's: the guest runs now
         if self._kernel is not None:
             self._kernel.invalidate()
         while self._step_over:

@@ -194,4 +194,26 @@ class AddressSpace:
         self.write(gva, (value & ((1 << 64) - 1)).to_bytes(8, "little"))
 
 
-__all__ = ["AddressSpace"]
+class AddressSpaces:
+    """The address spaces of one target, one per (dtb, paging mode), made on first use; ``invalidate()``
+    drops every cached translation (the guest ran). One implementation for live VMs, dumps and the event
+    dispatcher, so that a resume cannot leave one of them stale."""
+
+    def __init__(self) -> None:
+        self._by_root: dict[tuple[int, bool], AddressSpace] = {}
+
+    def get(self, phys: PhysicalMemory, dtb: int, la57: bool) -> AddressSpace:
+        sp = self._by_root.get((dtb, la57))
+        if sp is None:
+            sp = self._by_root[(dtb, la57)] = AddressSpace(phys, dtb, la57=la57)
+        return sp
+
+    def invalidate(self) -> None:
+        for sp in self._by_root.values():
+            sp.invalidate()
+
+    def clear(self) -> None:
+        self._by_root.clear()
+
+
+__all__ = ["AddressSpace", "AddressSpaces"]
