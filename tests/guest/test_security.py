@@ -303,8 +303,10 @@ def test_vm_stop_of_a_detached_vm_removes_its_runtime_dir(tmp_path: Path, attack
         r = _cli("vm", "stop", "--dir", str(d))
         assert r.returncode == 0, r.stderr
         assert not _alive(info["pid"]) and not os.path.lexists(info["runtime_dir"])
-        r = _cli("vm", "stop", "--dir", str(d))  # again: the QEMU is gone, nothing to do
-        assert r.returncode == 0, r.stderr
+        socks = [info["qmp"], info["gdb"], info["agent_socket"], *info["qmp_aux"]]
+        assert not any(os.path.lexists(s) for s in socks)
+        r = _cli("vm", "stop", "--dir", str(d))  # again: the QEMU is gone; said so, in one line, exit 0
+        assert r.returncode == 0 and r.stderr.count("\n") == 1 and "had already stopped" in r.stderr, r.stderr
     finally:
         if _alive(info["pid"]):
             os.kill(info["pid"], signal.SIGKILL)

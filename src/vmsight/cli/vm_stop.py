@@ -17,8 +17,10 @@ import re
 import select
 import signal
 import stat
+import sys
 from typing import Any
 
+from vmsight.cli.common import escape
 from vmsight.errors import PermissionDenied, TargetError
 from vmsight.qemu.launch import remove_runtime_dir, runtime_dir_vm
 from vmsight.runtime import listens_on, proc_cmdline, proc_uid
@@ -88,12 +90,25 @@ def _mem_path(argv: list[str]) -> str | None:
 
 def _remove_runtime(d: str, info: dict[str, Any], owner: int) -> None:
     rt = info.get("runtime_dir")
-    if rt is None:
+    if rt is None or not os.path.lexists(rt):   # none, or removed already (an earlier stop, the reaper)
         return
     if runtime_dir_vm(rt) != d:  # the back-reference new_runtime_dir wrote: this VM's, not any directory
         log.warning("not removing %s: it does not belong to %s", rt, d)
         return
     remove_runtime_dir(rt, owners=(owner,))
+
+
+def _remove_sockets(d: str, info: dict[str, Any], owner: int) -> None:
+    """The sockets QEMU left in ``d`` that vm.json names: only sockets directly in ``d``, of the VM's owner
+    (never through a link: a planted name is left alone)."""
+    aux: list[Any] = info["qmp_aux"] if isinstance(info.get("qmp_aux"), list) else []
+    for path in [info.get("qmp"), info.get("gdb"), info.get("agent_socket"), *aux]:
+        if not isinstance(path, str) or os.path.dirname(path) != d:
+            continue
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode) and st.st_uid == owner:
+                os.unlink(path)
 
 
 def _zombie(pid: int) -> bool:
@@ -122,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
         argv = proc_cmdline(pid) if pidfd >= 0 and not _zombie(pid) else None
         if argv is None:  # QEMU already gone: only clean up what verifiably belongs to this directory
             _remove_runtime(d, info, owner)
-            log.info("no QEMU runs for %s (pid %d is gone)", d, pid)
+            _remove_sockets(d, info, owner)
+            print(f"vmsight: the VM in {escape(d)} had already stopped (QEMU pid {pid} exited); its runtime "
+                  "files are removed", file=sys.stderr)
             return 0
         why = _why_not_ours(d, info, pid, argv)
         if why is None:
@@ -148,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         if pidfd >= 0:
             os.close(pidfd)
     _remove_runtime(d, info, owner)
+    _remove_sockets(d, info, owner)
     ram = info.get("ram_file")
     if ram and info.get("runtime_dir") is None and ram == mem_path and _LEGACY_RAM.fullmatch(ram):
         with contextlib.suppress(OSError):  # the RAM file of an older vmsight's VM, the one its QEMU used
