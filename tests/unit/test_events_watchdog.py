@@ -4,11 +4,14 @@ file (the real QEMU cases are tests/guest/test_events_stress.py and tests/guest/
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from vmsight.events.watchdog import (
     WatchdogClient,
@@ -182,3 +185,37 @@ def test_watchdog_process_gives_accessed_bits_back_and_keeps_a_paused_vm_paused(
     assert after == cleared  # every bit back, nothing else changed (the re-touched one kept its value)
     assert not os.path.exists(journal)
     assert "z2,ffff888000001000,8" in stub.packets and not any(p.startswith("D") for p in stub.packets)
+
+
+def test_ram_in_several_blocks_is_described_and_written_per_file(tmp_path: Path) -> None:
+    """A VM whose RAM is two memory backends (NUMA nodes; BlockRam): the watchdog gets each range's own file,
+    so a SIGKILLed parent's accessed bits can be given back there too (it used to get no description)."""
+    from types import SimpleNamespace
+
+    from vmsight.events.watchdog import _FileRam, ram_description
+    from vmsight.memory.layout import RamLayout, RamRange
+    from vmsight.memory.physical import BlockRam, MappedRam
+
+    a, b = tmp_path / "node0", tmp_path / "node1"
+    for f in (a, b):
+        f.write_bytes(bytes(1 << 20))
+    layout = RamLayout([RamRange(0, 1 << 20, 0, "m0"), RamRange(1 << 20, 1 << 20, 0, "m1")])
+    parts = {"m0": MappedRam(str(a), RamLayout([layout.ranges[0]])),
+             "m1": MappedRam(str(b), RamLayout([layout.ranges[1]]))}
+    try:
+        vm = SimpleNamespace(phys=BlockRam(parts, layout), layout=layout, pid=None)
+        desc = ram_description(vm)  # type: ignore[arg-type]
+        assert desc is not None and [r[3] for r in desc["ranges"]] == [str(a), str(b)]
+        ram = _FileRam(json.loads(json.dumps(desc)))       # as it reaches the watchdog
+        try:
+            ram.write_gpa(0x1008, b"\x21" * 8)
+            ram.write_gpa((1 << 20) + 0x2010, b"\x42" * 8)
+            assert ram.read_gpa((1 << 20) + 0x2010, 8) == b"\x42" * 8
+            with pytest.raises(ValueError, match="outside the RAM"):
+                ram.write_gpa(2 << 20, b"x")
+        finally:
+            ram.close()
+        assert a.read_bytes()[0x1008:0x1010] == b"\x21" * 8 and b.read_bytes()[0x2010:0x2018] == b"\x42" * 8
+    finally:
+        for m in parts.values():
+            m.close()

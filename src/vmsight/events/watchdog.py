@@ -75,14 +75,18 @@ def restore_accessed(mem: _GpaIO, cleared: Mapping[int, int]) -> int:
 
 
 def ram_description(vm: VM) -> dict[str, Any] | None:
-    """Where ``vm``'s RAM lives on the host, for the watchdog: a file and per range (gpa, size, offset);
-    None for a backend the watchdog cannot write (the gdbstub: it would need the stub the dead parent
-    held)."""
-    from vmsight.memory.physical import MappedRam, ProcMemRam
+    """Where ``vm``'s RAM lives on the host, for the watchdog: a file and per range (gpa, size, offset[,
+    file of that range: RAM in several blocks, one file each]); None for a backend the watchdog cannot write
+    (the gdbstub: it would need the stub the dead parent held)."""
+    from vmsight.memory.physical import BlockRam, MappedRam, ProcMemRam
 
     phys = vm.phys
     if isinstance(phys, MappedRam):
         return {"path": phys.path, "ranges": [[r.gpa, r.size, r.offset] for r in vm.layout]}
+    if isinstance(phys, BlockRam) and all(isinstance(m, MappedRam) for m in phys.parts.values()):
+        files = {b: m.path for b, m in phys.parts.items() if isinstance(m, MappedRam)}
+        return {"path": next(iter(files.values())),
+                "ranges": [[r.gpa, r.size, r.offset, files[r.block]] for r in vm.layout]}
     if isinstance(phys, ProcMemRam) and vm.pid is not None:
         return {"path": f"/proc/{vm.pid}/mem", "ranges": [[r.gpa, r.size, phys._hva_of(r, r.gpa)] for r in vm.layout]}
     return None
@@ -92,23 +96,36 @@ class _FileRam:
     """Guest RAM as a host file at known offsets (the RAM file, or /proc/QEMU/mem at host addresses)."""
 
     def __init__(self, desc: Mapping[str, Any]) -> None:
-        self.fd = os.open(str(desc["path"]), os.O_RDWR)
-        self.ranges = [(int(g), int(s), int(o)) for g, s, o in desc["ranges"]]
+        self.fds: dict[str, int] = {}
+        self.ranges: list[tuple[int, int, int, int]] = []   # gpa, size, offset, fd
+        try:
+            for r in desc["ranges"]:
+                path = str(r[3]) if len(r) > 3 else str(desc["path"])
+                if path not in self.fds:
+                    self.fds[path] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                self.ranges.append((int(r[0]), int(r[1]), int(r[2]), self.fds[path]))
+        except BaseException:
+            self.close()
+            raise
 
-    def _off(self, gpa: int, size: int) -> int:
-        for g, s, o in self.ranges:
+    def _at(self, gpa: int, size: int) -> tuple[int, int]:
+        for g, s, o, fd in self.ranges:
             if g <= gpa and gpa + size <= g + s:
-                return o + gpa - g
+                return fd, o + gpa - g
         raise ValueError(f"gpa {gpa:#x} is outside the RAM the parent described")
 
     def read_gpa(self, gpa: int, size: int) -> bytes:
-        return os.pread(self.fd, size, self._off(gpa, size))
+        fd, off = self._at(gpa, size)
+        return os.pread(fd, size, off)
 
     def write_gpa(self, gpa: int, data: bytes) -> None:
-        os.pwrite(self.fd, data, self._off(gpa, len(data)))
+        fd, off = self._at(gpa, len(data))
+        os.pwrite(fd, data, off)
 
     def close(self) -> None:
-        os.close(self.fd)
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
 
 
 def read_journal(path: str) -> dict[int, int]:
