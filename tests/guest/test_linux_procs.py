@@ -67,8 +67,8 @@ def snapshot(guest: VmInstance) -> dict[int, dict[str, object]]:
     procs: dict[int, dict[str, object]] = {}
     for line in out.splitlines():
         parts = line.split("|", 4)
-        if len(parts) != 5 or not parts[1]:
-            continue   # exited while being read
+        if len(parts) != 5 or not parts[1] or not parts[2]:
+            continue   # exited while being read (status gone between the two sed runs)
         pid, ppid, uid, comm, cmdline = parts
         procs[int(pid)] = {"ppid": int(ppid), "uid": int(uid), "comm": comm, "cmdline": cmdline}
     return procs
