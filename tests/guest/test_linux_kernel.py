@@ -167,6 +167,8 @@ def test_cli_sym_uname_lsmod_json(guest: VmInstance) -> None:
     assert isinstance(out, list)
     assert [o["address"] for o in out[:3]] == [truth["schedule"], truth["init_task"], truth["_text"]]
     assert out[3]["symbol"] == "schedule" and out[3]["offset"] == 5
+    one = cli("sym", "schedule")
+    assert isinstance(one, list) and [o["address"] for o in one] == [truth["schedule"]]   # a list even for one
     u = cli("uname")
     assert isinstance(u, dict)
     assert u["release"] == guest.agent.run("uname -r").check().text.strip()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmsight.cli.common import escape, json_safe, positive_float, positive_int0
+from vmsight.cli.common import escape, json_safe, positive_duration, positive_int0
 from vmsight.cli.uname import hostname_arg
 from vmsight.errors import TargetError
 from vmsight.qemu.qmp import tcp_address
@@ -46,8 +46,8 @@ def test_tcp_without_a_port(text: str) -> None:
     assert tcp_address("tcp::4444") == ("127.0.0.1", 4444) and tcp_address("tcp:[::1]:5") == ("::1", 5)
 
 
-@pytest.mark.parametrize("typ,text", [(positive_int0, "-3"), (positive_int0, "0"), (positive_float, "0"),
-                                      (positive_float, "-1"), (positive_float, "inf"), (positive_float, "nan")])
+@pytest.mark.parametrize("typ,text", [(positive_int0, "-3"), (positive_int0, "0"), (positive_duration, "0"),
+                                      (positive_duration, "-1"), (positive_duration, "inf"), (positive_duration, "nan")])
 def test_sizes_counts_durations_are_positive(typ: object, text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         typ(text)  # type: ignore[operator]

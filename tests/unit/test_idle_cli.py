@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.unit.test_idle_host import Workload
-from vmsight.cli.idle import parse_duration
+from vmsight.cli.common import parse_duration
 from vmsight.idle.stats import heatmap_matrix, read_recording
 
 VMSIGHT = [sys.executable, "-m", "vmsight.cli.main"]

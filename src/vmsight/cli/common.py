@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
@@ -31,15 +32,26 @@ def positive_int0(text: str) -> int:
     return n
 
 
-def positive_float(text: str) -> float:
-    """argparse type for a duration in seconds: a finite number > 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
-    return x
+MAX_DURATION_S = 1e7          # ~115 days; time.sleep overflows far beyond
+
+
+def parse_duration(text: str) -> float:
+    """argparse type for a duration: seconds, or a number with ms, s, m or h (``500ms``, ``1.5``, ``2m``)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: use e.g. 500ms, 1s, 2m")
+    v = float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+    if v > MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(f"duration {text!r} is over {MAX_DURATION_S:.0f} s")
+    return v
+
+
+def positive_duration(text: str) -> float:
+    """:func:`parse_duration`, and more than zero (every --interval and --duration)."""
+    v = parse_duration(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"duration {text!r} must be > 0: use e.g. 500ms, 1s")
+    return v
 
 
 def require_vm(args: argparse.Namespace) -> str:

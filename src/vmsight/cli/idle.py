@@ -19,35 +19,18 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from vmsight.cli.common import parse_duration, positive_duration
 from vmsight.errors import VmsightError
 
 NAME = "idle"
 HELP = "track which pages of a process are idle (working-set size, idle ages, per-VMA, heatmaps)"
 ACTIONS = ("record", "report", "bitmap")
 SHADES = " .:-=+*#%@"
-MAX_DURATION_S = 1e7          # ~115 days; time.sleep overflows far beyond
 MAX_TEXT_WORDS = 1 << 20      # bitmap text/JSON output: 1 Mi lines (256 GiB of addresses); --raw streams any size
 RAW_CHUNK_WORDS = 1 << 16
 USER_END = 1 << 56            # end of the largest user half (5-level paging)
 MAX_ROWS = 4096
 MAX_HEATMAP_CELLS = 1 << 24   # rows x intervals of float64: 128 MiB
-
-
-def parse_duration(text: str) -> float:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad duration {text!r}: use e.g. 500ms, 1s, 2m")
-    v = float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
-    if v > MAX_DURATION_S:
-        raise argparse.ArgumentTypeError(f"duration {text!r} is over {MAX_DURATION_S:.0f} s")
-    return v
-
-
-def positive_duration(text: str) -> float:
-    v = parse_duration(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"duration {text!r} must be > 0: use e.g. 500ms, 1s")
-    return v
 
 
 def _rows(text: str) -> int:

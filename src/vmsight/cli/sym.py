@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
                 gva = k.symbol(w)
                 out.append({"name": w, "address": gva, "type": symbol_type(k, w)})
     if args.json:
-        emit_json(out if len(out) != 1 else out[0])
+        emit_json(out)   # always a list, one entry per argument, so scripts need no special case
         return 0
     for o in out:
         if "name" in o:

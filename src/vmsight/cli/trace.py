@@ -17,7 +17,7 @@ from vmsight.cli.common import (
     json_line,
     note_if_stopped,
     open_vm,
-    positive_float,
+    positive_duration,
     positive_int0,
     symbol_type,
 )
@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--syscall", action="append", dest="syscalls", metavar="NAME",
                    help="syscalls: only these (repeatable)")
     p.add_argument("--count", type=positive_int0, help="stop after N events")
-    p.add_argument("--duration", type=positive_float, help="stop after S seconds")
+    p.add_argument("--duration", type=positive_duration, help="stop after this long (5, 5s, 500ms, 2m)")
     p.add_argument("--regs", action="store_true", help="bp: print the registers at each hit")
     p.add_argument("--no-watchdog", action="store_true",
                    help="do not start the SIGKILL watchdog (a killed tracer would leave the VM stopped)")

@@ -16,7 +16,7 @@ from vmsight.cli.common import (
     json_line,
     note_if_stopped,
     open_vm,
-    positive_float,
+    positive_duration,
     positive_int0,
 )
 from vmsight.errors import VmsightError
@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--access", choices=("r", "w", "rw"), default="w", help="access kind (default: w)")
     p.add_argument("--gpa", action="store_true", help="WHERE is a guest-physical address")
     p.add_argument("--count", type=positive_int0, help="stop after N accesses")
-    p.add_argument("--duration", type=positive_float, help="stop after S seconds")
+    p.add_argument("--duration", type=positive_duration, help="stop after this long (5, 5s, 500ms, 2m)")
     p.add_argument("--no-watchdog", action="store_true", help="do not start the SIGKILL watchdog")
 
 
