@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from vmsight.errors import CorruptData, FieldNotFound, SymbolNotFound, TypeNotFound, VmsightError
 from vmsight.linux.btf import INT_BOOL, INT_CHAR, Btf, BtfKind, BtfType
+from vmsight.linux.lists import list_for_each
 
 log = logging.getLogger(__name__)
 
@@ -375,24 +376,21 @@ def _list_next_offset(btf: Btf) -> int:
 def list_for_each_entry(prog: Program, head: int | Object, type_: TypeSpec, member: str, *,
                         limit: int = MAX_LIST_NODES) -> Iterator[Object]:
     """The ``type_`` entries of the circular ``struct list_head`` list at ``head`` (a gva, or the
-    list_head Object / a pointer to it), linked through ``member``. Raises CorruptData on a NULL link,
-    a cycle that does not return to the head, or more than ``limit`` nodes."""
+    list_head Object / a pointer to it), linked through ``member``. Raises CorruptData on a link that is not
+    an aligned kernel address (NULL included), a cycle that does not return to the head, or more than
+    ``limit`` nodes."""
     head_gva = _gva_of(head)
     next_off = _list_next_offset(prog.btf)
     moff = prog.btf.member_offset(type_, member)
     read = prog.read
-    seen: set[int] = set()
-    node = int.from_bytes(_checked_read(read, head_gva + next_off, 8), "little")
-    while node != head_gva:
-        if node == 0:
-            raise CorruptData(f"NULL next pointer in the list at {head_gva:#x}", head_gva)
-        if node in seen:
-            raise CorruptData(f"list at {head_gva:#x} loops without returning to its head", node)
-        if len(seen) >= limit:
-            raise CorruptData(f"list at {head_gva:#x} has more than {limit} nodes", head_gva)
-        seen.add(node)
+
+    def read_next(gva: int) -> int:
+        return int.from_bytes(_checked_read(read, gva + next_off, 8), "little")
+
+    # the one bounded list walker (linux/lists.py); a Program does not know the paging mode, so the
+    # wider 5-level kernel half bounds the links (NULL and user pointers are refused either way)
+    for node in list_for_each(read_next, head_gva, max_nodes=limit, la57=True, what=f"list at {head_gva:#x}"):
         yield prog.object(type_, node - moff)
-        node = int.from_bytes(_checked_read(read, node + next_off, 8), "little")
 
 
 # --- adapters for vmsight.linux.kernel ---------------------------------------------------------------
