@@ -364,7 +364,6 @@ class VM:
                 raise TargetError("all registers (x87/SSE) come from the gdbstub, which another vmsight command "
                                   "holds: wait for it to end")
             hmp = self.hmp_registers(vcpu)
-            hmp.update({"fs_base": hmp.get("fs_base_hmp", 0), "gs_base": hmp.get("gs_base_hmp", 0)})
             return {k: hmp[k] for k in CORE_REGISTERS if k in hmp}
         with self.stopped_stub() as stub:
             stub.select_thread(v.gdb_thread)
@@ -394,7 +393,6 @@ class VM:
                 regs = parse_info_registers(text, cpu.index)
             except VmsightError:
                 continue
-            regs.update({"fs_base": regs.get("fs_base_hmp", 0), "gs_base": regs.get("gs_base_hmp", 0)})
             out[cpu.index] = {k: regs[k] for k in CONTROL_REGISTERS if k in regs}
         return out
 
@@ -478,6 +476,8 @@ def parse_info_registers(text: str, vcpu: int) -> dict[str, int]:
         else:
             out[n] = int(m.group(2), 16)
             out[f"{n}_base_hmp"] = int(m.group(3), 16)
+            if n in ("fs", "gs"):  # the gdbstub's names too, so HMP can stand in for it (beside a tracer)
+                out[f"{n}_base"] = int(m.group(3), 16)
     for m in _TBL.finditer(body):
         out[f"{m.group(1).lower()}r_base"] = int(m.group(2), 16)
         out[f"{m.group(1).lower()}r_limit"] = int(m.group(3), 16)

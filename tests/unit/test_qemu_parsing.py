@@ -90,7 +90,7 @@ RAX=00000000000000aa RBX=0000000000000000 RCX=0000000000000000 RDX=0000000000000
 def test_info_registers() -> None:
     r0 = parse_info_registers(INFO_REGS, 0)
     assert r0["rax"] == 1 and r0["rip"] == 0xFFFFFFFF81E17A0B and r0["eflags"] == 0x246
-    assert r0["cs"] == 0x10 and r0["gs_base_hmp"] == 0xFFFF88800F800000
+    assert r0["cs"] == 0x10 and r0["gs_base_hmp"] == r0["gs_base"] == 0xFFFF88800F800000
     assert (r0["gdtr_base"], r0["gdtr_limit"], r0["idtr_limit"]) == (0xFFFFFE000003C000, 0x7F, 0xFFF)
     assert r0["tr"] == 0x40 and r0["tr_base"] == 0xFFFFFE000003E000
     assert r0["dr7"] == 0x400 and r0["efer"] == 0xD01 and r0["cr3"] == 0x2970000
