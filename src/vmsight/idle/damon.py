@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 
 import numpy as np
 
@@ -43,6 +44,8 @@ from vmsight.idle.procfs import Process
 from vmsight.idle.result import STATE_DTYPE, AccessRegion, IdleSegment, PageState
 
 log = logging.getLogger(__name__)
+
+_REGION_TRIES = 5   # update requests before an empty region list is believed
 
 ADMIN = "kernel/mm/damon/admin"
 KDAMONDS = f"{ADMIN}/kdamonds"
@@ -191,17 +194,25 @@ class DamonBackend(Backend):
 
 
     def _regions(self) -> list[AccessRegion]:
-        self._w("0/state", "update_schemes_tried_regions")
-        if self._r("0/state") != "on":
-            self.process.check_alive("DAMON read")
-            raise BackendUnavailable(self.name, "our kdamond stopped (its target exited?)")
-        base = "0/contexts/0/schemes/0/tried_regions"
-        out = []
-        for d in self.sysfs.listdir(f"{KDAMONDS}/{base}"):
-            if not d.isdigit():
-                continue
-            out.append(AccessRegion(int(self._r(f"{base}/{d}/start")), int(self._r(f"{base}/{d}/end")),
-                                    int(self._r(f"{base}/{d}/nr_accesses")), int(self._r(f"{base}/{d}/age"))))
+        # A monitored target always has regions (at least min_nr_regions); an empty tried_regions list means
+        # the kdamond had not yet applied the scheme since the update request (the in-guest suite read 0
+        # regions once in 7 runs). Ask again, a bounded number of aggregation intervals.
+        for attempt in range(_REGION_TRIES):
+            self._w("0/state", "update_schemes_tried_regions")
+            if self._r("0/state") != "on":
+                self.process.check_alive("DAMON read")
+                raise BackendUnavailable(self.name, "our kdamond stopped (its target exited?)")
+            base = "0/contexts/0/schemes/0/tried_regions"
+            out = []
+            for d in self.sysfs.listdir(f"{KDAMONDS}/{base}"):
+                if not d.isdigit():
+                    continue
+                out.append(AccessRegion(int(self._r(f"{base}/{d}/start")), int(self._r(f"{base}/{d}/end")),
+                                        int(self._r(f"{base}/{d}/nr_accesses")), int(self._r(f"{base}/{d}/age"))))
+            if out:
+                break
+            log.debug("DAMON: no tried regions yet (attempt %d)", attempt + 1)
+            time.sleep(self.aggr_us / 1e6)
         out.sort(key=lambda r: r.start_gva)
         return out
 
