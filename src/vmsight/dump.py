@@ -29,7 +29,7 @@ from vmsight.errors import PermissionDenied, TargetError
 from vmsight.memory.layout import RamLayout, RamRange
 from vmsight.memory.paging import la57_from_cr4
 from vmsight.memory.physical import BufferRam
-from vmsight.memory.virtual import AddressSpace, AddressSpaces
+from vmsight.memory.virtual import AddressSpace, AddressSpaces, cstr
 from vmsight.target import CONTROL_REGISTERS
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,6 @@ class ElfCore:
     ranges: list[RamRange]
     cpus: list[dict[str, int]]
     vmcoreinfo: bytes | None = None
-
-
-def _cstr(b: bytes) -> bytes:
-    return b.split(b"\0", 1)[0]
 
 
 def parse_elf_core(buf: bytes | mmap.mmap | memoryview, name: str = "dump") -> ElfCore:
@@ -160,7 +156,7 @@ def _notes(buf: bytes | mmap.mmap | memoryview, off: int, length: int, name: str
         count += 1
         if count > MAX_NOTES:
             raise DumpError(f"{name}: more than {MAX_NOTES} notes: damaged")
-        yield _cstr(bytes(buf[name_at:name_at + namesz])), ntype, bytes(buf[desc_at:desc_at + descsz])
+        yield cstr(bytes(buf[name_at:name_at + namesz])), ntype, bytes(buf[desc_at:desc_at + descsz])
         pos = nxt
 
 

@@ -19,8 +19,8 @@ from vmsight.linux.types import (
     list_for_each_entry,
     make_program,
     member_offset,
-    read_cstring,
 )
+from vmsight.memory.virtual import read_cstr
 
 BASE = 0xFFFF888000100000
 PAGE = 4096
@@ -238,8 +238,8 @@ def test_char_pointer_strings_are_bounded() -> None:
     end = BASE + len(mem.buf) - 3
     mem.put(end, b"abc")  # no NUL before unmapped memory
     with pytest.raises(MemoryAccessError):
-        read_cstring(mem.read, end, 100)
-    assert read_cstring(mem.read, end, 3) == b"abc"
+        read_cstr(mem.read, end, 100)
+    assert read_cstr(mem.read, end, 3) == b"abc"
 
 
 def test_kernel_adapters() -> None:
@@ -305,3 +305,19 @@ def test_half_built_object_repr_does_not_recurse() -> None:
         _ = obj._t
     with pytest.raises(TypeNotFound):
         Object(mem, btf, "struct nope", BASE)
+
+
+def test_the_one_cstring_reader() -> None:
+    """read_cstr (every C-string read: kernel, address space, typed objects, events) and cstr on fixed buffers."""
+    from vmsight.memory.virtual import cstr
+
+    mem = Memory()
+    start = BASE + PAGE - 2
+    mem.put(start, b"ab" + b"cd\0ef")          # crosses a page: read page by page
+    assert read_cstr(mem.read, start, 100) == b"abcd"
+    assert read_cstr(mem.read, start, 3) == b"abc"
+    assert read_cstr(mem.read, start, 0) == b""
+    with pytest.raises(CorruptData) as ei:      # a reader that returns less than asked is corrupt, not a string
+        read_cstr(lambda gva, size: b"x" * (size - 1), BASE, 10)
+    assert ei.value.address == BASE
+    assert cstr(b"comm\0junk\0") == b"comm" and cstr(b"full") == b"full" and cstr(b"") == b""

@@ -37,6 +37,7 @@ from vmsight.events.types import (
 )
 from vmsight.linux.tasks import task_layout
 from vmsight.memory.paging import is_kernel_half, is_user_half
+from vmsight.memory.virtual import cstr, read_cstr
 
 if TYPE_CHECKING:
     from vmsight.events.dispatcher import BreakpointHandle, Dispatcher, Handler
@@ -147,7 +148,7 @@ class LinuxEvents:
         else:
             tid = int.from_bytes(self.k.read(task_gva + tl.pid, 4), "little")
             pid = int.from_bytes(self.k.read(task_gva + tl.tgid, 4), "little")
-        comm = self.k.read(task_gva + tl.comm, tl.comm_size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        comm = cstr(self.k.read(task_gva + tl.comm, tl.comm_size)).decode("utf-8", "surrogateescape")
         return TaskInfo(pid=pid, tid=tid, comm=comm, task_gva=task_gva)
 
     def current(self, ev: Event) -> TaskInfo:
@@ -179,18 +180,12 @@ class LinuxEvents:
     def _user_string(self, ev: Event, gva: int, limit: int = 256) -> str | None:
         if not gva or not is_user_half(gva, la57=self.k.la57):
             return None
-        out = bytearray()
         try:
-            while len(out) < limit:
-                n = min(limit - len(out), 0x1000 - (gva + len(out)) % 0x1000)
-                chunk = ev.read(gva + len(out), n)
-                i = chunk.find(b"\0")
-                if i >= 0:
-                    return (out + chunk[:i]).decode("utf-8", "surrogateescape")
-                out += chunk
+            raw = read_cstr(ev.read, gva, limit)
         except MemoryAccessError:
             return None  # not faulted in yet: the kernel will fault it in, we cannot
-        return out.decode("utf-8", "surrogateescape") + "..."
+        # no NUL within the limit: shown truncated
+        return raw.decode("utf-8", "surrogateescape") + ("..." if len(raw) == limit else "")
 
     # --- event sources -----------------------------------------------------------------------------
 

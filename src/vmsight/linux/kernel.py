@@ -60,7 +60,7 @@ from vmsight.memory.paging import (
     walk_range,
 )
 from vmsight.memory.physical import PhysicalMemory
-from vmsight.memory.virtual import AddressSpace
+from vmsight.memory.virtual import AddressSpace, cstr, read_cstr
 
 if TYPE_CHECKING:
     import numpy as np
@@ -551,18 +551,8 @@ class Kernel:
         return int.from_bytes(self.read(gva, 4), "little")
 
     def read_cstr(self, gva: int, max_len: int = 4096) -> bytes:
-        """NUL-terminated string (without the NUL), at most ``max_len`` bytes."""
-        out = bytearray()
-        pos = gva
-        while len(out) < max_len:
-            n = min(max_len - len(out), 0x1000 - (pos & 0xFFF))
-            chunk = self.read(pos, n)
-            i = chunk.find(b"\0")
-            if i >= 0:
-                return bytes(out + chunk[:i])
-            out += chunk
-            pos += n
-        return bytes(out)
+        """NUL-terminated string (without the NUL), at most ``max_len`` bytes (:func:`~vmsight.memory.virtual.read_cstr`)."""
+        return read_cstr(self.read, gva, max_len)
 
     def write(self, gva: int, data: bytes) -> None:
         """Write kernel memory (explicit request only; the kernel is not told)."""
@@ -701,7 +691,7 @@ def uname(kernel: Kernel) -> dict[str, str]:
     out = {}
     for i, f in enumerate(UTS_FIELDS):
         field = raw[i * _UTS_LEN:(i + 1) * _UTS_LEN]
-        out[f] = field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        out[f] = cstr(field).decode("utf-8", "surrogateescape")
     return out
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmsight.errors import FieldNotFound, VmsightError
 from vmsight.linux.lists import list_for_each
+from vmsight.memory.virtual import cstr
 
 if TYPE_CHECKING:  # kernel.py imports this module (Kernel.lookup of module addresses)
     from vmsight.linux.kernel import Kernel
@@ -65,7 +66,7 @@ def for_each_module(kernel: Kernel) -> Iterator[Module]:
     for node in list_for_each(kernel.read_u64, head, max_nodes=MAX_MODULES, la57=kernel.la57,
                               what="modules"):
         mod = node - list_off
-        name = kernel.read(mod + name_off, name_size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        name = cstr(kernel.read(mod + name_off, name_size)).decode("utf-8", "surrogateescape")
         state = MODULE_STATES.get(kernel.read_u32(mod + state_off), "?")
         regions: list[tuple[int, int]] = []
         if mem_off is not None:

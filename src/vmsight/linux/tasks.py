@@ -27,7 +27,7 @@ from vmsight.errors import (
 from vmsight.linux.kernel import Kernel
 from vmsight.linux.lists import list_for_each
 from vmsight.memory.paging import PAGE_SIZE_4K, is_kernel_half, user_half_end
-from vmsight.memory.virtual import AddressSpace
+from vmsight.memory.virtual import AddressSpace, cstr
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class Task:
         raw = self.kernel.read(self.gva + self._l.comm, self._l.comm_size)
         # guest strings keep their exact bytes (surrogateescape): the CLI escapes them for terminals and
         # gives the bytes in JSON (vmsight.cli.common.escape, json_safe)
-        return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        return cstr(raw).decode("utf-8", "surrogateescape")
 
     @property
     def proc_comm(self) -> str:
@@ -384,12 +384,12 @@ def _wq_worker_suffix(task: Task) -> str:
         # "kworker/R-<wq name>" and format_worker_id() prints the full wq name, not the 16-byte comm.
         wq = k.read_u64(worker + k.offsetof("worker", "rescue_wq"))
         if is_kernel_half(wq, la57=k.la57):
-            name = k.read(wq + k.offsetof("workqueue_struct", "name"),
-                          k.member_size("workqueue_struct", "name")).split(b"\0", 1)[0]
+            name = cstr(k.read(wq + k.offsetof("workqueue_struct", "name"),
+                               k.member_size("workqueue_struct", "name")))
             prefix = "kworker/R-" + name.decode("utf-8", "surrogateescape")
     if not is_kernel_half(k.read_u64(worker + k.offsetof("worker", "pool")), la57=k.la57):
         return prefix[len(task.comm):] if prefix.startswith(task.comm) else ""
-    desc = k.read(worker + k.offsetof("worker", "desc"), k.member_size("worker", "desc")).split(b"\0", 1)[0]
+    desc = cstr(k.read(worker + k.offsetof("worker", "desc"), k.member_size("worker", "desc")))
     if not desc:
         return prefix[len(task.comm):] if prefix.startswith(task.comm) else ""
     running = k.read_u64(worker + k.offsetof("worker", "current_work"))

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from vmsight.errors import CorruptData, FieldNotFound, SymbolNotFound, TypeNotFound, VmsightError
 from vmsight.linux.btf import INT_BOOL, INT_CHAR, Btf, BtfKind, BtfType
 from vmsight.linux.lists import list_for_each
+from vmsight.memory.virtual import cstr, read_cstr
 
 log = logging.getLogger(__name__)
 
@@ -250,32 +251,16 @@ class Object:
             target = self._pointer_value()
             if target == 0:
                 raise CorruptData(f"NULL {self.type_name_()} read as a string", self.address_)
-            raw = read_cstring(self._read, target, limit)
+            raw = read_cstr(self._read, target, limit)
         else:
             raise CorruptData(f"{self.type_name_()} is not a string", self.address_)
-        return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        return cstr(raw).decode("utf-8", "surrogateescape")
 
 
 def _is_char(btf: Btf, type_id: int) -> bool:
     t = btf.resolve(type_id)
     return t.kind == BtfKind.INT and t.size == 1 and (bool(t.int_encoding & INT_CHAR) or t.name in (
         "char", "unsigned char", "signed char", "u8", "__u8", "s8"))
-
-
-def read_cstring(read: ReadFn, gva: int, limit: int = MAX_STRING) -> bytes:
-    """Bytes at gva up to (excluding) the first NUL, at most ``limit``. Reads page by page so a
-    string ending just before an unmapped page still reads."""
-    out = b""
-    pos = gva
-    while len(out) < limit:
-        n = min(limit - len(out), 4096 - pos % 4096)
-        chunk = _checked_read(read, pos, n)
-        nul = chunk.find(b"\0")
-        if nul >= 0:
-            return out + chunk[:nul]
-        out += chunk
-        pos += n
-    return out
 
 
 # --- a program: reader + BTF (+ symbols) -----------------------------------------------------------
@@ -415,5 +400,5 @@ def kernel_object(kernel: Any, name: str, type_name: str | None = None, gva: int
 
 __all__ = [
     "KNOWN_VARIABLES", "MAX_LIST_NODES", "MAX_STRING", "KernelReader", "Object", "Program", "as_read_fn",
-    "container_of", "kernel_object", "list_for_each_entry", "make_program", "member_offset", "read_cstring",
+    "container_of", "kernel_object", "list_for_each_entry", "make_program", "member_offset",
 ]

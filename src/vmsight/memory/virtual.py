@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from vmsight.errors import CorruptData
 from vmsight.memory.paging import PAGE_SIZE_1G, PAGE_SIZE_2M, Translation, _walk, fast_readers, translate
 from vmsight.memory.physical import PhysicalMemory
 
@@ -18,6 +19,32 @@ log = logging.getLogger(__name__)
 
 _PAGE = 0x1000
 _OFF = 0xFFF
+
+
+def cstr(raw: bytes) -> bytes:
+    """The bytes of a fixed C buffer (``char comm[16]``) before its first NUL, or all of them without one."""
+    return raw.split(b"\0", 1)[0]
+
+
+def read_cstr(read: Callable[[int, int], bytes], gva: int, max_len: int = 4096) -> bytes:
+    """The NUL-terminated string at ``gva`` (without the NUL), at most ``max_len`` bytes, through
+    ``read(gva, size)`` (an address space, a kernel, a test's bytearray). The one C-string reader: it reads
+    page by page, so a string that ends just before an unmapped page still reads; a fault on a page it
+    needs propagates (MemoryAccessError), and a reader that returns fewer bytes than asked is CorruptData."""
+    out = bytearray()
+    pos = gva
+    while len(out) < max_len:
+        n = min(max_len - len(out), _PAGE - (pos & _OFF))
+        chunk = read(pos, n)
+        if len(chunk) != n:
+            raise CorruptData(f"short read: {len(chunk)} of {n} bytes", pos)
+        nul = chunk.find(b"\0")
+        if nul >= 0:
+            out += chunk[:nul]
+            return bytes(out)
+        out += chunk
+        pos += n
+    return bytes(out)
 
 
 class AddressSpace:
@@ -167,20 +194,8 @@ class AddressSpace:
         return self.read(gva, 1)[0]
 
     def read_cstr(self, gva: int, max_len: int = 4096) -> bytes:
-        """NUL-terminated string at ``gva`` (without the NUL), at most ``max_len`` bytes; stops at the first
-        page that does not translate only if a NUL came before it."""
-        out = bytearray()
-        pos = gva
-        while len(out) < max_len:
-            n = min(max_len - len(out), _PAGE - (pos & _OFF))
-            chunk = self.read(pos, n)
-            nul = chunk.find(b"\0")
-            if nul >= 0:
-                out += chunk[:nul]
-                return bytes(out)
-            out += chunk
-            pos += n
-        return bytes(out)
+        """:func:`read_cstr` through this address space."""
+        return read_cstr(self.read, gva, max_len)
 
     def write(self, gva: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``gva``; every page is translated before the first byte is written."""
@@ -216,4 +231,4 @@ class AddressSpaces:
         self._by_root.clear()
 
 
-__all__ = ["AddressSpace", "AddressSpaces"]
+__all__ = ["AddressSpace", "AddressSpaces", "cstr", "read_cstr"]
