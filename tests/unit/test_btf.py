@@ -387,3 +387,28 @@ def test_exponential_anonymous_nesting_is_bounded() -> None:
         btf.member(top, "x")
     assert len(btf.type_name(proto)) < 10_000_000
     assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("version", ["6.1", "6.12"])
+def test_direct_name_lookup_equals_the_index(version: str) -> None:
+    """The first lookups search the string section instead of building the name index: every name a
+    real kernel has (and some it lacks) gives the same ids both ways, including names at two offsets."""
+    from tests.unit.test_kallsyms import rodata
+    from vmsight.linux.kallsyms import find_kallsyms
+    from vmsight.linux.vmlinux import ElfReader
+
+    elf = real_vmlinux(version)
+    ro, _ = rodata(elf)
+    raw = btf_from_kallsyms(ElfReader(elf).read, find_kallsyms(ro)).data
+    direct, indexed = parse_btf(raw), parse_btf(raw)
+    indexed._name_index()
+    names = sorted({indexed.name(i) for i in range(1, len(indexed) + 1)} - {"void"})
+    step = max(1, len(names) // 3000)
+    sample = names[::step] + ["", "no_such_type_here", "task_struct\0", "\u20ac", "pid"]
+    for name in sample:
+        direct._direct_lookups = 0
+        assert direct._ids_named(name) == indexed._ids_named(name), name
+    assert direct._by_name is None                       # the index was never built
+    for _ in range(70):                                  # past the budget the index takes over
+        direct.find_all("task_struct")
+    assert direct._by_name is not None
