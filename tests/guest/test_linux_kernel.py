@@ -96,12 +96,12 @@ def test_typed_objects_and_globals(guest: VmInstance, vm: VM) -> None:
     g = Guest(vm)
     k = g.kernel
     with vm.paused():
-        init = k.object("init_task")
+        init = g.object("init_task")
         assert init.comm.string_() == "swapper/0"
         assert int(init.pid) == 0
         one = find_task(k, 1)
         assert one.comm == comm1
-        assert int(k.object("", "struct task_struct", one.gva).pid) == 1
+        assert int(g.object("", "struct task_struct", one.gva).pid) == 1
         assert int(init.tasks.next) == one.gva + k.offsetof("task_struct", "tasks")
         assert k.saved_command_line() == cmdline
         u = uname(k)

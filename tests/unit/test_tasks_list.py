@@ -7,6 +7,8 @@ control: well-formed lists, cycles, bad pointers, and random corruption (hypothe
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -48,6 +50,7 @@ class FakeKernel:
         self.la57 = la57
         self.symbols = FakeSymbols({"init_task": base})
         self.reads = 0
+        self._derived: dict[Callable[[FakeKernel], Any], Any] = {}
 
     def read(self, gva: int, size: int) -> bytes:
         self.reads += 1
@@ -79,6 +82,12 @@ class FakeKernel:
 
     def put(self, gva: int, fmt: str, *vals: int | bytes) -> None:
         struct.pack_into(fmt, self.buf, gva - self.base, *vals)
+
+    def derived(self, make: Callable[[FakeKernel], Any]) -> Any:
+        """As Kernel.derived: what a helper derives once (the task layout) is kept per kernel."""
+        if make not in self._derived:
+            self._derived[make] = make(self)
+        return self._derived[make]
 
 
 def task_gva(i: int, base: int = BASE) -> int:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vmsight.cli.common import add_dump_options, emit_json, escape, open_machine
-from vmsight.linux import kernel_of
-from vmsight.linux.tasks import processes
+from vmsight.linux import processes
 
 NAME = "ps"
 HELP = "list guest processes (from the guest kernel's task list)"
@@ -19,9 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with open_machine(args) as vm:
-        k = kernel_of(vm)
-        with vm.paused():
-            procs = processes(k, threads=args.threads)
+        procs = processes(vm, threads=args.threads)
     if args.json:
         emit_json([{key: p[key] for key in ("pid", "tgid", "ppid", "uid", "gid", "state", "comm", "task_comm", "cmdline")}
                    for p in procs])

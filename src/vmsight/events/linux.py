@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vmsight.errors import MemoryAccessError, SymbolNotFound, VmsightError
+from vmsight.errors import MemoryAccessError, VmsightError
 from vmsight.events.types import (
     Breakpoint,
     ContextSwitch,
@@ -35,9 +35,9 @@ from vmsight.events.types import (
     TaskInfo,
     VmLifecycle,
 )
-from vmsight.linux.tasks import task_layout
+from vmsight.linux.tasks import Task, current_task_offset, task_layout
 from vmsight.memory.paging import is_kernel_half, is_user_half
-from vmsight.memory.virtual import cstr, read_cstr
+from vmsight.memory.virtual import read_cstr
 
 if TYPE_CHECKING:
     from vmsight.events.dispatcher import BreakpointHandle, Dispatcher, Handler
@@ -87,8 +87,8 @@ class LinuxEvents:
     def __init__(self, dispatcher: Dispatcher, kernel: Kernel | None = None) -> None:
         self.d = dispatcher
         self.k = kernel or dispatcher.kernel
-        self._tl = task_layout(self.k)
-        self._cur_off = self._current_task_offset()
+        task_layout(self.k)   # a kernel whose task_struct is not understood fails here, not on the first hit
+        self._cur_off = current_task_offset(self.k)
         self._pt = {name: self._pt_regs_offset(name) for name in ("orig_ax", *_ARG_REGS)}
         self._names: dict[int, str | None] | None = None
         self._bprm_filename = self.k.offsetof("linux_binprm", "filename")
@@ -96,15 +96,6 @@ class LinuxEvents:
         self._bprm_argc = self.k.offsetof("linux_binprm", "argc")
 
     # --- layout ------------------------------------------------------------------------------------
-
-    def _current_task_offset(self) -> int:
-        k = self.k
-        if k.has_symbol("current_task"):
-            return k.symbol("current_task")
-        try:
-            return k.symbol("pcpu_hot") + k.offsetof("pcpu_hot", "current_task")
-        except (SymbolNotFound, VmsightError) as e:
-            raise SymbolNotFound("current_task (nor pcpu_hot.current_task)") from e
 
     def _pt_regs_offset(self, name: str) -> int:
         try:
@@ -141,15 +132,9 @@ class LinuxEvents:
 
     def task_info(self, task_gva: int) -> TaskInfo:
         """pid/tid/comm of the ``struct task_struct`` at ``task_gva``."""
-        tl = self._tl
-        raw = self.k.read(task_gva + tl.pid, 8) if tl.tgid == tl.pid + 4 else None
-        if raw is not None:
-            tid, pid = int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
-        else:
-            tid = int.from_bytes(self.k.read(task_gva + tl.pid, 4), "little")
-            pid = int.from_bytes(self.k.read(task_gva + tl.tgid, 4), "little")
-        comm = cstr(self.k.read(task_gva + tl.comm, tl.comm_size)).decode("utf-8", "surrogateescape")
-        return TaskInfo(pid=pid, tid=tid, comm=comm, task_gva=task_gva)
+        task = Task(self.k, task_gva)
+        tid, pid = task.ids
+        return TaskInfo(pid=pid, tid=tid, comm=task.comm, task_gva=task_gva)
 
     def current(self, ev: Event) -> TaskInfo:
         """The task running on the event's vCPU (from its gs_base: the per-CPU area in kernel mode)."""

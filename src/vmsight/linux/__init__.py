@@ -6,7 +6,7 @@
     with attach(DIR) as vm, vm.paused():
         guest = linux.Guest(vm)                      # discovery (cached per kernel build on disk)
         guest.kernel.release, guest.kernel.kaslr_slide
-        guest.kernel.object("init_task").mm          # typed objects over the guest's own BTF
+        guest.object("init_task").mm                 # typed objects over the guest's own BTF
         for t in linux.for_each_task(guest.kernel): print(t.pid, t.comm)
         guest.process(1).read(gva, 16)
 
@@ -16,8 +16,10 @@ Helpers are named after the kernel's: ``for_each_task``, ``find_task``, ``curren
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
+from vmsight.errors import MemoryAccessError
 from vmsight.linux.kernel import NO_LINUX, Kernel, discover, kernel_of, set_hostname, uname
 from vmsight.linux.lists import list_for_each
 from vmsight.linux.mm import Vma, d_path, for_each_vma, mt_entries, task_vmas
@@ -30,10 +32,12 @@ from vmsight.linux.tasks import (
     for_each_task,
     init_task,
 )
-from vmsight.linux.tasks import processes as task_dicts
 from vmsight.memory.virtual import AddressSpace
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
+    from vmsight.linux.types import Object
     from vmsight.target import Machine
 
 
@@ -72,6 +76,20 @@ class Process:
     def cmdline(self) -> list[str]:
         return self.task.cmdline()
 
+    def as_dict(self) -> dict[str, Any]:
+        """The record ``ps`` shows: pid, tgid, ppid, uid, gid, state, comm (as /proc shows it:
+        :attr:`Task.proc_comm`), task_comm (the raw ``task->comm``), cmdline (space-joined, like ``ps``),
+        start_boottime_ns, kthread."""
+        t = self.task
+        try:
+            cmd = " ".join(t.cmdline())
+        except MemoryAccessError as e:  # e.g. argument pages swapped out
+            log.info("pid %d: cmdline unreadable: %s", self.pid, e)
+            cmd = ""
+        return {"pid": self.pid, "tgid": t.tgid, "ppid": t.ppid, "uid": t.uid, "gid": t.gid, "state": t.state,
+                "comm": t.proc_comm, "task_comm": t.comm, "cmdline": cmd, "start_boottime_ns": t.start_boottime_ns,
+                "kthread": t.is_kthread}
+
 
 class Guest:
     """A Linux guest: ``Guest(vm)`` discovers the kernel (or raises NoLinuxKernel)."""
@@ -86,9 +104,6 @@ class Guest:
     def process(self, pid: int) -> Process:
         """Raises ProcessNotFound."""
         return Process(self.kernel, find_task(self.kernel, pid))
-
-    def processes(self, *, threads: bool = False) -> list[dict[str, Any]]:
-        return task_dicts(self.kernel, threads=threads)
 
     def tasks(self, *, threads: bool = True) -> list[Task]:
         return list(for_each_task(self.kernel, threads=threads))
@@ -108,14 +123,22 @@ class Guest:
     def symbolize(self, gva: int) -> str:
         return self.kernel.symbolize(gva)
 
+    def object(self, name: str, type_name: str | None = None, gva: int | None = None) -> Object:
+        """A typed view of a kernel variable (``object("init_task")``) or, with ``type_name`` and ``gva``, of
+        the object of that type at ``gva`` (:func:`vmsight.linux.types.kernel_object`)."""
+        # imported here: typed objects need the BTF parser (and numpy), which ps and maps never load
+        from vmsight.linux.types import kernel_object
+
+        return kernel_object(self.kernel, name, type_name, gva)
+
 
 def processes(vm: Machine, *, threads: bool = False) -> list[dict[str, Any]]:
-    """Simple dicts (pid, tgid, ppid, uid, gid, state, comm, cmdline, ...) of every guest process,
-    sorted by pid; the VM is paused while they are read."""
+    """:meth:`Process.as_dict` of every guest process (every task with ``threads``), sorted by pid; the VM
+    is paused while they are read. What ``vmsight ps`` lists."""
     k = kernel_of(vm)
     with vm.paused():
         k.invalidate()
-        return task_dicts(k, threads=threads)
+        return sorted((Process(k, t).as_dict() for t in for_each_task(k, threads=threads)), key=lambda d: d["pid"])
 
 
 def process_dtb(vm: Machine, pid: int) -> int:

@@ -38,7 +38,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vmsight.errors import (
     CorruptData,
@@ -52,9 +52,11 @@ from vmsight.errors import (
     VmsightError,
 )
 from vmsight.linux import cache as kcache
+from vmsight.linux.modules import module_at
 from vmsight.memory.paging import (
     dtb_from_cr3,
     gva_to_gpa,
+    kernel_half_start,
     kernel_pgd,
     la57_from_cr4,
     walk_range,
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
 # seen before (the disk cache) needs none of them, and `vmsight ps` then starts in half the time.
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000     # __START_KERNEL_map
 KERNEL_MAP_END = 0xFFFFFFFFC0000000       # + KERNEL_IMAGE_SIZE (1 GiB with KASLR)
@@ -197,14 +200,13 @@ def image_candidates(phys: PhysicalMemory, cr3s: list[int], la57: bool) -> Itera
 
 # --- kallsyms inside an image ----------------------------------------------------------------------
 
-_DECODE_TIME = [0.0]   # seconds spent in decode_kallsyms (layout detection + names), for the timings
-
-
-def _decode_at(phys: PhysicalMemory, lo_gpa: int, hi_gpa: int, tt_gpa: int) -> tuple[Kallsyms, int] | None:
+def _decode_at(phys: PhysicalMemory, lo_gpa: int, hi_gpa: int, tt_gpa: int,
+               timings: dict[str, float] | None = None) -> tuple[Kallsyms, int] | None:
+    """Decode the kallsyms whose token table is at ``tt_gpa``, handing the decoder a copy of
+    [lo_gpa, hi_gpa). Returns (kallsyms, buffer gpa) or None. Seconds spent decoding are added to
+    ``timings["kallsyms_decode"]``."""
     from vmsight.linux.kallsyms import decode_kallsyms, find_token_tables
 
-    """Decode the kallsyms whose token table is at ``tt_gpa``, handing the decoder a copy of
-    [lo_gpa, hi_gpa). Returns (kallsyms, buffer gpa) or None."""
     # Validate the token table on a small read first: most digit runs are not one.
     slo = max(lo_gpa, tt_gpa - 0x30 * 130 - 8)
     small = phys.read_gpa(slo, min(hi_gpa, tt_gpa + 256 * 130 + 1024) - slo)
@@ -217,7 +219,8 @@ def _decode_at(phys: PhysicalMemory, lo_gpa: int, hi_gpa: int, tt_gpa: int) -> t
         try:
             t = time.perf_counter()
             ks = decode_kallsyms(buf, tt)
-            _DECODE_TIME[0] += time.perf_counter() - t
+            if timings is not None:
+                timings["kallsyms_decode"] = timings.get("kallsyms_decode", 0.0) + time.perf_counter() - t
             return ks, lo_gpa
         except (UnsupportedKernel, CorruptData) as e:
             log.debug("token table at gpa %#x: %s", lo_gpa + tt.offset, e)
@@ -227,7 +230,8 @@ def _decode_at(phys: PhysicalMemory, lo_gpa: int, hi_gpa: int, tt_gpa: int) -> t
     return None
 
 
-def kallsyms_in_image(phys: PhysicalMemory, cand: ImageCandidate) -> tuple[Kallsyms, int]:
+def kallsyms_in_image(phys: PhysicalMemory, cand: ImageCandidate,
+                      timings: dict[str, float] | None = None) -> tuple[Kallsyms, int]:
     """The validated kallsyms of an image candidate and the gpa of its token table.
 
     Raises UnsupportedKernel (a token table validates but no known layout surrounds it) or NoLinuxKernel."""
@@ -247,7 +251,7 @@ def kallsyms_in_image(phys: PhysicalMemory, cand: ImageCandidate) -> tuple[Kalls
             blo = max(cand.text_gpa, d - _KALLSYMS_BEFORE)
             bhi = min(end, d + _KALLSYMS_AFTER)
             try:
-                res = _decode_at(phys, blo, bhi, d)
+                res = _decode_at(phys, blo, bhi, d, timings)
             except UnsupportedKernel as e:
                 unsupported = e
                 continue
@@ -435,7 +439,7 @@ class Kernel:
         self._btf = btf
         self._btf_gva = btf_raw_gva
         self._btf_size = btf_size
-        self._types: Any | None = None
+        self._derived: dict[Callable[[Kernel], Any], Any] = {}
         self._offsets: dict[tuple[str, str], int] = {
             tuple(k.split("\t", 1)): v for k, v in (offsets or {}).items() if "\t" in k}  # type: ignore[misc]
         self._new_offsets: dict[str, int] | None = {} if cached else None
@@ -499,8 +503,6 @@ class Kernel:
         """(symbol, offset) for a kernel gva (image symbols; module addresses give ``[module]``)."""
         if self.text_gva <= gva < self.text_gva + self.image_size:
             return self.symbols.lookup(gva)
-        from vmsight.linux.modules import module_at  # modules need BTF: imported on demand
-
         mod = module_at(self, gva)
         if mod is not None:
             return f"[{mod.name}]", gva - mod.base
@@ -633,22 +635,6 @@ class Kernel:
     def btf_raw(self) -> bytes:
         return self.read(self._btf_gva, self._btf_size)
 
-    @property
-    def types(self) -> Any:
-        """Typed-object factory over this kernel (:mod:`vmsight.linux.types`)."""
-        if self._types is None:
-            from vmsight.linux.types import make_program
-
-            self._types = make_program(self)
-        return self._types
-
-    def object(self, name: str, type_name: str | None = None, gva: int | None = None) -> Any:
-        """A typed view of a kernel variable (``object("init_task")``) or, with ``type_name`` and ``gva``,
-        of the object of that type at ``gva`` (``object("", "struct task_struct", gva)``)."""
-        from vmsight.linux.types import kernel_object
-
-        return kernel_object(self, name, type_name, gva)
-
     # --- per-cpu and a few globals ---
 
     def nr_cpu_ids(self) -> int:
@@ -676,6 +662,29 @@ class Kernel:
         """X86_FEATURE_PTI (word 7, bit 11: arch/x86/include/asm/cpufeatures.h) in boot_cpu_data."""
         gva = self.symbol("boot_cpu_data") + self.offsetof("cpuinfo_x86", "x86_capability") + 7 * 4
         return bool(self.read_u32(gva) >> 11 & 1)
+
+    @property
+    def pti(self) -> bool:
+        """Page-table isolation is on (read once per kernel; off when the feature word is unreadable)."""
+        return self.derived(_pti_or_off)
+
+    def derived(self, make: Callable[[Kernel], T]) -> T:
+        """``make(self)``, computed on first use and kept for this kernel: how helpers keep what they derive
+        once per kernel (a struct layout from BTF offsets, a CPU feature) without attributes of their own on it.
+        Boot-time facts only: nothing the guest changes while it runs."""
+        try:
+            return self._derived[make]
+        except KeyError:
+            value = self._derived[make] = make(self)
+            return value
+
+
+def _pti_or_off(kernel: Kernel) -> bool:
+    try:
+        return kernel.pti_enabled()
+    except VmsightError as e:
+        log.info("cannot read X86_FEATURE_PTI (%s); assuming PTI off", e)
+        return False
 
 
 # --- uts namespace ---------------------------------------------------------------------------------
@@ -874,10 +883,9 @@ def _build_id(banner: str, token_table: bytes) -> str:
 def _discover_cold(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: Machine | None,
                    timings: dict[str, float], use_cache: bool) -> Kernel:
     t = time.perf_counter()
-    _DECODE_TIME[0] = 0.0
-    ks, tt_gpa = kallsyms_in_image(phys, cand)
+    timings["kallsyms_decode"] = 0.0
+    ks, tt_gpa = kallsyms_in_image(phys, cand, timings)
     timings["kallsyms"] = time.perf_counter() - t
-    timings["kallsyms_decode"] = _DECODE_TIME[0]
     t = time.perf_counter()
     _validate_image(phys, ks, cand, la57)
     image_size = cand.size
@@ -908,15 +916,17 @@ def _discover_cold(phys: PhysicalMemory, cand: ImageCandidate, la57: bool, vm: M
 
         t = time.perf_counter()
         addrs = ks.addresses.astype(np.uint64)
-        absolute = addrs < np.uint64(0xFFFF800000000000)
+        # kallsyms keeps absolute values (per-cpu offsets) below the kernel half, relative ones above it
+        half = kernel_half_start(la57=la57)
+        absolute = addrs < np.uint64(half)
         rel = np.where(absolute, addrs, addrs - np.uint64(cand.text_gva)).astype(np.int64)
         meta = {"release": release, "banner": banner, "banner_offset": ks.address("linux_banner") - cand.text_gva,
                 "token_table_offset": tt_gpa - cand.text_gpa, "token_table_sha": hashlib.sha256(tt_raw).hexdigest(),
                 "btf_offset": btf_gva - cand.text_gva, "btf_size": btf_size, "image_size": image_size,
                 "kallsyms_order": ks.layout.order if ks.layout else None,
-                "hot_symbols": {n: (a - cand.text_gva if a >= 0xFFFF800000000000 else None)
+                "hot_symbols": {n: (a - cand.text_gva if a >= half else None)
                                 for n, a in syms.hot().items()},
-                "hot_absolute": {n: a for n, a in syms.hot().items() if a < 0xFFFF800000000000},
+                "hot_absolute": {n: a for n, a in syms.hot().items() if a < half},
                 "hot_absent": sorted(set(HOT_SYMBOLS) - set(syms.hot()))}
         if kcache.save(build_id, meta, ks.names, bytes(ks.types), rel, absolute) is not None:
             k._new_offsets = {}

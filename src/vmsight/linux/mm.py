@@ -200,7 +200,7 @@ def vma_pointers(kernel: Kernel, mm: int) -> Iterator[int]:
         yield from _vma_list(kernel, mm)   # before v6.1 (commit 763ecb035029)
         return
     root = kernel.read_u64(mm + mt + kernel.offsetof("maple_tree", "ma_root"))
-    for _lo, _hi, entry in mt_entries(kernel.read, root, la57=kernel.la57, layout=maple_layout(kernel)):
+    for _lo, _hi, entry in mt_entries(kernel.read, root, la57=kernel.la57, layout=kernel.derived(maple_layout)):
         if not is_kernel_half(entry, la57=kernel.la57):
             raise CorruptData(f"maple entry {entry:#x} is not a VMA pointer", mm)
         yield entry
@@ -234,23 +234,19 @@ class _VmaLayout:
 
 
 def _vma_layout(kernel: Kernel) -> _VmaLayout:
-    cached: _VmaLayout | None = getattr(kernel, "_vma_layout", None)
-    if cached is None:
-        o = kernel.offsetof
-        cached = _VmaLayout(o("vm_area_struct", "vm_start"), o("vm_area_struct", "vm_end"),
-                            o("vm_area_struct", "vm_flags"), o("vm_area_struct", "vm_pgoff"),
-                            o("vm_area_struct", "vm_file"), o("vm_area_struct", "vm_ops"),
-                            o("vm_area_struct", "vm_private_data"), o("file", "f_path"),
-                            o("mm_struct", "brk"), o("mm_struct", "start_brk"), o("mm_struct", "start_stack"))
-        kernel._vma_layout = cached  # type: ignore[attr-defined]
-    return cached
+    o = kernel.offsetof
+    return _VmaLayout(o("vm_area_struct", "vm_start"), o("vm_area_struct", "vm_end"),
+                      o("vm_area_struct", "vm_flags"), o("vm_area_struct", "vm_pgoff"),
+                      o("vm_area_struct", "vm_file"), o("vm_area_struct", "vm_ops"),
+                      o("vm_area_struct", "vm_private_data"), o("file", "f_path"),
+                      o("mm_struct", "brk"), o("mm_struct", "start_brk"), o("mm_struct", "start_stack"))
 
 
 def for_each_vma(kernel: Kernel, mm: int) -> Iterator[Vma]:
     """The VMAs of ``mm`` (a ``struct mm_struct *``) in address order, named as /proc/PID/maps names
     them. Raises CorruptData for an inconsistent tree (overlapping or unordered VMAs, or one reaching
     beyond the user half of the paging mode)."""
-    lay = _vma_layout(kernel)
+    lay = kernel.derived(_vma_layout)
     u64 = kernel.read_u64
     brk, start_brk, start_stack = u64(mm + lay.mm_brk), u64(mm + lay.mm_start_brk), u64(mm + lay.mm_start_stack)
     special_ops = {kernel.symbols.get("special_mapping_vmops")} - {None}

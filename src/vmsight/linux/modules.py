@@ -10,19 +10,32 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from vmsight.errors import FieldNotFound, VmsightError
 from vmsight.linux.lists import list_for_each
 from vmsight.memory.virtual import cstr
 
-if TYPE_CHECKING:  # kernel.py imports this module (Kernel.lookup of module addresses)
-    from vmsight.linux.kernel import Kernel
-
 log = logging.getLogger(__name__)
 
 MAX_MODULES = 1 << 14
 MODULE_STATES = {0: "Live", 1: "Coming", 2: "Going", 3: "Unformed"}   # enum module_state
+
+
+class KernelMemory(Protocol):
+    """What the module list needs of a :class:`~vmsight.linux.kernel.Kernel`: its memory, BTF offsets and
+    symbols. A protocol, not the class: the Kernel looks module addresses up here (``Kernel.lookup``), so
+    this module sits below kernel.py and must not import it."""
+
+    @property
+    def la57(self) -> bool: ...
+    def read(self, gva: int, size: int) -> bytes: ...
+    def read_u64(self, gva: int) -> int: ...
+    def read_u32(self, gva: int) -> int: ...
+    def symbol(self, name: str) -> int: ...
+    def offsetof(self, struct: str, member: str) -> int: ...
+    def member_size(self, struct: str, member: str) -> int: ...
+    def sizeof(self, type_name: str) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +58,7 @@ class Module:
         return any(lo <= gva < hi for lo, hi in self.ranges)
 
 
-def for_each_module(kernel: Kernel) -> Iterator[Module]:
+def for_each_module(kernel: KernelMemory) -> Iterator[Module]:
     """The loaded modules, most recently loaded first (list order, like /proc/modules)."""
     o = kernel.offsetof
     list_off = o("module", "list")
@@ -84,7 +97,7 @@ def for_each_module(kernel: Kernel) -> Iterator[Module]:
         yield Module(name, base, size, state, mod, ranges)
 
 
-def module_at(kernel: Kernel, gva: int) -> Module | None:
+def module_at(kernel: KernelMemory, gva: int) -> Module | None:
     """The module whose memory contains ``gva``, or None."""
     try:
         for m in for_each_module(kernel):
@@ -95,8 +108,8 @@ def module_at(kernel: Kernel, gva: int) -> Module | None:
     return None
 
 
-def lsmod(kernel: Kernel) -> list[dict[str, Any]]:
+def lsmod(kernel: KernelMemory) -> list[dict[str, Any]]:
     return [m.as_dict() for m in for_each_module(kernel)]
 
 
-__all__ = ["Module", "for_each_module", "lsmod", "module_at"]
+__all__ = ["KernelMemory", "Module", "for_each_module", "lsmod", "module_at"]

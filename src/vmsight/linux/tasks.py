@@ -13,12 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from vmsight.errors import (
     CorruptData,
     FieldNotFound,
-    MemoryAccessError,
     ProcessNotFound,
     SymbolNotFound,
     TypeNotFound,
@@ -80,9 +78,11 @@ class TaskLayout:
 
 
 def task_layout(kernel: Kernel) -> TaskLayout:
-    cached: TaskLayout | None = getattr(kernel, "_task_layout", None)
-    if cached is not None:
-        return cached
+    """The kernel's :class:`TaskLayout` (resolved on first use, then kept by the kernel)."""
+    return kernel.derived(_resolve_task_layout)
+
+
+def _resolve_task_layout(kernel: Kernel) -> TaskLayout:
     off = kernel.offsetof
     try:
         # v5.14 renamed task_struct.state to __state (commit 2f064a59a11f "sched: Change
@@ -103,7 +103,7 @@ def task_layout(kernel: Kernel) -> TaskLayout:
     thread_group = off("task_struct", "thread_group") if kernel.has_member("task_struct", "thread_group") else None
     if (thread_node is None or thread_head is None) and thread_group is None:
         raise FieldNotFound("task_struct", "thread_node")
-    layout = TaskLayout(
+    return TaskLayout(
         tasks=off("task_struct", "tasks"), pid=off("task_struct", "pid"), tgid=off("task_struct", "tgid"),
         comm=off("task_struct", "comm"), comm_size=kernel.member_size("task_struct", "comm"),
         real_parent=off("task_struct", "real_parent"), mm=off("task_struct", "mm"),
@@ -114,20 +114,6 @@ def task_layout(kernel: Kernel) -> TaskLayout:
         signal=off("task_struct", "signal"), thread_node=thread_node, signal_thread_head=thread_head,
         thread_group=thread_group, mm_pgd=off("mm_struct", "pgd"), mm_arg_start=off("mm_struct", "arg_start"),
         mm_arg_end=off("mm_struct", "arg_end"))
-    kernel._task_layout = layout  # type: ignore[attr-defined]
-    return layout
-
-
-def _pti(kernel: Kernel) -> bool:
-    cached = getattr(kernel, "_pti", None)
-    if cached is None:
-        try:
-            cached = kernel.pti_enabled()
-        except (VmsightError, AttributeError) as e:
-            log.info("cannot read X86_FEATURE_PTI (%s); assuming PTI off", e)
-            cached = False
-        kernel._pti = cached  # type: ignore[attr-defined]
-    return bool(cached)
 
 
 class Task:
@@ -164,6 +150,16 @@ class Task:
     @property
     def pid(self) -> int:
         return self._u32(self._l.pid)
+
+    @property
+    def ids(self) -> tuple[int, int]:
+        """(pid, tgid): the thread's id and its group's, in one read where they sit side by side (always
+        so far), as event decoders need them on every hit."""
+        lay = self._l
+        if lay.tgid == lay.pid + 4:
+            raw = self.kernel.read(self.gva + lay.pid, 8)
+            return int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
+        return self.pid, self.tgid
 
     @property
     def tgid(self) -> int:
@@ -293,7 +289,7 @@ class Task:
         gpa = self.kernel.gva_to_gpa(self.pgd)
         if gpa & 0xFFF:
             raise CorruptData(f"mm->pgd of task {self.pid} is not page aligned", self.gva)
-        return gpa + PAGE_SIZE_4K if _pti(self.kernel) else gpa
+        return gpa + PAGE_SIZE_4K if self.kernel.pti else gpa
 
     @property
     def kernel_dtb(self) -> int:
@@ -343,18 +339,6 @@ class Task:
         for node in list_for_each(k.read_u64, self.gva + lay.thread_group, max_nodes=MAX_THREADS,
                                   la57=k.la57, what="task->thread_group"):
             yield Task(k, node - lay.thread_group)
-
-    def as_dict(self) -> dict[str, Any]:
-        """pid, tgid, ppid, uid, gid, state, comm (as /proc shows it: :attr:`proc_comm`), task_comm (the
-        raw ``task->comm``), cmdline (space-joined, like ``ps``), start_boottime_ns, kthread."""
-        try:
-            cmd = " ".join(self.cmdline())
-        except MemoryAccessError as e:  # e.g. argument pages swapped out
-            log.info("pid %d: cmdline unreadable: %s", self.pid, e)
-            cmd = ""
-        return {"pid": self.pid, "tgid": self.tgid, "ppid": self.ppid, "uid": self.uid, "gid": self.gid,
-                "state": self.state, "comm": self.proc_comm, "task_comm": self.comm, "cmdline": cmd,
-                "start_boottime_ns": self.start_boottime_ns, "kthread": self.is_kthread}
 
 
 def _to_kthread(task: Task) -> int:
@@ -435,27 +419,33 @@ def find_task(kernel: Kernel, pid: int) -> Task:
     raise ProcessNotFound(pid)
 
 
+def current_task_offset(kernel: Kernel) -> int:
+    """Per-cpu offset of the ``current`` task pointer: add a CPU's per-cpu base (``__per_cpu_offset[cpu]``,
+    or its gs_base in kernel mode). Raises SymbolNotFound."""
+    return kernel.derived(_resolve_current_task_offset)
+
+
+def _resolve_current_task_offset(kernel: Kernel) -> int:
+    # The per-cpu variable current_task (until v6.1 and again from v6.15) ...
+    if kernel.has_symbol("current_task"):
+        return kernel.symbol("current_task")
+    # ... moved into struct pcpu_hot in v6.2 (commit e57ef2ed97c1 "x86: Put hot per CPU variables into a struct").
+    try:
+        return kernel.symbol("pcpu_hot") + kernel.offsetof("pcpu_hot", "current_task")
+    except (SymbolNotFound, FieldNotFound, TypeNotFound) as e:
+        raise SymbolNotFound("current_task (nor pcpu_hot.current_task)") from e
+
+
 def current_task(kernel: Kernel, cpu: int) -> Task:
     """The task running on ``cpu`` (its idle task when idle)."""
     try:
-        # The per-cpu variable current_task (until v6.1 and again from v6.15) ...
-        gva = kernel.per_cpu_ptr("current_task", cpu)
-    except SymbolNotFound:
-        # ... moved into struct pcpu_hot in v6.2 (commit e57ef2ed97c1 "x86: Put hot per CPU variables
-        # into a struct").
-        try:
-            gva = kernel.per_cpu_ptr("pcpu_hot", cpu) + kernel.offsetof("pcpu_hot", "current_task")
-        except (SymbolNotFound, FieldNotFound, TypeNotFound) as e:
-            raise CorruptData(f"cannot locate the current task of cpu {cpu}: {e}") from e
-    return Task(kernel, kernel.read_u64(gva))
-
-
-def processes(kernel: Kernel, *, threads: bool = False) -> list[dict[str, Any]]:
-    """:meth:`Task.as_dict` of every process (or every task), sorted by pid."""
-    return sorted((t.as_dict() for t in for_each_task(kernel, threads=threads)), key=lambda d: d["pid"])
+        off = current_task_offset(kernel)
+    except SymbolNotFound as e:
+        raise CorruptData(f"cannot locate the current task of cpu {cpu}: {e}") from e
+    return Task(kernel, kernel.read_u64((kernel.per_cpu_offset(cpu) + off) & ((1 << 64) - 1)))
 
 
 __all__ = [
-    "MAX_TASKS", "Task", "TaskLayout", "current_task", "find_task", "for_each_process", "for_each_task",
-    "init_task", "processes", "task_layout",
+    "MAX_TASKS", "Task", "TaskLayout", "current_task", "current_task_offset", "find_task", "for_each_process", "for_each_task",
+    "init_task", "task_layout",
 ]

@@ -16,12 +16,16 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vmsight.errors import CorruptData, FieldNotFound, SymbolNotFound, TypeNotFound, VmsightError
 from vmsight.linux.btf import INT_BOOL, INT_CHAR, Btf, BtfKind, BtfType
 from vmsight.linux.lists import list_for_each
 from vmsight.memory.virtual import cstr, read_cstr
+
+if TYPE_CHECKING:
+    from vmsight.linux.kallsyms import Kallsyms
+    from vmsight.linux.kernel import SymbolTable
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +41,6 @@ _U64 = (1 << 64) - 1
 
 class KernelReader(Protocol):
     def read(self, gva: int, size: int) -> bytes: ...
-
-
-class SymbolTable(Protocol):
-    def address(self, name: str) -> int: ...
 
 
 def as_read_fn(reader: KernelReader | ReadFn) -> ReadFn:
@@ -288,9 +288,11 @@ KNOWN_VARIABLES = {
 
 class Program:
     """Typed access to one kernel: ``object(type, gva)``, ``variable(name)``, ``container_of``,
-    ``list_for_each_entry``, ``member_offset``. ``symbols`` (optional) has ``address(name)``."""
+    ``list_for_each_entry``, ``member_offset``. ``symbols`` (optional): the kernel's
+    :class:`~vmsight.linux.kernel.SymbolTable`, or a decoded kallsyms (its ``address(name)`` is used)."""
 
-    def __init__(self, reader: KernelReader | ReadFn, btf: Btf, symbols: SymbolTable | None = None) -> None:
+    def __init__(self, reader: KernelReader | ReadFn, btf: Btf,
+                 symbols: SymbolTable | Kallsyms | None = None) -> None:
         self.read = as_read_fn(reader)
         self.btf = btf
         self.symbols = symbols
@@ -389,8 +391,9 @@ def make_program(kernel: Any) -> Program:
 
 
 def kernel_object(kernel: Any, name: str, type_name: str | None = None, gva: int | None = None) -> Object:
-    """``kernel_object(k, "init_task")`` or ``kernel_object(k, "", "struct task_struct", gva)``."""
-    prog = kernel.types if isinstance(getattr(kernel, "types", None), Program) else make_program(kernel)
+    """``kernel_object(k, "init_task")`` or ``kernel_object(k, "", "struct task_struct", gva)``: a typed view
+    of a kernel variable, or of the object of that type at ``gva``."""
+    prog = make_program(kernel)
     if gva is not None:
         if type_name is None:
             raise TypeNotFound("type of the object at an explicit gva (pass type_name)")
