@@ -193,3 +193,26 @@ def test_adversarial_memory_only_typed_errors(data: st.DataObject) -> None:
     assert mem.reads <= len(nodes) + 1
     for (lo, hi, _e) in out:
         assert lo <= hi
+
+
+def test_one_vma_class_for_guest_and_host_maps() -> None:
+    """linux.mm.Vma is also idle's procfs.Vma: a parsed maps line and a guest VMA agree on every view."""
+    from vmsight.idle.procfs import Vma as ProcfsVma
+    from vmsight.idle.procfs import parse_maps
+    from vmsight.linux.mm import Vma
+
+    assert ProcfsVma is Vma
+    (host,) = parse_maps("7f0000001000-7f0000003000 r-xp 00002000 08:01 1234 /usr/lib/libc.so.6\n")
+    guest = Vma(0x7F0000001000, 0x7F0000003000, "r-xp", 0x2000, name="/usr/lib/libc.so.6", flags=0x75,
+                file=0xFFFF888000001000, gva=0xFFFF888000002000)
+    assert (host.start, host.end, host.path, host.dev, host.inode) == (guest.start_gva, guest.end_gva, guest.name,
+                                                                       "08:01", 1234)
+    assert host.maps_line() == guest.maps_line() == "7f0000001000-7f0000003000 r-xp 00002000 /usr/lib/libc.so.6"
+    assert host.as_dict() == guest.as_dict() == {"start": 0x7F0000001000, "end": 0x7F0000003000, "perms": "r-xp",
+                                                 "offset": 0x2000, "path": "/usr/lib/libc.so.6"}
+    assert (guest.kind, guest.label, guest.size) == ("file", "/usr/lib/libc.so.6", 0x2000)
+    assert Vma.from_json(guest.to_json()) == Vma(0x7F0000001000, 0x7F0000003000, "r-xp", 0x2000,
+                                                 name="/usr/lib/libc.so.6")   # the record keeps no gvas
+    assert Vma.from_json(host.to_json()) == host
+    assert [Vma(1, 2, "rw-p", 0, name=n).label for n in ("", "[heap]", "[stack]", "[vdso]")] == \
+        ["[anon]", "[heap]", "[stack]", "[vdso]"]

@@ -163,26 +163,85 @@ def _data_end(ntype: int, pivots: tuple[int, ...], meta_end: int, hi: int, nslot
 
 @dataclass(frozen=True)
 class Vma:
-    """One ``struct vm_area_struct``: [start, end), ``perms`` like /proc ("r-xp"), ``offset`` in bytes
-    (0 for anonymous mappings, as /proc shows), ``path`` (file path, ``[heap]``/``[stack]``/``[vdso]``...,
-    or ""), ``flags`` (vm_flags), ``file`` (gva of struct file or 0), ``gva`` of the VMA."""
+    """One ``struct vm_area_struct`` as a line of /proc/PID/maps shows it: read from guest memory
+    (:func:`for_each_vma`) or parsed from a maps file (:func:`vmsight.idle.procfs.parse_maps`). Addresses
+    are virtual addresses in that process (guest-virtual when it runs inside a VM).
 
-    start: int
-    end: int
+    ``perms`` like "r-xp"; ``offset`` in bytes (0 for anonymous mappings, as /proc shows); ``dev``/``inode``
+    as the maps file gives them ("00:00"/0 for guest VMAs, whose file identity is not read); ``name`` is the
+    path, ``[heap]``/``[stack]``/``[vdso]``..., or "" for anonymous. Read from guest memory only: ``flags``
+    (vm_flags), ``file`` (gva of its struct file, or 0) and ``gva`` (of the vm_area_struct); 0 otherwise."""
+
+    start_gva: int
+    end_gva: int
     perms: str
     offset: int
-    path: str
-    flags: int
-    file: int
-    gva: int
+    dev: str = "00:00"
+    inode: int = 0
+    name: str = ""
+    flags: int = 0
+    file: int = 0
+    gva: int = 0
+
+    # the kernel's own names (vm_start, vm_end) and /proc's column name, for callers of the Linux layer
+    @property
+    def start(self) -> int:
+        return self.start_gva
+
+    @property
+    def end(self) -> int:
+        return self.end_gva
+
+    @property
+    def path(self) -> str:
+        return self.name
+
+    @property
+    def size(self) -> int:
+        return self.end_gva - self.start_gva
+
+    @property
+    def kind(self) -> str:
+        """``heap``, ``stack``, ``anon``, ``file`` or ``special`` ([vdso], [vvar], ...)."""
+        if self.name == "[heap]":
+            return "heap"
+        if self.name.startswith("[stack"):
+            return "stack"
+        if not self.name or self.name.startswith("[anon"):
+            return "anon"
+        if self.name.startswith("["):
+            return "special"
+        return "file"
+
+    @property
+    def label(self) -> str:
+        """Key of the per-VMA breakdown: heap, stack, all anonymous memory together, each file by path."""
+        k = self.kind
+        if k == "anon":
+            return "[anon]"
+        if k == "stack":
+            return "[stack]"
+        return self.name
 
     def as_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end, "perms": self.perms, "offset": self.offset,
-                "path": self.path}
+        """What ``vmsight maps --json`` prints."""
+        return {"start": self.start_gva, "end": self.end_gva, "perms": self.perms, "offset": self.offset,
+                "path": self.name}
 
     def maps_line(self) -> str:
         """The line without device and inode columns: ``start-end perms offset path``."""
-        return f"{self.start:08x}-{self.end:08x} {self.perms} {self.offset:08x} {self.path}".rstrip()
+        return f"{self.start_gva:08x}-{self.end_gva:08x} {self.perms} {self.offset:08x} {self.name}".rstrip()
+
+    def to_json(self) -> dict[str, object]:
+        """The idle record's form (:meth:`from_json` reads it back; keys added later get defaults)."""
+        return {"start_gva": self.start_gva, "end_gva": self.end_gva, "perms": self.perms,
+                "offset": self.offset, "dev": self.dev, "inode": self.inode, "name": self.name}
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> Vma:
+        return cls(int(d["start_gva"]), int(d["end_gva"]), str(d["perms"]),  # type: ignore[call-overload]
+                   int(d.get("offset", 0)), str(d.get("dev", "00:00")),  # type: ignore[call-overload]
+                   int(d.get("inode", 0)), str(d.get("name", "")))  # type: ignore[call-overload]
 
 
 def perms_of(flags: int) -> str:
@@ -282,7 +341,7 @@ def for_each_vma(kernel: Kernel, mm: int) -> Iterator[Vma]:
                     path = "[heap]"
                 elif start <= start_stack <= end:
                     path = "[stack]"
-        yield Vma(start, end, perms_of(flags), offset, path, flags, file, vma)
+        yield Vma(start, end, perms_of(flags), offset, name=path, flags=flags, file=file, gva=vma)
 
 
 def d_path(kernel: Kernel, path_gva: int) -> str:
