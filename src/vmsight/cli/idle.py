@@ -17,10 +17,13 @@ import re
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vmsight.cli.common import parse_duration, positive_duration
+from vmsight.cli.common import escape, parse_duration, positive_duration
 from vmsight.errors import VmsightError
+
+if TYPE_CHECKING:
+    from vmsight.idle.protocol import Tracker
 
 NAME = "idle"
 HELP = "track which pages of a process are idle (working-set size, idle ages, per-VMA, heatmaps)"
@@ -116,7 +119,7 @@ def _ranges(args: argparse.Namespace) -> list[Any] | None:
 
 
 @contextlib.contextmanager
-def _tracker(args: argparse.Namespace, pid: int) -> Iterator[Any]:
+def _tracker(args: argparse.Namespace, pid: int) -> Iterator[Tracker]:
     """A host process (IdleTracker), or with --vm a process inside that VM (GuestIdleTracker)."""
     if not getattr(args, "vm", None):
         from vmsight.idle import IdleTracker
@@ -160,12 +163,12 @@ def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
         with _tracker(args, pid) as t:
             if record:  # opened once the pid is known good: a typo does not truncate an existing file
                 out = _open_output(args.output)
-            head = header_record(pid, t.process.comm, t.backend_name, t.reason, t.granularity,
-                                 t.backend.approximate, args.interval * 1000)
+            head = header_record(pid, t.comm, t.backend_name, t.reason, t.granularity, t.approximate,
+                                 args.interval * 1000)
             if record or as_json:
                 _emit(out, json.dumps(head), args.output)
             else:
-                print(f"pid {pid} ({t.process.comm}): {t.reason}", file=sys.stderr)
+                print(f"pid {pid} ({escape(t.comm)}): {t.reason}", file=sys.stderr)
             live = None
             if not record and not as_json and sys.stdout.isatty():
                 from rich.live import Live
@@ -261,7 +264,6 @@ def _table(head: dict[str, Any], rec: dict[str, Any]) -> Any:
 
 # --- report -------------------------------------------------------------------------------------------------
 def _report(args: argparse.Namespace, path: str) -> int:
-    from vmsight.cli.common import escape
     from vmsight.idle.stats import heatmap_matrix, read_recording
 
     try:

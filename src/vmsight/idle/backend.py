@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vmsight.idle.abi import (
+    PAGE_SHIFT,
     PAGEMAP_ENTRY,
     PM_FILE,
     PM_MMAP_EXCLUSIVE,
@@ -24,8 +25,16 @@ from vmsight.idle.abi import (
 )
 from vmsight.idle.errors import ProcessGone
 from vmsight.idle.kfiles import KernelFiles
-from vmsight.idle.procfs import Process
-from vmsight.idle.result import STATE_DTYPE, IdleSegment, PageState
+from vmsight.idle.procfs import Process, Vma
+from vmsight.idle.result import (
+    STATE_DTYPE,
+    AccessRegion,
+    IdleSegment,
+    IdleSnapshot,
+    PageState,
+    VmaUsage,
+    usage_from_segments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,38 @@ class Unavailable:
     reason: str
     option: str = ""
     permission: bool = False
+
+
+@dataclass(frozen=True)
+class BackendResult:
+    """What one backend read saw, beyond which pages were idle (``segments``)."""
+
+    segments: list[IdleSegment]
+    known: PageState                         # the PageState flags this backend could determine
+    mark_time_ns: int | None                 # monotonic ns of the mark this read ends (None: never marked)
+    usage: list[VmaUsage] | None = None      # exact per-VMA counts (VMA-granular backend); None: from segments
+    warnings: tuple[str, ...] = ()
+    regions: tuple[AccessRegion, ...] = ()   # region-granular backends (DAMON): the regions as sampled
+
+
+def in_ranges(vmas: list[Vma], vfn_ranges: list[VfnRange]) -> list[Vma]:
+    """The VMAs that overlap ``vfn_ranges``."""
+    return [v for v in vmas
+            if any(v.start_gva >> PAGE_SHIFT < hi and lo < v.end_gva >> PAGE_SHIFT for lo, hi in vfn_ranges)]
+
+
+def make_snapshot(res: BackendResult, *, pid: int, comm: str, start_boottime_ns: int, backend: str,
+                  granularity: str, approximate: bool, vmas: list[Vma], vfn_ranges: list[VfnRange],
+                  partial: bool = False, warnings: tuple[str, ...] = ()) -> IdleSnapshot:
+    """The snapshot of one read: ``res`` with the VMAs it covers (per-VMA usage counted from its segments
+    unless the backend counted it) and ``warnings`` after the backend's own."""
+    in_range = in_ranges(vmas, vfn_ranges)
+    usage = res.usage if res.usage is not None else usage_from_segments(in_range, res.segments)
+    return IdleSnapshot(
+        pid=pid, comm=comm, start_boottime_ns=start_boottime_ns, backend=backend, granularity=granularity,
+        approximate=approximate, segments=res.segments, vmas=in_range, usage=usage, read_time_ns=now_ns(),
+        mark_time_ns=res.mark_time_ns, known=res.known, partial=partial,
+        warnings=[*res.warnings, *warnings], regions=list(res.regions))
 
 
 class Backend:
@@ -60,24 +101,24 @@ class Backend:
         self.proc = proc
         self.sysfs = sysfs
         self.warnings: list[str] = []
-        # the caller named the ranges of the next mark (else: all mapped); DAMON then monitors only those
-        self.named_ranges = False
 
     def lock_name(self) -> str:
         return self.name
 
-    def mark(self, ranges: list[VfnRange]) -> None:
+    def mark(self, ranges: list[VfnRange], *, named_ranges: bool) -> None:
+        """Start an interval over ``ranges``. ``named_ranges``: the caller named them (else they are every
+        mapped VMA): DAMON then monitors only those."""
         raise NotImplementedError
 
-    def read(self, ranges: list[VfnRange]) -> tuple[list[IdleSegment], dict[str, object]]:
-        """Per-page data for ``ranges`` and backend extras (``usage``, ``regions``, ``warnings``...)."""
+    def read(self, ranges: list[VfnRange]) -> BackendResult:
+        """Per-page data for ``ranges`` and what else the backend knows (usage, regions, warnings...)."""
         raise NotImplementedError
 
-    def read_and_mark(self, ranges: list[VfnRange], next_ranges: list[VfnRange]
-                      ) -> tuple[list[IdleSegment], dict[str, object]]:
+    def read_and_mark(self, ranges: list[VfnRange], next_ranges: list[VfnRange], *,
+                      named_ranges: bool) -> BackendResult:
         """``read(ranges)`` then ``mark(next_ranges)``; backends that can do it cheaper override this."""
         out = self.read(ranges)
-        self.mark(next_ranges)
+        self.mark(next_ranges, named_ranges=named_ranges)
         return out
 
     def close(self) -> None:
@@ -172,5 +213,5 @@ def now_ns() -> int:
     return time.monotonic_ns()
 
 
-__all__ = ["Backend", "Unavailable", "VfnRange", "read_pagemap", "base_state", "segments_for", "fill",
+__all__ = ["Backend", "BackendResult", "Unavailable", "make_snapshot", "in_ranges", "VfnRange", "read_pagemap", "base_state", "segments_for", "fill",
            "pagemap_pfn", "now_ns"]

@@ -33,6 +33,7 @@ import numpy as np
 from vmsight.idle.abi import PAGE_SHIFT, PAGE_SIZE, PM_PRESENT, PM_SOFT_DIRTY
 from vmsight.idle.backend import (
     Backend,
+    BackendResult,
     Unavailable,
     VfnRange,
     base_state,
@@ -44,7 +45,7 @@ from vmsight.idle.backend import (
 from vmsight.idle.errors import AccessDenied, ProcessGone
 from vmsight.idle.kfiles import KernelFiles
 from vmsight.idle.procfs import Process
-from vmsight.idle.result import STATE_DTYPE, IdleSegment, PageState, VmaUsage
+from vmsight.idle.result import STATE_DTYPE, PageState, VmaUsage
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ class ClearRefsBackend(Backend):
         self.warnings.append(LOWER_BOUND)
         log.warning("%s", LOWER_BOUND)
 
-    def mark(self, ranges: list[VfnRange]) -> None:
+    def mark(self, ranges: list[VfnRange], *, named_ranges: bool) -> None:
+        # clear_refs is per process: ranges, named or not, do not limit what is cleared
         try:
             self.proc.write_text(f"{self.process.pid}/clear_refs", "1\n")
         except FileNotFoundError:
@@ -128,7 +130,7 @@ class ClearRefsBackend(Backend):
         self.process.check_alive("mark")
         self.mark_time_ns = now_ns()
 
-    def read(self, ranges: list[VfnRange]) -> tuple[list[IdleSegment], dict[str, object]]:
+    def read(self, ranges: list[VfnRange]) -> BackendResult:
         smaps = self.process.smaps()
         segments = segments_for(ranges)
         usage: list[VmaUsage] = []
@@ -165,8 +167,7 @@ class ClearRefsBackend(Backend):
                                   huge_bytes=e.bytes("AnonHugePages") + e.bytes("FilePmdMapped")
                                   + e.bytes("ShmemPmdMapped")))
         self.process.check_alive("read")
-        return segments, {"usage": usage, "warnings": list(self.warnings), "mark_time_ns": self.mark_time_ns,
-                          "known": known}
+        return BackendResult(segments, known, self.mark_time_ns, usage=usage, warnings=tuple(self.warnings))
 
 
 __all__ = ["ClearRefsBackend", "DISTURBS_RECLAIM", "LOWER_BOUND", "PAGE_SIZE", "soft_dirty_compiled"]

@@ -29,6 +29,7 @@ import numpy as np
 from vmsight.idle.abi import PAGE_SHIFT
 from vmsight.idle.backend import (
     Backend,
+    BackendResult,
     Unavailable,
     VfnRange,
     base_state,
@@ -41,7 +42,7 @@ from vmsight.idle.errors import AccessDenied, BackendUnavailable
 from vmsight.idle.kfiles import KernelFiles
 from vmsight.idle.lock import default_lock_dir
 from vmsight.idle.procfs import Process
-from vmsight.idle.result import STATE_DTYPE, AccessRegion, IdleSegment, PageState
+from vmsight.idle.result import STATE_DTYPE, AccessRegion, PageState
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +187,11 @@ class DamonBackend(Backend):
                        "kdamond": 0, "target_pid": self.process.pid}, f)
 
     # --- interface ----------------------------------------------------------------------------------------
-    def mark(self, ranges: list[VfnRange]) -> None:
+    def mark(self, ranges: list[VfnRange], *, named_ranges: bool) -> None:
+        # the kdamond is set up once, by the first mark: named ranges become its fixed regions
         if not self._created:
             self._ranges = ranges
-            self._create(ranges if self.named_ranges else None)
+            self._create(ranges if named_ranges else None)
         self.mark_time_ns = now_ns()
 
 
@@ -216,9 +218,9 @@ class DamonBackend(Backend):
         out.sort(key=lambda r: r.start_gva)
         return out
 
-    def read(self, ranges: list[VfnRange]) -> tuple[list[IdleSegment], dict[str, object]]:
-        if not self._created:
-            self.mark(ranges)
+    def read(self, ranges: list[VfnRange]) -> BackendResult:
+        if not self._created:   # read without a mark: monitor every VMA from now
+            self.mark(ranges, named_ranges=False)
         regions = self._regions()
         t = now_ns()
         since = self.mark_time_ns or self.start_time_ns or t
@@ -245,7 +247,7 @@ class DamonBackend(Backend):
         self.process.check_alive("read")
         warn = [f"DAMON is approximate: region-granular sampling ({len(regions)} regions, sample "
                 f"{self.sample_us} us, aggregation {self.aggr_us} us)"]
-        return segments, {"warnings": warn, "mark_time_ns": self.mark_time_ns, "known": KNOWN, "regions": regions}
+        return BackendResult(segments, KNOWN, self.mark_time_ns, warnings=tuple(warn), regions=tuple(regions))
 
     def close(self) -> None:
         if not self._created:

@@ -18,12 +18,13 @@ class ProcessGone(ProcessNotFound):
 class PidReused(ProcessGone):
     """The pid now names a different process (start time changed since the tracker attached)."""
 
-    def __init__(self, pid: int, old_start_ticks: int, new_start_ticks: int) -> None:
+    def __init__(self, pid: int, old_start_boottime_ns: int, new_start_boottime_ns: int) -> None:
         super().__init__(pid)
-        self.args = (f"pid {pid} was reused: the tracked process (start time {old_start_ticks} ticks) exited "
-                     f"and a new one (start time {new_start_ticks}) took its pid",)
-        self.old_start_ticks = old_start_ticks
-        self.new_start_ticks = new_start_ticks
+        self.args = (f"pid {pid} was reused: the tracked process (started {old_start_boottime_ns / 1e9:.3f} s "
+                     f"after boot) exited and a new one (started {new_start_boottime_ns / 1e9:.3f} s after boot) "
+                     "took its pid",)
+        self.old_start_boottime_ns = old_start_boottime_ns
+        self.new_start_boottime_ns = new_start_boottime_ns
 
 
 class KernelThread(VmsightError):

@@ -28,11 +28,12 @@ from vmsight import linux
 from vmsight.errors import ProcessNotFound
 from vmsight.events.watchdog import WatchdogClient, ram_description, restore_accessed, supervise
 from vmsight.idle.abi import PAGE_SHIFT
-from vmsight.idle.backend import VfnRange, fill, now_ns, segments_for
+from vmsight.idle.backend import BackendResult, VfnRange, fill, make_snapshot, now_ns, segments_for
 from vmsight.idle.errors import KernelThread, PidReused, ProcessGone
 from vmsight.idle.procfs import Vma
-from vmsight.idle.result import STATE_DTYPE, IdleSegment, IdleSnapshot, PageState, usage_from_segments
-from vmsight.idle.tracker import Ranges, resolve_ranges
+from vmsight.idle.protocol import Ranges
+from vmsight.idle.result import STATE_DTYPE, IdleSegment, IdleSnapshot, PageState
+from vmsight.idle.tracker import resolve_ranges
 from vmsight.memory.paging import PAGE_ACCESSED, LeafMapping, clear_accessed, walk_range
 from vmsight.vm import VM
 
@@ -49,8 +50,8 @@ def guest_vmas(proc: linux.Process) -> list[Vma]:
 
 
 class GuestIdleTracker:
-    """Per-process idle tracking for a process in a VM. Same operations and result type as
-    :class:`vmsight.idle.IdleTracker`. Raises ProcessNotFound, KernelThread, ProcessGone/PidReused."""
+    """Per-process idle tracking for a process in a VM (a :class:`vmsight.idle.protocol.Tracker`, as
+    :class:`vmsight.idle.IdleTracker` is). Raises ProcessNotFound, KernelThread, ProcessGone/PidReused."""
 
     name = BACKEND
     backend_name = BACKEND
@@ -86,9 +87,7 @@ class GuestIdleTracker:
             if proc.task.is_kthread or not proc.task.mm:
                 raise KernelThread(pid, proc.task.comm)
             self.comm = proc.task.comm
-            self.start_ns = proc.task.start_boottime_ns
-        self.process = self     # the host tracker's ``process.comm`` / ``backend.approximate``, for reports
-        self.backend = self
+            self.start_boottime_ns = proc.task.start_boottime_ns
         self._marked: list[VfnRange] | None = None
         self._mark_time_ns: int | None = None
         self._cleared: dict[int, int] = {}   # pte_gpa -> entry value we cleared A in
@@ -102,9 +101,9 @@ class GuestIdleTracker:
             proc = self.guest.process(self.pid)
         except ProcessNotFound:
             raise ProcessGone(self.pid, phase) from None
-        start = proc.task.start_boottime_ns
-        if start != self.start_ns:
-            raise PidReused(self.pid, self.start_ns, start)
+        start_ns = proc.task.start_boottime_ns
+        if start_ns != self.start_boottime_ns:
+            raise PidReused(self.pid, self.start_boottime_ns, start_ns)
         if not proc.task.mm:
             raise ProcessGone(self.pid, phase)  # exiting: the mm is already gone
         return proc
@@ -147,6 +146,13 @@ class GuestIdleTracker:
 
     def read(self, ranges: Ranges = None) -> IdleSnapshot:
         """End an interval: which pages stayed idle since :meth:`mark_idle`."""
+        res, vmas, vfn_ranges = self._read(ranges)
+        return make_snapshot(res, pid=self.pid, comm=self.comm, start_boottime_ns=self.start_boottime_ns,
+                             backend=BACKEND, granularity=self.granularity, approximate=self.approximate,
+                             vmas=vmas, vfn_ranges=vfn_ranges)
+
+    def _read(self, ranges: Ranges) -> tuple[BackendResult, list[Vma], list[VfnRange]]:
+        """The backend half of :meth:`read`: the page tables' A bits of the ranges, the VMAs, the ranges."""
         warnings: list[str] = []
         with self.vm.paused():
             proc = self._process("read")
@@ -161,12 +167,7 @@ class GuestIdleTracker:
         file_vfns = [(v.start_gva >> PAGE_SHIFT, v.end_gva >> PAGE_SHIFT) for v in vmas if v.kind == "file"]
         for lo, hi in vfn_ranges:
             self._fill_range(segments, lo, hi, leaves, file_vfns)
-        in_range = [v for v in vmas if any(v.start_gva >> PAGE_SHIFT < hi and lo < v.end_gva >> PAGE_SHIFT
-                                           for lo, hi in vfn_ranges)]
-        return IdleSnapshot(
-            pid=self.pid, comm=self.comm, start_ticks=self.start_ns, backend=BACKEND, granularity="page",
-            approximate=False, segments=segments, vmas=in_range, usage=usage_from_segments(in_range, segments),
-            read_time_ns=now_ns(), mark_time_ns=self._mark_time_ns, known=KNOWN, warnings=warnings)
+        return BackendResult(segments, KNOWN, self._mark_time_ns, warnings=tuple(warnings)), vmas, vfn_ranges
 
     def read_and_mark(self, ranges: Ranges = None) -> IdleSnapshot:
         """``read()`` then ``mark_idle(ranges)``: end this interval and start the next."""

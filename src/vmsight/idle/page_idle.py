@@ -53,6 +53,7 @@ from vmsight.idle.abi import (
 )
 from vmsight.idle.backend import (
     Backend,
+    BackendResult,
     Unavailable,
     VfnRange,
     base_state,
@@ -64,7 +65,7 @@ from vmsight.idle.backend import (
 from vmsight.idle.errors import AccessDenied
 from vmsight.idle.kfiles import KernelFiles
 from vmsight.idle.procfs import Process
-from vmsight.idle.result import STATE_DTYPE, IdleSegment, PageState
+from vmsight.idle.result import STATE_DTYPE, PageState
 
 log = logging.getLogger(__name__)
 
@@ -400,8 +401,9 @@ class PageIdleBackend(Backend):
         return scan
 
     # --- interface ----------------------------------------------------------------------------------------
-    def mark(self, ranges: list[VfnRange], keep: tuple[_Frames, I64] | None = None) -> None:
-        """Mark every tracked page of ``ranges`` idle. ``keep``: heads (slots in some frames) whose mark still
+    def mark(self, ranges: list[VfnRange], *, named_ranges: bool,
+             keep: tuple[_Frames, I64] | None = None) -> None:
+        """Mark every tracked page of ``ranges`` idle (named or not: page_idle marks just them). ``keep``: heads (slots in some frames) whose mark still
         stands — a read just found them idle, which leaves PG_idle set and their accessed bits clear — are not
         written again."""
         self._marked = None
@@ -425,7 +427,7 @@ class PageIdleBackend(Backend):
         self._marked = scan
         log.debug("page_idle: marked %d folios in %d bitmap writes", int(np.count_nonzero(bits)), calls)
 
-    def read(self, ranges: list[VfnRange]) -> tuple[list[IdleSegment], dict[str, object]]:
+    def read(self, ranges: list[VfnRange]) -> BackendResult:
         warnings = list(self.warnings) + self._concurrent_users()
         marked = self._marked.offsets() if self._marked is not None else {}
         views = []
@@ -471,15 +473,15 @@ class PageIdleBackend(Backend):
                 fill(segments, r[0], r[1], state[sl], idle[sl], entries=after if swapped else None, pfn=pfn_all[sl])
                 off += len(after)
         self.process.check_alive("read")
-        return segments, {"warnings": warnings, "mark_time_ns": self.mark_time_ns, "known": KNOWN}
+        return BackendResult(segments, KNOWN, self.mark_time_ns, warnings=tuple(warnings))
 
-    def read_and_mark(self, ranges: list[VfnRange], next_ranges: list[VfnRange]
-                      ) -> tuple[list[IdleSegment], dict[str, object]]:
+    def read_and_mark(self, ranges: list[VfnRange], next_ranges: list[VfnRange], *,
+                      named_ranges: bool) -> BackendResult:
         """End the interval and start the next one at once. The kernel's read already restarted it for every
         page it found idle (PG_idle still set, accessed bits clear), so only the others are written again:
         for mostly idle memory this halves the kernel's rmap walks."""
         out = self.read(ranges)
-        self.mark(next_ranges, keep=self._still_idle)
+        self.mark(next_ranges, named_ranges=named_ranges, keep=self._still_idle)
         return out
 
     def _classify(self, m: _Scan, after: U64, bit_idle: npt.NDArray[np.bool_], unchanged: bool

@@ -124,9 +124,13 @@ class AccessRegion:
 
 @dataclass
 class IdleSnapshot:
+    """One read of a tracked process. ``start_boottime_ns``: when the process started, in ns since boot (the
+    kernel's ``task->start_boottime``; from /proc/PID/stat's clock ticks on the host, so to a tick);
+    ``read_time_ns`` / ``mark_time_ns``: this process's monotonic clock."""
+
     pid: int
     comm: str
-    start_ticks: int
+    start_boottime_ns: int
     backend: str
     granularity: str            # "page", "region" or "vma"
     approximate: bool

@@ -25,13 +25,16 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from vmsight.idle.abi import PAGE_SIZE, WORD_BITS, WORD_BYTES, pack_bits, unpack_bits
 from vmsight.idle.result import FORMAT_VERSION, IdleSnapshot, PageState
+
+if TYPE_CHECKING:
+    from vmsight.idle.protocol import Ranges, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -403,8 +406,8 @@ def _pos_to_gva(pos: int, merged: list[list[int]], offsets: npt.NDArray[np.int64
     return (merged[k][0] + pos - int(offsets[k])) * PAGE_SIZE
 
 
-def run_intervals(tracker: Any, interval_s: float, duration_s: float | None,
-                  on_interval: Callable[[dict[str, Any], IdleSnapshot], None], ranges: Any = None,
+def run_intervals(tracker: Tracker, interval_s: float, duration_s: float | None,
+                  on_interval: Callable[[dict[str, Any], IdleSnapshot], None], ranges: Ranges = None,
                   with_bitmap: bool = False, sleep: Callable[[float], None] = time.sleep) -> str:
     """mark, then every ``interval_s``: read and re-mark (``read_and_mark``), calling ``on_interval(record, snapshot)``. Returns why
     it stopped ("duration", or the error text when the process exited). A ``duration_s`` makes
@@ -417,17 +420,17 @@ def run_intervals(tracker: Any, interval_s: float, duration_s: float | None,
         raise ValueError(f"interval {interval_s} s must be > 0 and at most the duration {duration_s} s")
     ages = IdleAges()
     tracker.mark_idle(ranges)
-    last = time.monotonic()
+    last_s = time.monotonic()
     i = 0
     while count is None or i < count:
-        sleep(max(0.0, last + interval_s - time.monotonic()))
+        sleep(max(0.0, last_s + interval_s - time.monotonic()))
         try:
             snap = tracker.read_and_mark(ranges)
-            now = time.monotonic()
+            now_s = time.monotonic()
         except ProcessGone as e:
             return str(e)
         ages.update(snap)
-        on_interval(interval_record(snap, i, (now - last) * 1000, ages, with_bitmap), snap)
-        last = now
+        on_interval(interval_record(snap, i, (now_s - last_s) * 1000, ages, with_bitmap), snap)
+        last_s = now_s
         i += 1
     return "duration"

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 
 from vmsight.idle.abi import PAGE_SHIFT, PAGE_SIZE
-from vmsight.idle.backend import Backend, Unavailable, VfnRange, now_ns
+from vmsight.idle.backend import Backend, BackendResult, Unavailable, VfnRange, make_snapshot
 from vmsight.idle.clear_refs import ClearRefsBackend
 from vmsight.idle.damon import DamonBackend
 from vmsight.idle.errors import AccessDenied, BackendUnavailable, BadRange
@@ -20,7 +20,8 @@ from vmsight.idle.kfiles import KernelFiles
 from vmsight.idle.lock import TrackerLock
 from vmsight.idle.page_idle import PageIdleBackend
 from vmsight.idle.procfs import Process, Vma
-from vmsight.idle.result import IdleSegment, IdleSnapshot, PageState, VmaUsage, usage_from_segments
+from vmsight.idle.protocol import Ranges, RangeSpec
+from vmsight.idle.result import IdleSnapshot, VmaUsage
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,6 @@ BACKENDS: dict[str, type[Backend]] = {
     "damon": DamonBackend,
     "clear_refs": ClearRefsBackend,
 }
-
-RangeSpec = str | tuple[int, int] | Vma
-Ranges = RangeSpec | Sequence[RangeSpec] | None
 
 MAX_DEFAULT_PAGES = 1 << 24   # 64 GiB of VA scanned by default; beyond that the result is flagged partial
 
@@ -123,7 +121,7 @@ def resolve_ranges(ranges: Ranges, vmas: list[Vma]) -> tuple[list[VfnRange], boo
 
 
 class IdleTracker:
-    """Track which pages of process ``pid`` are idle, by virtual page.
+    """Track which pages of host process ``pid`` are idle, by virtual page (a :class:`Tracker`).
 
     ``backend``: "auto" (most precise available; ``reason`` says why), "page_idle", "damon" or "clear_refs".
     Raises ProcessGone / KernelThread / BackendUnavailable / AccessDenied / TrackerBusy (another vmsight
@@ -160,6 +158,14 @@ class IdleTracker:
     def granularity(self) -> str:
         return self.backend.granularity
 
+    @property
+    def approximate(self) -> bool:
+        return self.backend.approximate   # clear_refs may find out only at its first mark
+
+    @property
+    def comm(self) -> str:
+        return self.process.comm
+
     # --- ranges ---------------------------------------------------------------------------------------------
     def vmas(self) -> list[Vma]:
         return self.process.maps()
@@ -176,8 +182,7 @@ class IdleTracker:
     def mark_idle(self, ranges: Ranges = None) -> None:
         """Start an interval: mark the pages of ``ranges`` (default: all mapped) idle."""
         vfn_ranges, self._mark_partial = self.resolve(ranges)
-        self.backend.named_ranges = ranges is not None
-        self.backend.mark(vfn_ranges)
+        self.backend.mark(vfn_ranges, named_ranges=ranges is not None)
         self._marked = vfn_ranges
 
     def read(self, ranges: Ranges = None) -> IdleSnapshot:
@@ -185,7 +190,7 @@ class IdleTracker:
         else all mapped. Pages mapped later than the mark read as NEW (accessed) where the backend sees them."""
         vmas = self.vmas()
         vfn_ranges, partial = self._read_ranges(ranges, vmas)
-        return self._snapshot(*self.backend.read(vfn_ranges), vmas, vfn_ranges, partial)
+        return self._snapshot(self.backend.read(vfn_ranges), vmas, vfn_ranges, partial)
 
     def read_and_mark(self, ranges: Ranges = None) -> IdleSnapshot:
         """End this interval and start the next one at the same moment, for continuous tracking: ``read()``
@@ -194,34 +199,24 @@ class IdleTracker:
         vmas = self.vmas()
         vfn_ranges, partial = self._read_ranges(None, vmas)
         next_ranges, next_partial = self.resolve(ranges, vmas)
-        self.backend.named_ranges = ranges is not None
-        segments, extra = self.backend.read_and_mark(vfn_ranges, next_ranges)
+        res = self.backend.read_and_mark(vfn_ranges, next_ranges, named_ranges=ranges is not None)
         self._marked, self._mark_partial = next_ranges, next_partial
-        return self._snapshot(segments, extra, vmas, vfn_ranges, partial)
+        return self._snapshot(res, vmas, vfn_ranges, partial)
 
     def _read_ranges(self, ranges: Ranges, vmas: list[Vma]) -> tuple[list[VfnRange], bool]:
         if ranges is None and self._marked is not None:
             return self._marked, self._mark_partial
         return self.resolve(ranges, vmas)
 
-    def _snapshot(self, segments: list[IdleSegment], extra: dict[str, object], vmas: list[Vma],
-                  vfn_ranges: list[VfnRange], partial: bool) -> IdleSnapshot:
-        usage = extra.get("usage")
-        in_range = [v for v in vmas
-                    if any(v.start_gva >> PAGE_SHIFT < hi and lo < v.end_gva >> PAGE_SHIFT for lo, hi in vfn_ranges)]
-        if not isinstance(usage, list):
-            usage = usage_from_segments(in_range, segments)
-        warnings = [str(w) for w in extra.get("warnings", [])]  # type: ignore[attr-defined]
-        if partial:
-            warnings.append(f"default ranges truncated at {MAX_DEFAULT_PAGES * PAGE_SIZE >> 30} GiB of VA")
-        mark = extra.get("mark_time_ns")
-        return IdleSnapshot(
-            pid=self.pid, comm=self.process.comm, start_ticks=self.process.start_ticks,
-            backend=self.backend.name, granularity=self.backend.granularity,
-            approximate=self.backend.approximate, segments=segments, vmas=in_range, usage=usage,
-            read_time_ns=now_ns(), mark_time_ns=int(mark) if isinstance(mark, int) else None,
-            known=PageState(extra.get("known", 0)), partial=partial, warnings=warnings,  # type: ignore[arg-type]
-            regions=list(extra.get("regions", [])))  # type: ignore[call-overload]
+    def _snapshot(self, res: BackendResult, vmas: list[Vma], vfn_ranges: list[VfnRange],
+                  partial: bool) -> IdleSnapshot:
+        b = self.backend
+        return make_snapshot(
+            res, pid=self.pid, comm=self.process.comm, start_boottime_ns=self.process.start_boottime_ns,
+            backend=b.name, granularity=b.granularity, approximate=b.approximate, vmas=vmas,
+            vfn_ranges=vfn_ranges, partial=partial,
+            warnings=(f"default ranges truncated at {MAX_DEFAULT_PAGES * PAGE_SIZE >> 30} GiB of VA",) if partial
+            else ())
 
     # --- lifetime -------------------------------------------------------------------------------------------
     def close(self) -> None:
