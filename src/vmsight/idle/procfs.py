@@ -14,61 +14,11 @@ from dataclasses import dataclass
 
 from vmsight.idle.errors import KernelThread, PidReused, ProcessGone
 from vmsight.idle.kfiles import KernelFiles
+from vmsight.linux.mm import Vma  # the one VMA class: a maps line here, a guest vm_area_struct there
 
 log = logging.getLogger(__name__)
 
 PF_KTHREAD = 0x00200000  # include/linux/sched.h
-
-
-@dataclass(frozen=True)
-class Vma:
-    """One line of /proc/PID/maps (a ``struct vm_area_struct``). Addresses are virtual addresses in the
-    tracked process (guest-virtual when that process runs inside a VM)."""
-
-    start_gva: int
-    end_gva: int
-    perms: str
-    offset: int
-    dev: str
-    inode: int
-    name: str  # pathname, "[heap]", "[stack]", "[vdso]", ... or "" for anonymous
-
-    @property
-    def size(self) -> int:
-        return self.end_gva - self.start_gva
-
-    @property
-    def kind(self) -> str:
-        """``heap``, ``stack``, ``anon``, ``file`` or ``special`` ([vdso], [vvar], ...)."""
-        if self.name == "[heap]":
-            return "heap"
-        if self.name.startswith("[stack"):
-            return "stack"
-        if not self.name or self.name.startswith("[anon"):
-            return "anon"
-        if self.name.startswith("["):
-            return "special"
-        return "file"
-
-    @property
-    def label(self) -> str:
-        """Key of the per-VMA breakdown: heap, stack, all anonymous memory together, each file by path."""
-        k = self.kind
-        if k == "anon":
-            return "[anon]"
-        if k == "stack":
-            return "[stack]"
-        return self.name
-
-    def to_json(self) -> dict[str, object]:
-        return {"start_gva": self.start_gva, "end_gva": self.end_gva, "perms": self.perms,
-                "offset": self.offset, "dev": self.dev, "inode": self.inode, "name": self.name}
-
-    @classmethod
-    def from_json(cls, d: dict[str, object]) -> Vma:
-        return cls(int(d["start_gva"]), int(d["end_gva"]), str(d["perms"]),  # type: ignore[call-overload]
-                   int(d.get("offset", 0)), str(d.get("dev", "00:00")),  # type: ignore[call-overload]
-                   int(d.get("inode", 0)), str(d.get("name", "")))  # type: ignore[call-overload]
 
 
 def parse_maps(text: str) -> list[Vma]:
