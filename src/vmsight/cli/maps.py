@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vmsight.cli.common import add_dump_options, emit_json, escape, open_machine
-from vmsight.linux import kernel_of
+from vmsight.linux import paused_kernel
 from vmsight.linux.mm import task_vmas
 
 NAME = "maps"
@@ -19,8 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with open_machine(args) as vm:
-        k = kernel_of(vm)
-        with vm.paused():
+        with paused_kernel(vm) as k:
             vmas = task_vmas(k, args.pid)
     if args.json:
         emit_json([v.as_dict() for v in vmas])

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from vmsight.cli.common import add_dump_options, emit_json, escape, open_machine
-from vmsight.linux import kernel_of, set_hostname, uname
+from vmsight.linux import paused_kernel, set_hostname, uname
 
 NAME = "uname"
 _HOST_NAME_MAX = 64  # __NEW_UTS_LEN: init_uts_ns.name.nodename is 65 bytes with the NUL
@@ -37,8 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with open_machine(args) as vm:
-        k = kernel_of(vm)
-        with vm.paused():
+        with paused_kernel(vm) as k:
             if args.set_hostname is not None:
                 set_hostname(k, args.set_hostname)
             u = uname(k)

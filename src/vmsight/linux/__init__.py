@@ -20,9 +20,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from vmsight.errors import MemoryAccessError
-from vmsight.linux.kernel import NO_LINUX, Kernel, discover, kernel_of, set_hostname, uname
+from vmsight.linux.kernel import NO_LINUX, Kernel, discover, kernel_of, paused_kernel, set_hostname, uname
 from vmsight.linux.lists import list_for_each
-from vmsight.linux.mm import Vma, d_path, for_each_vma, mt_entries, task_vmas
+from vmsight.linux.mm import Vma, d_path, for_each_vma, mt_entries, task_vmas, vmas_of
 from vmsight.linux.modules import Module, for_each_module, lsmod
 from vmsight.linux.tasks import (
     Task,
@@ -70,8 +70,7 @@ class Process:
         self.task.address_space().write(gva, data)
 
     def maps(self) -> list[Vma]:
-        mm = self.task.mm
-        return list(for_each_vma(self.kernel, mm)) if mm else []
+        return vmas_of(self.task)
 
     def cmdline(self) -> list[str]:
         return self.task.cmdline()
@@ -135,24 +134,20 @@ class Guest:
 def processes(vm: Machine, *, threads: bool = False) -> list[dict[str, Any]]:
     """:meth:`Process.as_dict` of every guest process (every task with ``threads``), sorted by pid; the VM
     is paused while they are read. What ``vmsight ps`` lists."""
-    k = kernel_of(vm)
-    with vm.paused():
-        k.invalidate()
+    with paused_kernel(vm) as k:
         return sorted((Process(k, t).as_dict() for t in for_each_task(k, threads=threads)), key=lambda d: d["pid"])
 
 
 def process_dtb(vm: Machine, pid: int) -> int:
     """gpa of the page table mapping process ``pid``'s user half (PTI: the user PGD). For
     ``read-virt --pid``. Raises ProcessNotFound, NoLinuxKernel."""
-    k = kernel_of(vm)
-    with vm.paused():
-        k.invalidate()
+    with paused_kernel(vm) as k:
         return find_task(k, pid).dtb
 
 
 __all__ = [
     "NO_LINUX", "Guest", "Kernel", "Module", "Process", "Task", "Vma", "current_task", "d_path", "discover",
     "find_task", "for_each_module", "for_each_process", "for_each_task", "for_each_vma", "init_task",
-    "kernel_of", "list_for_each", "lsmod", "mt_entries", "process_dtb", "processes", "set_hostname",
+    "kernel_of", "list_for_each", "lsmod", "mt_entries", "paused_kernel", "process_dtb", "processes", "set_hostname",
     "task_vmas", "uname",
 ]

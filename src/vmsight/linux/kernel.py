@@ -29,6 +29,7 @@ Kernel memory is read through three paths: the image (linear to the physical bas
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import hashlib
 import logging
@@ -1025,7 +1026,20 @@ def kernel_of(vm: Machine) -> Kernel:
     return k
 
 
+@contextlib.contextmanager
+def paused_kernel(vm: Machine) -> Iterator[Kernel]:
+    """``with paused_kernel(vm) as k:`` the target's kernel (:func:`kernel_of`), the target paused for the
+    whole block: discovery and the reads share one pause, and translations cached before the guest last ran
+    are dropped first."""
+    with vm.paused():
+        known = vm in _KERNELS
+        k = kernel_of(vm)
+        if known:
+            k.invalidate()
+        yield k
+
+
 __all__ = [
     "DEFAULT_TEXT_GVA", "ImageCandidate", "Kernel", "NO_LINUX", "discover", "discover_in_memory",
-    "image_candidates", "kallsyms_in_image", "kernel_of", "set_hostname", "uname", "SymbolNotFound",
+    "image_candidates", "kallsyms_in_image", "kernel_of", "paused_kernel", "set_hostname", "uname", "SymbolNotFound",
 ]

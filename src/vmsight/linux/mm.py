@@ -394,11 +394,15 @@ def d_path(kernel: Kernel, path_gva: int) -> str:
     return path + " (deleted)" if deleted else path
 
 
+def vmas_of(task: Task) -> list[Vma]:
+    """The VMAs of ``task`` (empty for kernel threads and exited tasks, which have no mm)."""
+    mm = task.mm
+    return list(for_each_vma(task.kernel, mm)) if mm else []
+
+
 def task_vmas(kernel: Kernel, pid: int) -> list[Vma]:
     """The VMAs of process ``pid`` (empty for kernel threads). Raises ProcessNotFound."""
-    task = find_task(kernel, pid)
-    mm = task.mm
-    return list(for_each_vma(kernel, mm)) if mm else []
+    return vmas_of(find_task(kernel, pid))
 
 
 def vma_of(task: Task, gva: int) -> Vma | None:
@@ -415,5 +419,5 @@ def vma_of(task: Task, gva: int) -> Vma | None:
 
 __all__ = [
     "DEFAULT_MAPLE_LAYOUT", "MapleLayout", "Vma", "d_path", "for_each_vma", "maple_layout", "mt_entries",
-    "perms_of", "task_vmas", "vma_of", "vma_pointers", "VmsightError",
+    "perms_of", "task_vmas", "vma_of", "vmas_of", "vma_pointers", "VmsightError",
 ]
