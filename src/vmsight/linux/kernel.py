@@ -1029,14 +1029,10 @@ def kernel_of(vm: Machine) -> Kernel:
 @contextlib.contextmanager
 def paused_kernel(vm: Machine) -> Iterator[Kernel]:
     """``with paused_kernel(vm) as k:`` the target's kernel (:func:`kernel_of`), the target paused for the
-    whole block: discovery and the reads share one pause, and translations cached before the guest last ran
-    are dropped first."""
+    whole block, so discovery and the reads share one pause. (Translations need no invalidate here: a target
+    drops its address spaces' caches when it resumes, see :class:`~vmsight.target.Machine`.)"""
     with vm.paused():
-        known = vm in _KERNELS
-        k = kernel_of(vm)
-        if known:
-            k.invalidate()
-        yield k
+        yield kernel_of(vm)
 
 
 __all__ = [
