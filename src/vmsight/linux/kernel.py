@@ -1029,10 +1029,15 @@ def kernel_of(vm: Machine) -> Kernel:
 @contextlib.contextmanager
 def paused_kernel(vm: Machine) -> Iterator[Kernel]:
     """``with paused_kernel(vm) as k:`` the target's kernel (:func:`kernel_of`), the target paused for the
-    whole block, so discovery and the reads share one pause. (Translations need no invalidate here: a target
-    drops its address spaces' caches when it resumes, see :class:`~vmsight.target.Machine`.)"""
+    whole block, so discovery and the reads share one pause. A kernel found before has its translations
+    dropped first: a paused VM drops them itself when it resumes, but one whose run state another command
+    controls is read live, and pauses nothing (:meth:`vmsight.vm.VM.paused`)."""
     with vm.paused():
-        yield kernel_of(vm)
+        known = vm in _KERNELS
+        k = kernel_of(vm)
+        if known:
+            k.invalidate()
+        yield k
 
 
 __all__ = [
