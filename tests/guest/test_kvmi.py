@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +216,62 @@ def test_session_ends_when_introspector_hangs_up(bridge: Bridge, vm: VM) -> None
         assert vm.status() == "paused", "the run state is left as found"
     t0 = time.monotonic()
     assert vm.status() == "running" and time.monotonic() - t0 < 5
+
+
+def _cli(guest: VmInstance, *argv: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "vmsight.cli.main", "--vm", guest.dir, *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+
+
+def test_cli_serves_until_hangup(vm: VM, guest: VmInstance, tmp_path: Path) -> None:
+    """`vmsight --vm DIR kvmi ADDRESS` in its own process, with --secret: served, then a hang-up ends it (exit
+    0) and the guest runs; a wrong secret is refused with one line and a non-zero exit."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"kvmi-test-secret\n")
+    secret.chmod(0o600)
+    with Introspector(secret=b"kvmi-test-secret\n") as intro:
+        proc = _cli(guest, "kvmi", str(intro.address), "--secret", str(secret))
+        try:
+            intro.accept(60.0)
+            assert intro.get_guest_info() == 2
+            with vm.paused():
+                assert intro.read_physical(0x1000000, PAGE) == vm.read_gpa(0x1000000, PAGE)
+            intro.close()
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert b"the introspector hung up" in out and b"commands served" in out
+    assert vm.status() == "running"
+    with Introspector(secret=b"wrong") as intro:
+        proc = _cli(guest, "kvmi", str(intro.address), "--secret", str(secret))
+        try:
+            intro.accept(60.0)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode != 0 and b"wrong cookie hash" in err and len(err.decode().strip().splitlines()) == 1
+    assert vm.status() == "running"
+
+
+def test_cli_ends_on_sigterm(vm: VM, guest: VmInstance) -> None:
+    with Introspector() as intro:
+        proc = _cli(guest, "kvmi", str(intro.address))
+        try:
+            intro.accept(60.0)
+            assert intro.get_version() == 1
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert intro.sock is not None and intro.sock.recv(1) == b"", "the VM side closed the session"
+    assert vm.status() == "running"
+    assert guest.agent.run("echo alive").check().text == "alive\n"

@@ -45,6 +45,7 @@ COMMANDS: dict[str, str] = {
     "trace": "vmsight.cli.trace",
     "watch": "vmsight.cli.watch",
     "idle": "vmsight.cli.idle",
+    "kvmi": "vmsight.cli.kvmi",
 }
 _VALUED = ("--vm", "--gdb")   # global options that take a value
 
