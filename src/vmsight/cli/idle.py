@@ -1,9 +1,12 @@
-"""``vmsight idle``: per-process idle page tracking.
+"""``vmsight idle``: per-process idle page tracking, a group of four commands.
 
-  vmsight idle PID [--interval 1s] [--duration 30s] [--backend B] [--range R]...   live table / --json lines
-  vmsight idle record PID -o FILE [--interval 1s] [--duration 30s] ...              JSON lines with bitmaps
-  vmsight idle report FILE [--wss] [--heatmap out.png|-]                            summarise a recording
-  vmsight idle bitmap PID --start GVA --end GVA [--mark] [--wait 1s] [--raw]        proposed /proc/PID/page_idle
+  vmsight idle live PID [--interval 1s] [--duration 30s] [--backend B] [--range R]...  live table / --json lines
+  vmsight idle record PID -o FILE [--interval 1s] [--duration 30s] ...             JSON lines with bitmaps
+  vmsight idle report FILE [--wss] [--heatmap out.png|-]                           summarise a recording
+  vmsight idle bitmap PID --start GVA --end GVA [--mark] [--wait 1s] [--raw]       proposed /proc/PID/page_idle
+
+``vmsight idle PID ...`` (no command) is ``vmsight idle live PID ...``, as before the group existed. With --vm the
+process is one inside that VM (its page tables' accessed bits); otherwise a host process.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from vmsight.cli.common import escape, parse_duration, positive_duration
 from vmsight.errors import VmsightError
@@ -27,13 +30,15 @@ if TYPE_CHECKING:
 
 NAME = "idle"
 HELP = "track which pages of a process are idle (working-set size, idle ages, per-VMA, heatmaps)"
-ACTIONS = ("record", "report", "bitmap")
+SUBCOMMANDS = ("live", "record", "report", "bitmap")
+DEFAULT_SUBCOMMAND = "live"   # `vmsight idle PID` = `vmsight idle live PID`
 SHADES = " .:-=+*#%@"
 MAX_TEXT_WORDS = 1 << 20      # bitmap text/JSON output: 1 Mi lines (256 GiB of addresses); --raw streams any size
 RAW_CHUNK_WORDS = 1 << 16
 USER_END = 1 << 56            # end of the largest user half (5-level paging)
 MAX_ROWS = 4096
 MAX_HEATMAP_CELLS = 1 << 24   # rows x intervals of float64: 128 MiB
+BACKENDS = ["auto", "page_idle", "damon", "clear_refs", "guest-pte"]
 
 
 def _rows(text: str) -> int:
@@ -53,47 +58,133 @@ def _int0(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal, or hex with 0x)") from None
 
 
+def _pid(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a pid: {text!r}") from None
+
+
+_OPTION_OWNERS: dict[str, list[str]] = {}   # option -> the idle commands that take it
+
+
+class _Parser(argparse.ArgumentParser):
+    """An idle command's parser: bad input is one line naming the command and where its options are listed;
+    an option of another idle command says whose it is (each command takes only its own)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"vmsight: error: {escape(self.prog.removeprefix('vmsight '))}: {escape(message)} "
+                     f"(see `{escape(self.prog)} --help`)\n")
+
+    def parse_known_args(self, *a: Any, **kw: Any) -> Any:
+        # Everything after the command word reaches this parser, and it knows the global options too:
+        # what it leaves is unknown to every parser, so it is refused here, in one line.
+        ns, extra = super().parse_known_args(*a, **kw)
+        if extra:
+            opt = extra[0].split("=", 1)[0]
+            owners = [c for c in _OPTION_OWNERS.get(opt, []) if f"idle {c}" != self.prog.removeprefix("vmsight ")]
+            self.error(f"unrecognized arguments: {' '.join(extra)}"
+                       + (f" ({opt} is an option of idle {' and idle '.join(owners)})" if owners else ""))
+        return ns, extra
+
+
+def _tracking(p: argparse.ArgumentParser, default_duration: str) -> None:
+    """Options of the commands that track over intervals (live, record)."""
+    p.add_argument("pid", type=_pid, metavar="PID", help="the process (with --vm: a process inside the VM)")
+    p.add_argument("--interval", dest="interval_s", type=positive_duration, default=1.0, metavar="DURATION",
+                   help="sampling interval (default 1s)")
+    p.add_argument("--duration", dest="duration_s", type=positive_duration, default=None, metavar="DURATION",
+                   help=f"stop after this long (default: {default_duration})")
+    _backend(p)
+    p.add_argument("--range", dest="ranges", action="append", default=None, metavar="NAME|START-END",
+                   help="only this VMA name ([heap], a file path) or gva range (repeatable; default all)")
+
+
+def _backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto: the most precise available; with --vm the process is in the VM: guest-pte")
+
+
+def _add_live(p: argparse.ArgumentParser) -> None:
+    _tracking(p, "until Ctrl-C")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="JSON lines: a header, one record per interval, an end record")
+
+
+def _add_record(p: argparse.ArgumentParser) -> None:
+    _tracking(p, "30s")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="the recording (JSON lines with each interval's bitmaps), created 0600")
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="a recording from `vmsight idle record`")
+    p.add_argument("--wss", action="store_true", help="working-set size per interval")
+    p.add_argument("--heatmap", metavar="PNG|-", help="address x time heatmap to a PNG (and the terminal); "
+                   "'-' = terminal only")
+    p.add_argument("--rows", type=_rows, default=32, help="heatmap rows (address bins, default 32)")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="the summary as JSON")
+
+
+def _add_bitmap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pid", type=_pid, metavar="PID", help="the process (with --vm: a process inside the VM)")
+    p.add_argument("--start", type=_int0, required=True, metavar="GVA",
+                   help="first address (rounded down to 64 pages)")
+    p.add_argument("--end", type=_int0, required=True, metavar="GVA",
+                   help="end address, exclusive (rounded up to 64 pages)")
+    p.add_argument("--mark", action="store_true", help="mark the range idle first, wait, then read")
+    p.add_argument("--wait", dest="wait_s", type=parse_duration, default=1.0, metavar="DURATION",
+                   help="with --mark: time between mark and read (default 1s)")
+    p.add_argument("--raw", action="store_true", help="write the binary words (native u64) to stdout")
+    _backend(p)
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="the words as JSON")
+
+
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "live": ("live view of a process's idle pages: WSS, idle ages, per-VMA (the default command)", _add_live),
+    "record": ("record intervals with their bitmaps to a file (JSON lines)", _add_record),
+    "report": ("summarise a recording: WSS, heatmap", _add_report),
+    "bitmap": ("a range's idle bits in the proposed /proc/PID/page_idle layout", _add_bitmap),
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
-    p.add_argument("words", nargs="+", metavar="PID | record PID | report FILE | bitmap PID",
-                   help="what to do (default: live view of PID)")
-    p.add_argument("--interval", type=positive_duration, default=1.0, help="sampling interval (default 1s)")
-    p.add_argument("--duration", type=positive_duration, default=None,
-                   help="stop after this long (default: until Ctrl-C; record: 30s)")
-    p.add_argument("--backend", default="auto", choices=["auto", "page_idle", "damon", "clear_refs", "guest-pte"],
-                   help="auto: the most precise available; with --vm the process is in the VM: guest-pte")
-    p.add_argument("--range", dest="ranges", action="append", default=None, metavar="NAME|START-END",
-                   help="only this VMA name ([heap], a file path) or gva range (repeatable; default all)")
-    p.add_argument("-o", "--output", help="record: output file (JSON lines)")
-    p.add_argument("--wss", action="store_true", help="report: working-set size per interval")
-    p.add_argument("--heatmap", metavar="PNG|-", help="report: address x time heatmap to a PNG (and the terminal); "
-                   "'-' = terminal only")
-    p.add_argument("--rows", type=_rows, default=32, help="heatmap rows (address bins)")
-    p.add_argument("--start", type=_int0, help="bitmap: first gva (rounded down to 64 pages)")
-    p.add_argument("--end", type=_int0, help="bitmap: end gva, exclusive (rounded up to 64 pages)")
-    p.add_argument("--mark", action="store_true", help="bitmap: mark the range idle first, wait, then read")
-    p.add_argument("--wait", type=parse_duration, default=1.0, help="bitmap --mark: time between mark and read")
-    p.add_argument("--raw", action="store_true", help="bitmap: write the binary words (native u64) to stdout")
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON (lines) output")
+    sub = p.add_subparsers(dest="idle_command", metavar="COMMAND", required=True, parser_class=_Parser)
+    for name, (help_, add) in _COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        add(sp)
+        for a in sp._actions:  # noqa: SLF001 - argparse has no public list of a parser's options
+            for opt in a.option_strings:
+                owners = _OPTION_OWNERS.setdefault(opt, [])
+                if name not in owners:   # the parser may be built more than once in a process
+                    owners.append(name)
+
+
+def with_default_subcommand(args: list[str]) -> list[str]:
+    """The words after ``idle`` with ``live`` put first unless they name a command (or ask for help):
+    ``vmsight idle PID`` keeps working. Values of the global options before it are skipped."""
+    skip = False
+    for tok in args:
+        if skip:
+            skip = False
+        elif tok in ("--", "-h", "--help"):
+            return args
+        elif tok.startswith("-"):
+            skip = tok in ("--vm", "--gdb")
+        else:
+            return args if tok in SUBCOMMANDS else [DEFAULT_SUBCOMMAND, *args]
+    return args
 
 
 def run(args: argparse.Namespace) -> int:
-    words = args.words
-    action = words[0] if words[0] in ACTIONS else "live"
-    operands = words[1:] if action != "live" else words
-    if len(operands) != 1:
-        raise VmsightError(f"idle {action if action != 'live' else ''}: expected one "
-                           f"{'FILE' if action == 'report' else 'PID'}, got {operands or 'nothing'}")
-    if action == "report":
-        return _report(args, operands[0])
-    try:
-        pid = int(operands[0], 0)
-    except ValueError:
-        raise VmsightError(f"not a pid: {operands[0]!r}") from None
-    if action == "bitmap":
-        return _bitmap(args, pid)
-    return _track(args, pid, record=action == "record")
+    cmd = args.idle_command
+    if cmd == "report":
+        return _report(args, args.file)
+    if cmd == "bitmap":
+        return _bitmap(args, args.pid)
+    return _track(args, args.pid, record=cmd == "record")
 
 
 def _ranges(args: argparse.Namespace) -> list[Any] | None:
@@ -146,27 +237,26 @@ def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
     from vmsight.idle.stats import header_record, run_intervals
 
     as_json = getattr(args, "json", False)
-    duration = args.duration if args.duration is not None else (30.0 if record else None)
-    if duration is not None and args.interval > duration + 1e-9:
-        raise VmsightError(f"--interval {args.interval:g}s is longer than --duration {duration:g}s"
-                           f"{'' if args.duration is not None else ' (the default of idle record)'}: nothing "
+    duration_s = args.duration_s if args.duration_s is not None else (30.0 if record else None)
+    if duration_s is not None and args.interval_s > duration_s + 1e-9:
+        raise VmsightError(f"--interval {args.interval_s:g}s is longer than --duration {duration_s:g}s"
+                           f"{'' if args.duration_s is not None else ' (the default of idle record)'}: nothing "
                            "would be read in time; give a shorter --interval or a longer --duration")
-    if record and not args.output:
-        raise VmsightError("idle record: -o FILE is required")
+    output = args.output if record else None
     ranges = _ranges(args)
-    if record:
-        parent = os.path.dirname(os.path.abspath(args.output))
+    if output is not None:
+        parent = os.path.dirname(os.path.abspath(output))
         if not os.path.isdir(parent):
-            raise VmsightError(f"idle record: no directory {parent} for -o {args.output}: create it first")
+            raise VmsightError(f"idle record: no directory {parent} for -o {output}: create it first")
     out: Any = sys.stdout
     try:
         with _tracker(args, pid) as t:
-            if record:  # opened once the pid is known good: a typo does not truncate an existing file
-                out = _open_output(args.output)
+            if output is not None:  # opened once the pid is known good: a typo does not truncate a file
+                out = _open_output(output)
             head = header_record(pid, t.comm, t.backend_name, t.reason, t.granularity, t.approximate,
-                                 args.interval * 1000)
+                                 args.interval_s * 1000)
             if record or as_json:
-                _emit(out, json.dumps(head), args.output)
+                _emit(out, json.dumps(head), output)
             else:
                 print(f"pid {pid} ({escape(t.comm)}): {t.reason}", file=sys.stderr)
             live = None
@@ -177,7 +267,7 @@ def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
 
             def on_interval(rec: dict[str, Any], snap: Any) -> None:
                 if record or as_json:
-                    _emit(out, json.dumps(rec), args.output)
+                    _emit(out, json.dumps(rec), output)
                     if record:
                         print(f"\rinterval {rec['index']}: wss {_mib(rec['wss_bytes'])} MiB", end="",
                               file=sys.stderr, flush=True)
@@ -187,7 +277,7 @@ def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
                     print(_plain(rec))
 
             try:
-                why = run_intervals(t, args.interval, duration, on_interval, ranges=ranges,
+                why = run_intervals(t, args.interval_s, duration_s, on_interval, ranges=ranges,
                                     with_bitmap=record)
             except KeyboardInterrupt:
                 why = "interrupted"
@@ -196,9 +286,9 @@ def _track(args: argparse.Namespace, pid: int, record: bool) -> int:
                     live.stop()
             if record or as_json:
                 _emit(out, json.dumps({"type": "end", "format_version": head["format_version"], "reason": why}),
-                      args.output)
+                      output)
             if record:
-                print(f"\nrecorded to {args.output} ({why})", file=sys.stderr)
+                print(f"\nrecorded to {output} ({why})", file=sys.stderr)
             elif why not in ("duration", "interrupted"):
                 print(f"stopped: {why}", file=sys.stderr)
     finally:
@@ -352,9 +442,9 @@ def _png_heatmap(mat: Any, labels: list[tuple[int, int]], head: dict[str, Any], 
 
 # --- bitmap -------------------------------------------------------------------------------------------------
 def _bitmap(args: argparse.Namespace, pid: int) -> int:
-    if args.start is None or args.end is None or not 0 <= args.start < args.end <= USER_END:
-        raise VmsightError(f"idle bitmap: --start GVA and --end GVA are required, 0 <= start < end <= "
-                           f"{USER_END:#x} (the user address space)")
+    if not 0 <= args.start < args.end <= USER_END:
+        raise VmsightError(f"idle bitmap: --start and --end need 0 <= start < end <= {USER_END:#x} "
+                           "(the user address space)")
     start_vfn = (args.start >> 12) // 64 * 64          # the ABI's offsets are multiples of 8 bytes = 64 pages
     end_page = -(-args.end // 4096)
     end_vfn = -(-end_page // 64) * 64
@@ -377,7 +467,7 @@ def _bitmap(args: argparse.Namespace, pid: int) -> int:
                                f"{MAX_DEFAULT_PAGES * 4096 >> 30} GiB one read holds: narrow --start/--end")
         if args.mark:
             t.mark_idle(rng)
-            time.sleep(args.wait)
+            time.sleep(args.wait_s)
         snap = t.read(rng)
     if args.raw:  # in pieces: the whole user range is 2^32+ bytes of (mostly zero) words
         for _, piece in snap.iter_words(start_vfn, end_vfn, RAW_CHUNK_WORDS):

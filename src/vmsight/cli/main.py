@@ -53,12 +53,13 @@ _VALUED = ("--vm", "--gdb")   # global options that take a value
 log = logging.getLogger("vmsight")
 
 
-def _selected(argv: list[str]) -> str | None:
-    """The command ``argv`` names ("ps", "vm launch"), found without importing anything, or None (help, a
-    group without its sub-command, a typo: then every command is loaded, for argparse's own messages)."""
+def _command_at(argv: list[str]) -> tuple[str | None, int]:
+    """The command ``argv`` names ("ps", "vm launch") and the index just past its words, found without
+    importing anything; (None, -1) for help, a group without its sub-command, a typo (then every command is
+    loaded, for argparse's own messages)."""
     words: list[str] = []
     skip = False
-    for tok in argv:
+    for i, tok in enumerate(argv):
         if skip:
             skip = False
         elif tok == "--":
@@ -68,9 +69,23 @@ def _selected(argv: list[str]) -> str | None:
         else:
             words.append(tok)
             if len(words) == 2 or words[0] in COMMANDS:
-                break
-    key = " ".join(words)
-    return key if key in COMMANDS else None
+                key = " ".join(words)
+                return (key, i + 1) if key in COMMANDS else (None, -1)
+    return None, -1
+
+
+def _selected(argv: list[str]) -> str | None:
+    return _command_at(argv)[0]
+
+
+def _with_default_subcommand(argv: list[str]) -> list[str]:
+    """A command that is a group of its own (``idle live|record|...``) may take its words without one
+    (``vmsight idle PID`` = ``vmsight idle live PID``): its module's ``with_default_subcommand`` says."""
+    key, end = _command_at(argv)
+    if key is None:
+        return argv
+    fix = getattr(importlib.import_module(COMMANDS[key]), "with_default_subcommand", None)
+    return argv if fix is None else [*argv[:end], *fix(argv[end:])]
 
 
 def _load_commands(only: str | None = None) -> list[ModuleType]:
@@ -146,14 +161,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             sp = groups[words[0]].add_parser(words[1], help=mod.HELP, description=mod.HELP)
         mod.add_arguments(sp)
         add_global_options(sp, "command")
+        for inner in _inner_parsers(sp):   # a command module's own sub-commands (idle live, idle record...)
+            add_global_options(inner, "subcommand")
         sp.set_defaults(_run=mod.run, command_name=mod.NAME)
     return p
 
 
+def _inner_parsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    return [c for a in p._actions if isinstance(a, argparse._SubParsersAction)  # noqa: SLF001
+            for c in a.choices.values()]
+
+
 def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """Parse the command line; ``verbose`` counts every ``-v``, wherever it was given."""
+    argv = _with_default_subcommand(list(sys.argv[1:] if argv is None else argv))
     args = (parser or build_parser()).parse_args(argv)
-    args.verbose += getattr(args, "verbose_group", 0) + getattr(args, "verbose_command", 0)
+    args.verbose += sum(getattr(args, f"verbose_{level}", 0) for level in ("group", "command", "subcommand"))
     return args
 
 
