@@ -108,26 +108,34 @@ class ImageCandidate:
 
 # --- small memory helpers ------------------------------------------------------------------------
 
-def _u64_hits(phys: PhysicalMemory, gpa: int, size: int, value: int) -> list[int]:
-    """gpas of 8-byte-aligned u64s equal to ``value`` in [gpa, gpa+size) (numpy over the mapped RAM
-    when the backend offers a zero-copy view, else over a copy)."""
-    import numpy as np
-
+def _ram_chunks(phys: PhysicalMemory, gpa: int, size: int, *, overlap: int = 0,
+                align: int = 1) -> Iterator[tuple[int, memoryview | bytes]]:
+    """[gpa, gpa+size) in 16 MiB pieces as (gpa, buffer), each ``overlap`` bytes longer so that a match across
+    a boundary is seen, its length a multiple of ``align``: a zero-copy view of the mapped RAM when the
+    backend offers one (released when the caller moves on: drop arrays over it first), else a copy."""
     view = getattr(phys, "view", None)
-    out: list[int] = []
     step = 16 << 20
     for lo in range(gpa, gpa + size, step):
-        n = min(step, gpa + size - lo) & ~7
-        if n <= 0:
+        n = min(step + overlap, gpa + size - lo) & ~(align - 1)
+        if n <= overlap:
             break
         mv = view(lo, n) if view is not None else phys.read_gpa(lo, n)
         try:
-            arr = np.frombuffer(mv, dtype="<u8")
-            out.extend(lo + 8 * int(i) for i in np.flatnonzero(arr == np.uint64(value)))
-            del arr
+            yield lo, mv
         finally:
             if isinstance(mv, memoryview):
                 mv.release()
+
+
+def _u64_hits(phys: PhysicalMemory, gpa: int, size: int, value: int) -> list[int]:
+    """gpas of 8-byte-aligned u64s equal to ``value`` in [gpa, gpa+size) (numpy over the RAM)."""
+    import numpy as np
+
+    out: list[int] = []
+    for lo, mv in _ram_chunks(phys, gpa, size, align=8):
+        arr = np.frombuffer(mv, dtype="<u8")
+        out.extend(lo + 8 * int(i) for i in np.flatnonzero(arr == np.uint64(value)))
+        del arr
     return out
 
 
@@ -135,27 +143,17 @@ def _pattern_hits(phys: PhysicalMemory, gpa: int, size: int, pattern: bytes, lim
     """gpas where ``pattern`` starts in [gpa, gpa+size): numpy filter on the first bytes, exact check after."""
     import numpy as np
 
-    view = getattr(phys, "view", None)
     out: list[int] = []
-    step = 16 << 20
     overlap = len(pattern) - 1
-    for lo in range(gpa, gpa + size, step):
-        n = min(step + overlap, gpa + size - lo)
-        if n < len(pattern):
-            break
-        mv = view(lo, n) if view is not None else phys.read_gpa(lo, n)
-        try:
-            a = np.frombuffer(mv, dtype=np.uint8)
-            c = np.flatnonzero(a[: n - overlap] == pattern[0])
-            for k in range(1, len(pattern)):
-                c = c[a[c + k] == pattern[k]]
-                if not len(c):
-                    break
-            out.extend(lo + int(i) for i in c[:limit])
-            del a
-        finally:
-            if isinstance(mv, memoryview):
-                mv.release()
+    for lo, mv in _ram_chunks(phys, gpa, size, overlap=overlap):
+        a = np.frombuffer(mv, dtype=np.uint8)
+        c = np.flatnonzero(a[: len(a) - overlap] == pattern[0])
+        for k in range(1, len(pattern)):
+            c = c[a[c + k] == pattern[k]]
+            if not len(c):
+                break
+        out.extend(lo + int(i) for i in c[:limit])
+        del a, c
         if len(out) >= limit:
             break
     return out[:limit]
