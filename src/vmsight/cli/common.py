@@ -1,4 +1,4 @@
-"""Helpers shared by CLI commands: target attach, terminal-safe text, lossless JSON output, hexdump."""
+"""Helpers shared by CLI commands: target attach, terminal-safe text and tables, lossless JSON output, hexdump."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
 from vmsight.dump import DumpMachine, is_regular_file, open_dump
@@ -160,6 +161,23 @@ def _escape_char(c: str) -> str:
     if 0xDC80 <= o <= 0xDCFF:  # surrogateescape: the byte that was not UTF-8
         return f"\\x{o - 0xDC00:02x}"
     return f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}"
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[object]], *, title: str | None = None,
+          right: Container[str] = (), styles: Mapping[str, str] | None = None, edge: bool = True) -> Any:
+    """A rich ``Table`` of ``rows`` under ``columns`` (left-aligned unless named in ``right``, styled per
+    ``styles``). The title and every cell are plain text made terminal-safe with :func:`escape`: a guest string
+    (comm, path, VMA name) can neither be read as rich markup nor move the cursor. rich is imported only here,
+    when a table is made (``vmsight ps`` never loads it)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=Text(escape(title)) if title is not None else None, show_edge=edge)
+    for c in columns:
+        t.add_column(c, justify="right" if c in right else "left", style=(styles or {}).get(c))
+    for r in rows:
+        t.add_row(*(Text(escape(str(v))) for v in r))
+    return t
 
 
 def json_safe(obj: Any) -> Any:

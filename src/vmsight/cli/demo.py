@@ -7,10 +7,8 @@ import tempfile
 import time
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from vmsight.cli.common import flags, hexdump
+from vmsight.cli.common import flags, hexdump, table
 from vmsight.qemu.initramfs import build_workload
 from vmsight.qemu.launch import LaunchConfig, VmInstance, launch
 from vmsight.vm import VM, attach
@@ -42,14 +40,13 @@ def run(args: argparse.Namespace) -> int:
                           f"memory backend [bold]{vm.backend}[/]")
                 with vm.paused():
                     regs = vm.registers(0)
-                    table = Table(title="vCPU 0 registers (VM paused)")
-                    for col in ("register", "value", "register ", "value "):
-                        table.add_column(col, style="cyan" if "register" in col else None)
                     names = ["rip", "rsp", "cr3", "cr4", "efer", "gs_base", "rax", "rflags"]
                     vals = [regs.get(n if n != "rflags" else "eflags", 0) for n in names]
-                    for i in range(0, len(names), 2):
-                        table.add_row(names[i], f"{vals[i]:#018x}", names[i + 1], f"{vals[i + 1]:#018x}")
-                    con.print(table)
+                    con.print(table(("register", "value", "register ", "value "),
+                                    ([names[i], f"{vals[i]:#018x}", names[i + 1], f"{vals[i + 1]:#018x}"]
+                                     for i in range(0, len(names), 2)),
+                                    title="vCPU 0 registers (VM paused)",
+                                    styles={"register": "cyan", "register ": "cyan"}))
                     tr = vm.translate(regs["rip"], regs["cr3"])
                     con.print(f"[bold]translate rip {tr.gva:#x}[/] with CR3 {regs['cr3']:#x}:")
                     for e in tr.entries:
@@ -72,14 +69,10 @@ def _show_linux(con: Console, vm: VM) -> None:
         return
     t = time.monotonic()
     procs = processes(vm)
-    table = Table(title=f"guest processes, found with no symbol files in {time.monotonic() - t:.2f} s")
-    for col in ("pid", "ppid", "uid", "state", "comm", "cmdline"):
-        table.add_column(col)
-    for p in procs:
-        if p.get("cmdline") or p["pid"] < 3:
-            table.add_row(str(p["pid"]), str(p["ppid"]), str(p["uid"]), str(p["state"]), escape(str(p["comm"])),
-                          escape(str(p.get("cmdline", ""))[:60]))
-    con.print(table)
+    con.print(table(("pid", "ppid", "uid", "state", "comm", "cmdline"),
+                    ([p["pid"], p["ppid"], p["uid"], p["state"], p["comm"], str(p.get("cmdline", ""))[:60]]
+                     for p in procs if p.get("cmdline") or p["pid"] < 3),
+                    title=f"guest processes, found with no symbol files in {time.monotonic() - t:.2f} s"))
     con.print(f"({len(procs)} tasks in all; kernel threads without a command line left out)")
 
 
@@ -94,14 +87,11 @@ def _show_idle(con: Console, vm: VM, inst: VmInstance, pid: int) -> None:
         tracker.mark_idle()
         inst.agent.run(f"echo 'touch {','.join(map(str, touched))}' > /tmp/wl.cmd; kill -USR1 {pid}; sleep 0.3")
         snap = tracker.read()
-    table = Table(title=f"idle pages of guest pid {pid} ({snap.comm}) after it touched {len(touched)} of its "
-                        "1024 pages — seen from the host")
-    for col in ("VMA", "mapped KiB", "resident KiB", "accessed KiB", "idle KiB"):
-        table.add_column(col, justify="left" if col == "VMA" else "right")
-    for u in snap.usage:
-        table.add_row(escape(u.vma.label), str(u.vma.size >> 10), str(u.present_bytes >> 10),
-                      str(u.accessed_bytes >> 10), str(u.idle_bytes >> 10))
-    con.print(table)
+    cols = ("VMA", "mapped KiB", "resident KiB", "accessed KiB", "idle KiB")
+    con.print(table(cols, ([u.vma.label, u.vma.size >> 10, u.present_bytes >> 10, u.accessed_bytes >> 10,
+                            u.idle_bytes >> 10] for u in snap.usage),
+                    title=f"idle pages of guest pid {pid} ({snap.comm}) after it touched {len(touched)} of its "
+                          "1024 pages — seen from the host", right=cols[1:]))
     first = addr >> 12
     seen = [int(v) - first for v in snap.pages(PageState.PRESENT | PageState.TRACKED, idle=False)
             if first <= v < first + 1024]

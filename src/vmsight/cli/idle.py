@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from vmsight.cli.common import escape, parse_duration, positive_duration
+from vmsight.cli.common import escape, parse_duration, positive_duration, table
 from vmsight.errors import VmsightError
 
 if TYPE_CHECKING:
@@ -327,28 +327,26 @@ def _plain(rec: dict[str, Any]) -> str:
 
 def _table(head: dict[str, Any], rec: dict[str, Any]) -> Any:
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
-    title = Text(f"pid {head['pid']} ({head['comm']})  backend {head['backend']} ({head['granularity']}"
-                 f"{', approximate' if head['approximate'] else ''})  interval {rec['index']}  "
-                 f"{rec['elapsed_ms']:.0f} ms", style="bold")
+    # the header's comm is the process's (a guest's, with --vm): escaped, never read as markup
+    title = Text(escape(f"pid {head['pid']} ({head['comm']})  backend {head['backend']} ({head['granularity']}"
+                        f"{', approximate' if head['approximate'] else ''})  interval {rec['index']}  "
+                        f"{rec['elapsed_ms']:.0f} ms"), style="bold")
     summary = Text(f"WSS {_mib(rec['wss_bytes'])} MiB   idle {_mib(rec['idle_bytes'])} MiB   "
                    f"resident {_mib(rec['present_bytes'])} MiB   swapped {_mib(rec['swapped_bytes'])} MiB   "
                    f"untracked {_mib(rec['untracked_bytes'])} MiB")
-    hist = Table(title="idle for >= k intervals (MiB)", show_edge=False)
-    for k in rec["idle_age_hist_bytes"]:
-        hist.add_column(f">={k}", justify="right")
-    hist.add_row(*[_mib(v) for v in rec["idle_age_hist_bytes"].values()])
-    vt = Table(title="per VMA (MiB)", show_edge=False)
-    for c in ("mapping", "kind", "mapped", "resident", "accessed", "idle", "swapped"):
-        vt.add_column(c, justify="left" if c in ("mapping", "kind") else "right")
-    for g in rec["vmas"][:20]:
-        vt.add_row(g["label"][-48:] or "?", g["kind"], _mib(g["mapped_bytes"]), _mib(g["present_bytes"]),
-                   _mib(g["accessed_bytes"]), _mib(g["idle_bytes"]), _mib(g["swapped_bytes"]))
+    ages = [f">={k}" for k in rec["idle_age_hist_bytes"]]
+    hist = table(ages, [[_mib(v) for v in rec["idle_age_hist_bytes"].values()]],
+                 title="idle for >= k intervals (MiB)", right=ages, edge=False)
+    cols = ("mapping", "kind", "mapped", "resident", "accessed", "idle", "swapped")
+    vt = table(cols, ([g["label"][-48:] or "?", g["kind"], _mib(g["mapped_bytes"]), _mib(g["present_bytes"]),
+                       _mib(g["accessed_bytes"]), _mib(g["idle_bytes"]), _mib(g["swapped_bytes"])]
+                      for g in rec["vmas"][:20]),
+               title="per VMA (MiB)", right=cols[2:], edge=False)
     parts: list[Any] = [title, summary, hist, vt]
     if rec.get("warnings"):
-        parts.append(Text("; ".join(sorted(set(rec["warnings"])))[:300], style="yellow"))
+        parts.append(Text(escape("; ".join(sorted(set(rec["warnings"])))[:300]), style="yellow"))
     return Group(*parts)
 
 
