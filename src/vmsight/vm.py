@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmsight import runtime
 from vmsight.dump import DumpMachine, is_regular_file, open_dump
@@ -40,6 +40,9 @@ from vmsight.qemu.monitors import (
 from vmsight.qemu.qmp import Qmp
 from vmsight.qemu.rsp import GdbStub
 from vmsight.target import CONTROL_REGISTERS
+
+if TYPE_CHECKING:
+    from vmsight.libvirt import Domain
 
 log = logging.getLogger(__name__)
 
@@ -512,13 +515,144 @@ def _tgid(tid: int) -> int:
                       "pid namespace; attach from QEMU's host")
 
 
+class _NoMonitor:
+    """Stands in for QMP on a libvirt domain: libvirt holds the only monitor, and a command sent through it
+    behind libvirt's back marks the domain tainted. Any use names the way out."""
+
+    remote = False
+
+    def __init__(self, hint: str) -> None:
+        self._hint = hint
+
+    def __getattr__(self, attr: str) -> Any:
+        raise TargetError(self._hint)
+
+
+class LibvirtVM(VM):
+    """A running libvirt domain (``attach("libvirt:NAME")``), read without its monitor so that it is never
+    tainted (:mod:`vmsight.libvirt`): RAM through its shared memfd/file or /proc/PID/mem (``backend``), the
+    RAM layout from its XML, pause/resume through libvirt. No vCPU state can be had this way:
+    :meth:`control_registers` is empty (the kernel is found by scanning RAM) and what needs registers, the
+    gdbstub or QMP raises TargetError naming the alternatives."""
+
+    def __init__(self, domain: Domain) -> None:  # noqa: D107 - VM.__init__ needs a QMP monitor: not called
+        from vmsight.libvirt import TAINT_HINT
+
+        self.domain = domain
+        self.qmp = _NoMonitor(f"libvirt domain {domain.xml.name}: this command {TAINT_HINT}")  # type: ignore[assignment]
+        self.directory = None
+        self._gdb_address = None
+        self._gdb = None
+        self._lock = threading.RLock()
+        self._pause_depth = 0
+        self._resume_on_exit = False
+        self._spaces = AddressSpaces()
+        self.close_hooks = []
+        self.monitor_claim = None
+        self._run_control = None
+        self._live_warned = False
+        self.pid = domain.pid
+        self._cpus = []
+        self.layout = domain.layout
+        self.phys = domain.phys
+        self.backend = self.phys.name
+        self._la57 = False  # unknown without registers; a kernel found by scanning knows its own paging mode
+        self._vcpu_list = [Vcpu(i, tid, f"p1.{i + 1:x}") for i, tid in _vcpu_threads(domain.pid, domain.xml.vcpus)]
+
+    def status(self) -> str:
+        return self.domain.state()
+
+    def pause(self) -> None:
+        with self._lock:
+            if self.status() == "running":
+                self.domain.suspend()
+
+    def resume(self) -> None:
+        with self._lock:
+            self.invalidate()
+            if self.status() != "running":
+                self.domain.resume()
+
+    @contextmanager
+    def paused(self) -> Iterator[VM]:
+        """Suspend the domain through libvirt inside the block; resume afterwards only if it was running."""
+        with self._lock:
+            if self._pause_depth == 0:
+                self._resume_on_exit = self.status() == "running"
+                if self._resume_on_exit:
+                    self.domain.suspend()
+            self._pause_depth += 1
+            try:
+                yield self
+            finally:
+                self._pause_depth -= 1
+                if self._pause_depth == 0 and self._resume_on_exit:
+                    self.invalidate()
+                    self.domain.resume()
+
+    @property
+    def gdb(self) -> GdbStub:
+        raise TargetError(self.qmp._hint)  # type: ignore[attr-defined]
+
+    def vcpus(self) -> list[Vcpu]:
+        return list(self._vcpu_list)
+
+    def registers(self, vcpu: int = 0, *, all: bool = False) -> dict[str, int]:  # noqa: A002
+        raise TargetError(self.qmp._hint)  # type: ignore[attr-defined]
+
+    def hmp_registers(self, vcpu: int = 0) -> dict[str, int]:
+        raise TargetError(self.qmp._hint)  # type: ignore[attr-defined]
+
+    def control_registers(self) -> dict[int, dict[str, int]]:
+        return {}  # libvirt reads no registers without the monitor: discovery scans RAM instead
+
+    def close(self) -> None:
+        with self._lock:
+            for hook in self.close_hooks:
+                hook()
+            self.close_hooks.clear()
+            self.domain.close()
+
+
+def _vcpu_threads(pid: int, count: int) -> list[tuple[int, int]]:
+    """(cpu-index, host thread id) of each vCPU: libvirt starts QEMU with debug-threads=on, which names them
+    "CPU N/TCG" or "CPU N/KVM"; a thread id is 0 where that is not visible."""
+    tids: dict[int, int] = {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            except OSError:
+                continue
+            m = re.fullmatch(r"CPU (\d+)/\w+", comm)
+            if m:
+                tids[int(m.group(1))] = int(tid)
+    except OSError:
+        pass
+    return [(i, tids.get(i, 0)) for i in range(max(count, len(tids)))]
+
+
 _VM_JSON_MAX = 1 << 20
 
 
 def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, backend: str = "auto",
-           writable: bool = True, purpose: str = "a vmsight command") -> VM:
+           writable: bool = True, purpose: str = "a vmsight command", uri: str | None = None) -> VM:
     """Attach to a VM: ``target`` is a ``vmsight vm launch`` directory or a QMP socket path. A directory's
-    VM has spare QMP monitors: the first free one is used (``purpose`` names this command to others)."""
+    VM has spare QMP monitors: the first free one is used (``purpose`` names this command to others).
+    ``libvirt:DOMAIN`` (name, UUID or id) attaches to a libvirt domain at ``uri`` (default as virsh's),
+    read-only and without tainting it (:class:`LibvirtVM`)."""
+    if target.startswith("libvirt:"):
+        from vmsight.libvirt import Domain
+
+        ref = target.removeprefix("libvirt:")
+        if not ref:
+            raise TargetError("libvirt: needs a domain: --vm libvirt:NAME (or its UUID or id)")
+        if gdb or ram_file or backend != "auto":
+            raise TargetError("a libvirt domain is read through libvirt (no --gdb, RAM file or backend choice): "
+                              "for a QMP socket of your own, pass --vm QMP_SOCKET")
+        return LibvirtVM(Domain(ref, uri))
+    if uri is not None:
+        raise TargetError(f"a libvirt URI (-c/--connect) applies to --vm libvirt:DOMAIN, not to {target}")
     directory = None
     if target.startswith("tcp:"):  # QEMU on another machine: -qmp tcp:HOST:PORT,server=on,wait=off
         qmp = Qmp(target)
@@ -603,4 +737,4 @@ def open_target(target: str, *, cr3: int | None = None, **attach_kw: Any) -> VM 
     return attach(target, **attach_kw)
 
 
-__all__ = ["VM", "Vcpu", "attach", "open_target", "parse_info_registers", "PermissionDenied"]
+__all__ = ["VM", "LibvirtVM", "Vcpu", "attach", "open_target", "parse_info_registers", "PermissionDenied"]

@@ -58,7 +58,8 @@ def positive_duration(text: str) -> float:
 def require_vm(args: argparse.Namespace) -> str:
     """The --vm value, or a clear error."""
     if not args.vm:
-        raise VmsightError("no target VM: pass --vm DIR (from `vmsight vm launch --dir DIR`) or --vm QMP_SOCKET")
+        raise VmsightError("no target VM: pass --vm DIR (from `vmsight vm launch --dir DIR`), --vm QMP_SOCKET or "
+                           "--vm libvirt:DOMAIN")
     return str(args.vm)
 
 
@@ -101,9 +102,13 @@ def symbol_type(k: Any, name: str) -> str:
 def open_vm(args: argparse.Namespace) -> VM:
     """Attach to --vm, with a watchdog that resumes it if this command dies while it is paused
     (unless --no-watchdog)."""
-    vm = attach(require_vm(args), gdb=getattr(args, "gdb", None),
-                purpose=f"vmsight {getattr(args, 'command_name', None) or 'command'}")
-    if not getattr(args, "no_watchdog", False):
+    target = require_vm(args)
+    libvirt = target.startswith("libvirt:")
+    vm = attach(target, gdb=getattr(args, "gdb", None),
+                purpose=f"vmsight {getattr(args, 'command_name', None) or 'command'}",
+                uri=getattr(args, "connect", None) if libvirt else None)
+    # a libvirt domain is paused only inside paused() and resumed by its unwinding; the watchdog speaks QMP
+    if not getattr(args, "no_watchdog", False) and not libvirt:
         try:
             supervise(vm)
         except BaseException:

@@ -123,9 +123,12 @@ def add_global_options(p: argparse.ArgumentParser, level: str = "") -> None:
             return
         p.add_argument(*flags, default=default if top else argparse.SUPPRESS, **kw)  # type: ignore[arg-type]
 
-    add("--vm", metavar="DIR|QMP_SOCKET|tcp:HOST:PORT", default=os.environ.get("VMSIGHT_VM"),
-        help="target VM: a `vmsight vm launch` directory, a QEMU QMP socket, or QMP over TCP for a QEMU on "
-             "another machine (env VMSIGHT_VM)")
+    add("--vm", metavar="DIR|QMP_SOCKET|tcp:HOST:PORT|libvirt:DOMAIN", default=os.environ.get("VMSIGHT_VM"),
+        help="target VM: a `vmsight vm launch` directory, a QEMU QMP socket, QMP over TCP for a QEMU on "
+             "another machine, or a libvirt domain (name, UUID or id; read-only, never tainted) (env VMSIGHT_VM)")
+    add("-c", "--connect", metavar="URI", default=None,
+        help="libvirt URI for --vm libvirt:DOMAIN, as virsh -c (default $LIBVIRT_DEFAULT_URI, else qemu:///system "
+             "as root, qemu:///session otherwise)")
     add("--gdb", metavar="SOCKET|tcp:HOST:PORT", default=os.environ.get("VMSIGHT_GDB"),
         help="the VM's gdbstub, when --vm is a bare QMP socket or a remote tcp:HOST:PORT (env VMSIGHT_GDB)")
     add("--json", action="store_true", default=False, help="machine-readable output (JSON lines for streams)")
