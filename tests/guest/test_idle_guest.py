@@ -12,6 +12,7 @@ import pytest
 
 from tests.guest.workload import GuestWorkload
 from vmsight.idle.errors import KernelThread, ProcessGone
+from vmsight.idle import Tracker
 from vmsight.idle.guest import GuestIdleTracker
 from vmsight.idle.result import PageState
 from vmsight.memory.paging import walk_range
@@ -40,6 +41,7 @@ def test_exact_accessed_set(guest: VmInstance, vm: VM) -> None:
     rng = random.Random(5)
     try:
         with GuestIdleTracker(vm, wl.pid) as tr:
+            assert isinstance(tr, Tracker) and tr.comm == "vmsight-workloa"
             rng_range = [(wl.addr, wl.addr + wl.size)]
             for round_ in range(3):
                 chosen = sorted(rng.sample(range(PAGES), 150 + 100 * round_))
@@ -57,6 +59,9 @@ def test_exact_accessed_set(guest: VmInstance, vm: VM) -> None:
             assert seg is not None
             i0 = (wl.addr >> 12) - seg.start_vfn
             assert np.array_equal(seg.pfn[i0:i0 + PAGES], pm & np.uint64((1 << 55) - 1))
+            # The start time is the guest's own: /proc/PID/stat field 22 is start_boottime in USER_HZ (100) ticks.
+            stat = guest.agent.run(f"cat /proc/{wl.pid}/stat").check().text
+            assert snap.start_boottime_ns // 10_000_000 == int(stat.rsplit(")", 1)[1].split()[19])
             # The per-VMA breakdown and the ABI words are consistent with the bitmap.
             words = snap.words(wl.addr >> 12, (wl.addr >> 12) + PAGES)
             assert int(sum(bin(int(w)).count("1") for w in words)) == PAGES - len(chosen)
