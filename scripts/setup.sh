@@ -5,8 +5,12 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
+pkgs=(qemu-system-x86 busybox-static cpio bc flex bison libelf-dev libssl-dev make gcc libc6-dev xz-utils zstd)
+# --test: a real libvirtd for tests/guest/test_libvirt.py (started by the tests, no systemd) and what the
+# libvirt-python binding builds against
+[ "${1:-}" = "--test" ] && pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config)
 need_apt=()
-for pkg in qemu-system-x86 busybox-static cpio bc flex bison libelf-dev libssl-dev make gcc libc6-dev xz-utils zstd; do
+for pkg in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
@@ -28,6 +32,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[dev]'
   touch "$stamp"
+fi
+
+if [ "${1:-}" = "--test" ] && ! .venv/bin/python -c 'import libvirt' 2>/dev/null; then
+  # vmsight[libvirt]: the binding built against this machine's libvirt (same version: its API, no newer)
+  .venv/bin/pip install -q "libvirt-python==$(pkg-config --modversion libvirt)"
 fi
 
 if [ "${1:-}" != "--no-kernels" ]; then
