@@ -79,6 +79,13 @@ def test_handshake_names_the_vm(bridge: Bridge, vm: VM, guest: VmInstance) -> No
     assert bridge.intro.get_version() == 1
     assert bridge.intro.get_guest_info() == len(vm.vcpus()) == 2
     assert bridge.intro.get_max_gfn() == (vm.layout.end_gpa - 1) // PAGE
+    tsc_hz = vm.qmp.execute("qom-get", path=vm._cpus[1]["qom-path"], property="tsc-frequency")  # noqa: SLF001
+    if tsc_hz:
+        assert bridge.intro.get_vcpu_info(1) == tsc_hz
+    else:  # TCG without tsc-frequency=: QEMU does not know it, so neither does KVMi
+        with pytest.raises(CommandError) as ei:
+            bridge.intro.get_vcpu_info(1)
+        assert ei.value.err == -wire.KVM_EOPNOTSUPP
     # CHECK_COMMAND / CHECK_EVENT tell the truth: no events yet, so no PAUSE_VCPU either
     assert bridge.intro.check_command(17) and bridge.intro.check_command(13)
     assert not bridge.intro.check_command(7) and not bridge.intro.check_command(21)
@@ -169,6 +176,11 @@ COMPARED = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", 
 
 
 def test_get_registers_equal_hmp(bridge: Bridge, vm: VM) -> None:
+    # on a running VM: a consistent snapshot, and the VM runs again afterwards (first: the QMP stop it makes
+    # would otherwise land on the gdbstub connection this test opens below)
+    r = bridge.intro.get_registers(1)
+    assert r.sregs.cr3 and r.mode == 8
+    assert vm.status() == "running"
     with vm.paused():
         for cpu in vm.vcpus():
             r = bridge.intro.get_registers(cpu.index, [0xC0000080, 0xC0000101])
@@ -188,6 +200,7 @@ def test_get_registers_equal_hmp(bridge: Bridge, vm: VM) -> None:
             cs = r.sregs.segments["cs"]
             assert (cs["l"], cs["present"], cs["s"], cs["dpl"], cs["unusable"]) == (1, 1, 1, 0, 0)
             assert r.msrs[0xC0000080] == hmp["efer"]
+            assert r.sregs.cr8 == vm.registers(cpu.index)["cr8"]  # TPR[7:4] from `info lapic` = the gdbstub's
         assert vm.status() == "paused", "GET_REGISTERS must leave a paused VM paused"
     with pytest.raises(CommandError) as ei:
         bridge.intro.get_registers(0, [0x10])  # the TSC MSR: not readable through HMP
@@ -195,10 +208,6 @@ def test_get_registers_equal_hmp(bridge: Bridge, vm: VM) -> None:
     with pytest.raises(CommandError) as ei:
         bridge.intro.get_registers(2, [])
     assert ei.value.err == -wire.KVM_EINVAL
-    # on a running VM: a consistent snapshot, and the VM runs again afterwards
-    r = bridge.intro.get_registers(1)
-    assert r.sregs.cr3 and r.mode == 8
-    assert vm.status() == "running"
 
 
 def test_bad_message_ends_session_not_vm(bridge: Bridge, vm: VM, guest: VmInstance) -> None:
