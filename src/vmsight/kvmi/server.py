@@ -269,6 +269,7 @@ class VmGuest:
         self.vm = vm
         self.layout = vm.layout
         self._apic_ids: dict[int, int | None] = {}
+        self._qom_paths = {int(c["cpu-index"]): str(c.get("qom-path", "")) for c in vm.qmp.execute("query-cpus-fast")}
 
     def vcpu_count(self) -> int:
         return len(self.vm.vcpus())
@@ -282,7 +283,7 @@ class VmGuest:
         self.vm.write_gpa(gpa, data)
 
     def _qom_path(self, vcpu: int) -> str:
-        return str(self.vm._cpus[vcpu]["qom-path"])  # noqa: SLF001 - query-cpus-fast, read at attach
+        return self._qom_paths[self.vm.vcpus()[vcpu].index]
 
     def tsc_speed(self, vcpu: int) -> int:
         try:
@@ -310,7 +311,7 @@ class VmGuest:
         with self.vm.paused():
             text = self.vm.qmp.hmp("info registers -a")
             tpr = self._tpr(vcpu)
-        out = registers_from_hmp(text, vcpu, tpr)
+        out = registers_from_hmp(text, self.vm.vcpus()[vcpu].index, tpr)  # KVMi numbers vCPUs 0..n-1
         known = {MSR_EFER: out.sregs.efer, MSR_FS_BASE: out.sregs.segments["fs"]["base"],
                  MSR_GS_BASE: out.sregs.segments["gs"]["base"]}
         for index in msrs:
