@@ -236,6 +236,18 @@ def _read_pidfile(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _ns_pids(pid: int) -> list[int]:
+    """``pid`` as seen in each nested pid namespace (/proc/PID/status NSpid, outermost first)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(x) for x in line.split()[1:] if x.isdigit()]
+    except OSError:
+        pass
+    return [pid]
+
+
 def find_qemu_pid(uuid: str, pidfiles: list[str]) -> int:
     """The QEMU process running domain ``uuid``: its command line must carry ``-uuid UUID``. libvirt's pid
     file is tried first; otherwise /proc is searched (a pid file, where readable, must agree)."""
@@ -245,7 +257,8 @@ def find_qemu_pid(uuid: str, pidfiles: list[str]) -> int:
             return pid
     hits = [int(d) for d in os.listdir("/proc") if d.isdigit() and _has_uuid(_cmdline(int(d)), uuid)]
     if len(hits) == 1:
-        if recorded:
+        # A libvirtd in a container (its own pid namespace) records QEMU's pid as seen there: NSpid says so.
+        if recorded and not set(recorded) & set(_ns_pids(hits[0])):
             log.warning("libvirt's pid file names pid %s, but the QEMU with -uuid %s is pid %s", recorded, uuid,
                         hits[0])
         return hits[0]

@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
     "vm exec": "vmsight.cli.vm_exec",
     "vm stop": "vmsight.cli.vm_stop",
     "vm resume": "vmsight.cli.vm_resume",
+    "vm libvirt-xml": "vmsight.cli.vm_libvirt_xml",
+    "vms": "vmsight.cli.vms",
     "regs": "vmsight.cli.regs",
     "read-phys": "vmsight.cli.read_phys",
     "read-virt": "vmsight.cli.read_virt",
