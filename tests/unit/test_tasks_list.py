@@ -7,6 +7,7 @@ control: well-formed lists, cycles, bad pointers, and random corruption (hypothe
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,9 @@ class FakeKernel:
 
     def member_size(self, struct_name: str, member: str) -> int:
         return SIZES[(struct_name, member)]
+
+    def has_symbol(self, name: str) -> bool:
+        return name in self.symbols.syms
 
     def put(self, gva: int, fmt: str, *vals: int | bytes) -> None:
         struct.pack_into(fmt, self.buf, gva - self.base, *vals)
@@ -208,3 +212,44 @@ def test_adversarial_task_memory_only_typed_errors(data: st.DataObject) -> None:
     except VmsightError:
         pass
     assert k.reads < 100_000
+
+
+def test_task_ids_in_one_read_or_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Task.ids (what event decoders read on every hit): (pid, tgid) of a thread, one 8-byte read where the
+    two sit side by side, two reads of the right members where they do not."""
+    k = FakeKernel()
+    build(k, [5])
+    t = T.Task(k, task_gva(1))  # type: ignore[arg-type]
+    k.put(t.gva + 0x24, "<i", 4)                 # a thread of group 4
+    before = k.reads
+    assert t.ids == (5, 4) and k.reads == before + 1
+    apart = dict(OFFSETS)
+    apart[("task_struct", "tgid")] = 0x2C        # not adjacent (0x28 is inside comm? no: comm is at 0x30)
+    monkeypatch.setattr(sys.modules[__name__], "OFFSETS", apart)
+    k2 = FakeKernel()
+    build(k2, [5])
+    t2 = T.Task(k2, task_gva(1))  # type: ignore[arg-type]
+    k2.put(t2.gva + 0x24, "<i", 99)              # the adjacent word is not tgid here
+    k2.put(t2.gva + 0x2C, "<i", 4)
+    before = k2.reads
+    assert t2.ids == (5, 4) and k2.reads == before + 2
+
+
+def test_current_task_offset_from_current_task_or_pcpu_hot() -> None:
+    """The per-cpu offset of ``current``: the current_task variable, else pcpu_hot.current_task (v6.2-v6.14);
+    neither is SymbolNotFound, which current_task() turns into CorruptData naming the cpu."""
+    k = FakeKernel()
+    k.symbols.syms["current_task"] = 0x1F000
+    assert T.current_task_offset(k) == 0x1F000  # type: ignore[arg-type]
+    k2 = FakeKernel()
+    k2.symbols.syms["pcpu_hot"] = 0x20000
+    OFFSETS[("pcpu_hot", "current_task")] = 0x8
+    try:
+        assert T.current_task_offset(k2) == 0x20008  # type: ignore[arg-type]
+    finally:
+        del OFFSETS[("pcpu_hot", "current_task")]
+    k3 = FakeKernel()
+    with pytest.raises(SymbolNotFound):
+        T.current_task_offset(k3)  # type: ignore[arg-type]
+    with pytest.raises(CorruptData, match="cpu 1"):
+        T.current_task(k3, 1)  # type: ignore[arg-type]
