@@ -12,8 +12,10 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.unit.test_kvmi_wire import FakeGuest
+from tests.unit.test_kvmi_wire import LAYOUT, FakeGuest
 from vmsight.kvmi import CommandError, Introspector, wire
 from vmsight.kvmi.server import Session
 from vmsight.kvmi.transport import TransportError, parse_address
@@ -184,3 +186,51 @@ def test_addresses() -> None:
     for bad in ("vsock:3", "vsock:x:1", "vsock:3:0", "unix:", "unix:/" + "a" * 120):
         with pytest.raises(TransportError):
             parse_address(bad)
+
+
+def _drain(sock: socket.socket, out: list[bytes]) -> None:
+    try:
+        while chunk := sock.recv(65536):
+            out.append(chunk)
+    except ConnectionResetError:  # the VM side closed with our bytes unread (a protocol error mid-stream)
+        pass
+
+
+_FRAMES = st.one_of(
+    st.binary(max_size=64),  # noise
+    st.builds(lambda i, n, s, p: wire.MSG_HDR.pack(id=i, size=n, seq=s) + p,  # a header, maybe lying about size
+              st.sampled_from([0, 1, 2, 3, 5, 13, 17, 18, 27, 29, 99]), st.integers(0, 40),
+              st.integers(0, 0xFFFF_FFFF), st.binary(max_size=40)),
+    st.builds(lambda gpa, data: wire.MSG_HDR.pack(id=18, size=16 + len(data), seq=1)  # well-formed writes
+              + struct.pack("<QQ", gpa, len(data)) + data,
+              st.integers(0, 0x31000), st.binary(min_size=1, max_size=64)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_FRAMES, max_size=20))
+def test_random_streams_end_the_session_cleanly(frames: list[bytes]) -> None:
+    """Any byte stream from the introspector: serve() returns a reason (never raises), and every RAM access
+    it made was inside one page of RAM."""
+    guest = FakeGuest()
+    a, b = socket.socketpair()
+    s = Session("unix:/nonexistent", guest, HELLO)
+    s.sock = a
+    replies: list[bytes] = []
+    t = threading.Thread(target=_drain, args=(b, replies), daemon=True)
+    t.start()
+    b.sendall(b"".join(frames))
+    b.shutdown(socket.SHUT_WR)
+    reason = s.serve()
+    t.join(5.0)
+    b.close()
+    assert isinstance(reason, str) and reason
+    for _kind, gpa, size in guest.accesses:
+        assert 0 < size <= 4096 and gpa // 4096 == (gpa + size - 1) // 4096
+        LAYOUT.check(gpa, size)
+    # the replies are whole messages
+    out = b"".join(replies)
+    while out:
+        h = wire.decode_header(V6, out[:8])
+        assert len(out) >= 8 + h.size
+        out = out[8 + h.size:]
