@@ -10,6 +10,7 @@ import stat
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -234,3 +235,16 @@ def test_random_streams_end_the_session_cleanly(frames: list[bytes]) -> None:
         h = wire.decode_header(V6, out[:8])
         assert len(out) >= 8 + h.size
         out = out[8 + h.size:]
+
+
+def test_listen_refuses_an_existing_path_and_leaves_it(tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"not ours")
+    with pytest.raises(TransportError, match="cannot listen"):
+        Introspector(f"unix:{taken}")
+    assert taken.read_bytes() == b"not ours"
+    with Introspector(f"unix:{tmp_path / 'k.sock'}") as intro:
+        assert stat.S_ISSOCK(os.stat(tmp_path / "k.sock").st_mode)
+        assert stat.S_IMODE(os.stat(tmp_path / "k.sock").st_mode) == 0o600
+        assert intro.address.unix_path == str(tmp_path / "k.sock")
+    assert not (tmp_path / "k.sock").exists()

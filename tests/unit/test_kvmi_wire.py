@@ -7,6 +7,7 @@ and never change a byte outside the page a WRITE_PHYSICAL named."""
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -50,9 +51,11 @@ def test_layout_sizes() -> None:
         spec = V6.command(name)
         assert spec.reply is not None and spec.reply.size == size, name
     for name, size in EVENT_DATA.items():
-        assert V6.event(name).data is not None and V6.event(name).data.size == size, name
+        data = V6.event(name).data
+        assert data is not None and data.size == size, name
     for name, size in EVENT_REPLIES.items():
-        assert V6.event(name).reply is not None and V6.event(name).reply.size == size, name
+        reply = V6.event(name).reply
+        assert reply is not None and reply.size == size, name
     ids = {c.name: c.id for c in V6.commands.values()}
     assert (ids["GET_VERSION"], ids["READ_PHYSICAL"], ids["CONTROL_CMD_RESPONSE"], ids["GET_MAX_GFN"]) == (2, 17, 27, 29)
     assert {e.name: e.id for e in V6.events.values()}["PAUSE_VCPU"] == 10
@@ -72,8 +75,8 @@ def test_cr3_offset_in_event() -> None:
 u64 = st.integers(0, (1 << 64) - 1)
 
 
-def _strategy(layout: wire.Layout) -> st.SearchStrategy[dict[str, object]]:
-    members: dict[str, st.SearchStrategy[object]] = {}
+def _strategy(layout: wire.Layout) -> st.SearchStrategy[dict[str, Any]]:
+    members: dict[str, st.SearchStrategy[Any]] = {}
     for name, code in layout.members:
         if name.startswith("pad"):
             continue
@@ -84,7 +87,7 @@ def _strategy(layout: wire.Layout) -> st.SearchStrategy[dict[str, object]]:
     return st.fixed_dictionaries(members)
 
 
-def _values(layout: wire.Layout, draw: st.DrawFn) -> dict[str, object]:
+def _values(layout: wire.Layout, draw: st.DrawFn) -> dict[str, Any]:
     return draw(_strategy(layout))
 
 
@@ -188,10 +191,10 @@ def test_malformed_requests() -> None:
         wire.decode_request(gr, req[:-4])
     with pytest.raises(wire.MalformedMessage):  # a short vcpu header is a size error, not padding
         wire.decode_request(gr, req[:5])
-    bad = bytearray(req)
-    bad[2] = 1  # vcpu_hdr padding
+    corrupt = bytearray(req)
+    corrupt[2] = 1  # vcpu_hdr padding
     with pytest.raises(wire.InvalidField) as ei:
-        wire.decode_request(gr, bytes(bad))
+        wire.decode_request(gr, bytes(corrupt))
     assert (ei.value.what, ei.value.field) == ("kvmi_vcpu_hdr", "pad1")
     wp = V6.command("WRITE_PHYSICAL")
     raw = wire.encode_request(wp, fields={"gpa": 0}, items=b"abc")
@@ -284,13 +287,13 @@ class FakeGuest:
         return wire.Registers(8, regs, wire.Sregs(cr3=0x1000 * (vcpu + 1), efer=0xD01), dict.fromkeys(msrs, 0xD01))
 
 
-def _msg(name: str, seq: int = 1, **kw: object) -> tuple[wire.Header, bytes]:
+def _msg(name: str, seq: int = 1, **kw: Any) -> tuple[wire.Header, bytes]:
     spec = V6.command(name)
     payload = wire.encode_request(spec, **kw)
     return wire.Header(spec.id, len(payload), seq), payload
 
 
-def _reply(layer: CommandLayer, name: str, seq: int = 1, **kw: object) -> tuple[int, bytes]:
+def _reply(layer: CommandLayer, name: str, seq: int = 1, **kw: Any) -> tuple[int, bytes]:
     h, p = _msg(name, seq, **kw)
     out = layer.handle(h, p)
     head = wire.decode_header(V6, out[:8])

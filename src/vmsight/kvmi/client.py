@@ -60,9 +60,11 @@ class Introspector:
         self.sock: socket.socket | None = None
         self.events: collections.deque[wire.Event] = collections.deque()
         self._seq = 0
+        self._bound = False  # only a socket file this object made is ever removed
         self._listener = socket.socket(self.address.family, socket.SOCK_STREAM)
         try:
             self._listener.bind(self.address.sockaddr)
+            self._bound = True
             if self.address.family == socket.AF_UNIX:
                 os.chmod(self.address.unix_path, 0o600)
             self._listener.listen(1)
@@ -103,7 +105,8 @@ class Introspector:
         if self.address.family == socket.AF_UNIX:
             if self._private_dir is not None:
                 runtime.remove_private_dir(self._private_dir, ("kvmi.sock",))
-            else:
+            elif self._bound:
+                self._bound = False
                 with contextlib.suppress(OSError):
                     os.unlink(self.address.unix_path)
 
