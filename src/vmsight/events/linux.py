@@ -81,6 +81,28 @@ class Filter:
                    for t in tasks)
 
 
+@dataclass(frozen=True)
+class _EventLayout:
+    """The offsets decoders use on every hit, resolved once per kernel (``Kernel.derived``): ``struct
+    pt_regs`` members (BTF, else the ABI's) and ``struct linux_binprm``'s filename, p and argc."""
+
+    pt_regs: dict[str, int]
+    bprm_filename: int
+    bprm_p: int
+    bprm_argc: int
+
+
+def _event_layout(k: Kernel) -> _EventLayout:
+    def pt(name: str) -> int:
+        try:
+            return k.offsetof("pt_regs", name)
+        except VmsightError:
+            return _PT_REGS_DEFAULT[name]
+
+    return _EventLayout({name: pt(name) for name in ("orig_ax", *_ARG_REGS)}, k.offsetof("linux_binprm", "filename"),
+                        k.offsetof("linux_binprm", "p"), k.offsetof("linux_binprm", "argc"))
+
+
 class LinuxEvents:
     """OS-level event sources over a :class:`~vmsight.events.dispatcher.Dispatcher`."""
 
@@ -89,19 +111,12 @@ class LinuxEvents:
         self.k = kernel or dispatcher.kernel
         task_layout(self.k)   # a kernel whose task_struct is not understood fails here, not on the first hit
         self._cur_off = current_task_offset(self.k)
-        self._pt = {name: self._pt_regs_offset(name) for name in ("orig_ax", *_ARG_REGS)}
+        lay = self.k.derived(_event_layout)
+        self._pt = lay.pt_regs
         self._names: dict[int, str | None] | None = None
-        self._bprm_filename = self.k.offsetof("linux_binprm", "filename")
-        self._bprm_p = self.k.offsetof("linux_binprm", "p")
-        self._bprm_argc = self.k.offsetof("linux_binprm", "argc")
+        self._bprm_filename, self._bprm_p, self._bprm_argc = lay.bprm_filename, lay.bprm_p, lay.bprm_argc
 
     # --- layout ------------------------------------------------------------------------------------
-
-    def _pt_regs_offset(self, name: str) -> int:
-        try:
-            return self.k.offsetof("pt_regs", name)
-        except VmsightError:
-            return _PT_REGS_DEFAULT[name]
 
     def syscall_names(self) -> dict[int, str | None]:
         """Syscall number -> name from the guest's ``sys_call_table`` (None for ``sys_ni_syscall``)."""
