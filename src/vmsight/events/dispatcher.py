@@ -689,7 +689,7 @@ class Dispatcher:
         with self._io_lock:
             if self._running and not self._interrupting and not self._closed:
                 self._interrupting = True
-                _send_break(self._stub)
+                self._stub.send_break()
 
     class _StoppedCtx:
         def __init__(self, d: Dispatcher) -> None:
@@ -726,7 +726,7 @@ class Dispatcher:
 
     def _stop_now(self, timeout: float = 3.0) -> None:
         self._interrupting = True
-        _send_break(self._stub)
+        self._stub.send_break()
         try:
             reply = self._stub.wait_stop(timeout)
         except TimeoutError:
@@ -837,8 +837,8 @@ class Dispatcher:
             with self._io_lock:
                 if self._running:
                     self._interrupting = True
-                    _send_break(stub)
-                    self._drain_until_stopped(stub)
+                    stub.send_break()
+                    self._drain_until_stopped()
                     self._running = False
                 for gva in list(self._bps):
                     try:
@@ -869,23 +869,14 @@ class Dispatcher:
         except (GdbStubError, OSError, TimeoutError) as e:
             log.warning("clean detach failed (%s); the watchdog detaches instead", e)
 
-    def _drain_until_stopped(self, stub: GdbStub) -> None:
-        """After an interrupt: read until a stop reply (replies of an interrupted exchange are skipped)."""
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline:
-            try:
-                text = stub._recv_packet(0.5)
-            except TimeoutError:
-                return  # already stopped: QEMU ignores ^C then
-            if text[:1] in ("T", "S", "W", "X"):
-                self._selected = None
-                return
-
-
-def _send_break(stub: GdbStub) -> None:
-    """Send ^C (a bare byte, not a packet): stops a running VM; QEMU ignores it when stopped.
-    GdbStub.interrupt() also waits for the stop reply, which the run loop wants to read itself."""
-    stub._sock.sendall(b"\x03")
+    def _drain_until_stopped(self) -> None:
+        """After an interrupt: read until its stop reply (wait_stop skips the replies of an interrupted
+        exchange)."""
+        self._selected = None
+        try:
+            self._stub.wait_stop(1.0)
+        except TimeoutError:
+            pass  # already stopped: QEMU ignores ^C then
 
 
 def _norm_thread(t: str) -> str:

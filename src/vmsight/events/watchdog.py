@@ -327,42 +327,28 @@ def read_until_eof(stream: IO[bytes]) -> _State:
 
 class _RawStub:
     """The few packets cleanup needs, without GdbStub's start-up (target description, a wait for the
-    pushed stop): after the parent's death every round trip counts."""
+    pushed stop): after the parent's death every round trip counts. Framing is rsp.RspConnection's."""
 
     def __init__(self, path: str, timeout: float) -> None:
-        from vmsight.qemu.rsp import stub_socket
+        from vmsight.qemu.rsp import RspConnection, stub_socket
 
-        self.sock = stub_socket(path, timeout)
-        self.timeout = timeout
-        self.buf = b""
+        self.conn = RspConnection(stub_socket(path, timeout), timeout)
 
     def request(self, payload: str) -> str:
         """Send a packet, return its reply (stop replies pushed by the connect itself are skipped)."""
-        from vmsight.qemu.rsp import frame
-
-        self.sock.sendall(frame(payload))
-        deadline = time.monotonic() + self.timeout
+        self.conn.send(payload)
+        deadline = time.monotonic() + self.conn.timeout
         while True:
-            start = self.buf.find(b"$")
-            end = self.buf.find(b"#", start) if start >= 0 else -1
-            if start >= 0 and end >= 0 and len(self.buf) >= end + 3:
-                text = self.buf[start + 1:end].decode("latin-1")
-                self.buf = self.buf[end + 3:]
-                self.sock.sendall(b"+")
-                if text[:1] in ("T", "S") and not payload.startswith("?"):
-                    continue  # the T02 that connecting pushes
-                return text
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no reply to {payload!r}")
-            self.sock.settimeout(left)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the gdbstub closed the connection")
-            self.buf += chunk
+            text = self.conn.recv_packet(left)
+            if text[:1] in ("T", "S") and not payload.startswith("?"):
+                continue  # the T02 that connecting pushes
+            return text
 
     def close(self) -> None:
-        self.sock.close()
+        self.conn.close()
 
 
 def cleanup(gdb_address: str, points: set[tuple[int, int, int]], deadline_s: float = CONNECT_DEADLINE_S, *,
@@ -398,7 +384,7 @@ def cleanup(gdb_address: str, points: set[tuple[int, int, int]], deadline_s: flo
                 return False
         else:
             stub.request("Qqemu.sstep=7")  # QEMU's default: the setting outlives the client
-    except (OSError, TimeoutError) as e:
+    except (VmsightError, OSError, TimeoutError) as e:   # VmsightError: the stub hung up or broke framing
         log.error("watchdog: cleanup failed: %s", e)
         return False
     finally:

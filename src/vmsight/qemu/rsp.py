@@ -22,6 +22,8 @@ from vmsight.qemu.qmp import connect_unix, tcp_address
 log = logging.getLogger(__name__)
 
 MAX_MEM_PACKET = 0x800
+MAX_PACKET = 1 << 16     # bytes of one received packet, framing included; QEMU's own limit is 4 KiB
+_HEX2 = re.compile(rb"[0-9a-fA-F]{2}")
 
 
 @dataclass(frozen=True)
@@ -121,39 +123,118 @@ def unescape(data: bytes) -> bytes:
 
 
 def parse_stop_reply(text: str) -> StopReply:
-    if text.startswith(("W", "X")):
-        return StopReply(int(text[1:3], 16), None, None, None, text, exited=True)
-    if not text.startswith(("T", "S")) or len(text) < 3:
-        raise GdbStubError(f"unexpected stop reply {text!r}", text)
-    sig = int(text[1:3], 16)
-    thread = kind = None
-    addr = None
-    for field in text[3:].split(";"):
-        if ":" not in field:
-            continue
-        k, v = field.split(":", 1)
-        if k == "thread":
-            thread = v
-        elif k in ("watch", "rwatch", "awatch"):
-            kind, addr = k, int(v, 16)
-        elif k in ("swbreak", "hwbreak"):
-            kind = k
+    """Decode a stop reply (``T05thread:p01.02;watch:ffff...;``, ``S05``, ``W00``); RspProtocolError for
+    anything else (the peer is untrusted)."""
+    try:
+        if text.startswith(("W", "X")):
+            return StopReply(int(text[1:3], 16), None, None, None, text, exited=True)
+        if not text.startswith(("T", "S")) or len(text) < 3:
+            raise RspProtocolError(f"unexpected stop reply {text[:40]!r}", text)
+        sig = int(text[1:3], 16)
+        thread = kind = None
+        addr = None
+        for field in text[3:].split(";"):
+            if ":" not in field:
+                continue
+            k, v = field.split(":", 1)
+            if k == "thread":
+                thread = v
+            elif k in ("watch", "rwatch", "awatch"):
+                kind, addr = k, int(v, 16)
+            elif k in ("swbreak", "hwbreak"):
+                kind = k
+    except ValueError:
+        raise RspProtocolError(f"malformed stop reply {text[:40]!r}", text) from None
     return StopReply(sig, thread, kind, addr, text)
 
 
-class GdbStub:
-    """One gdbstub connection. ``address`` is a unix socket path or ``tcp:HOST:PORT``."""
+class RspProtocolError(GdbStubError):
+    """The peer broke RSP framing (an oversized packet, a malformed stop reply): the session is out of
+    step and cannot be trusted any more."""
 
-    def __init__(self, address: str, timeout: float = 3.0) -> None:
-        self.address = address
+
+class RspConnection:
+    """RSP framing over one connected stream socket: the only packet reader and writer (the gdbstub client,
+    the event dispatcher and the SIGKILL watchdog all use it). Every received packet is acked (``+``) or,
+    on a bad checksum, refused (``-``: QEMU sends it again); bytes outside packets (the peer's acks) are
+    skipped. The peer is untrusted: a packet longer than :data:`MAX_PACKET` raises RspProtocolError
+    instead of growing the buffer."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 3.0) -> None:
+        self._sock = sock
         self.timeout = timeout
         self._buf = b""
+
+    def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self._sock.settimeout(left)
+        try:
+            chunk = self._sock.recv(1 << 20)
+        except TimeoutError:
+            raise
+        except OSError as e:
+            raise GdbStubError(f"gdbstub connection failed: {e}") from None
+        if not chunk:
+            raise GdbStubError("gdbstub closed the connection (QEMU exited?)")
+        self._buf += chunk
+
+    def recv_packet(self, timeout: float | None = None) -> str:
+        """The next packet's payload (unescaped), acked; TimeoutError if none is complete in time."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            start = self._buf.find(b"$")
+            if start < 0:
+                self._buf = b""       # acks and noise between packets: nothing to keep
+            else:
+                if start:
+                    self._buf = self._buf[start:]
+                end = self._buf.find(b"#", 1, MAX_PACKET + 1)
+                if end < 0 and len(self._buf) > MAX_PACKET:
+                    self._buf = b""
+                    raise RspProtocolError(f"the gdbstub sent a packet longer than {MAX_PACKET} bytes (QEMU "
+                                           "sends at most 4 KiB): not a QEMU gdbstub, or a broken one")
+                if end >= 0 and len(self._buf) >= end + 3:
+                    body = self._buf[1:end]
+                    cs = self._buf[end + 1:end + 3]
+                    self._buf = self._buf[end + 3:]
+                    if _HEX2.fullmatch(cs) is None or int(cs, 16) != checksum(body):
+                        self._sock.sendall(b"-")
+                        continue
+                    self._sock.sendall(b"+")
+                    return unescape(body).decode("latin-1")
+            self._fill(deadline)
+
+    def send(self, payload: str | bytes) -> None:
+        """Send a packet without waiting for its reply (acks are skipped when replies are read)."""
+        self._sock.sendall(frame(payload))
+
+    def send_break(self) -> None:
+        """Send ^C (a bare byte, not a packet): stops a running VM (its stop reply comes later); QEMU
+        ignores it when the VM is stopped already."""
+        self._sock.sendall(b"\x03")
+
+    def request(self, payload: str | bytes, timeout: float | None = None) -> str:
+        self.send(payload)
+        return self.recv_packet(timeout)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class GdbStub(RspConnection):
+    """One gdbstub connection. ``address`` is a unix socket path or ``tcp:HOST:PORT``; ``sock``, a
+    stream already connected to it (tests: one end of a socketpair)."""
+
+    def __init__(self, address: str, timeout: float = 3.0, *, sock: socket.socket | None = None) -> None:
+        super().__init__(stub_socket(address, timeout) if sock is None else sock, timeout)
+        self.address = address
         self.pushed_stop: StopReply | None = None
-        self._sock = stub_socket(address, timeout)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         # Connecting stops a running VM and QEMU pushes a stop reply; none comes if it was stopped already.
         try:
-            self.pushed_stop = parse_stop_reply(self._recv_packet(0.3))
+            self.pushed_stop = parse_stop_reply(self.recv_packet(0.3))
         except TimeoutError:
             pass
         try:
@@ -171,49 +252,6 @@ class GdbStub:
 
     # --- packets -------------------------------------------------------------------------------------
 
-    def _fill(self, deadline: float) -> None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        self._sock.settimeout(left)
-        try:
-            chunk = self._sock.recv(1 << 20)
-        except TimeoutError:
-            raise
-        except OSError as e:
-            raise GdbStubError(f"gdbstub connection failed: {e}") from None
-        if not chunk:
-            raise GdbStubError("gdbstub closed the connection (QEMU exited?)")
-        self._buf += chunk
-
-    def _recv_packet(self, timeout: float | None = None) -> str:
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
-            start = self._buf.find(b"$")
-            if start >= 0:
-                end = self._buf.find(b"#", start)
-                if end >= 0 and len(self._buf) >= end + 3:
-                    body = self._buf[start + 1:end]
-                    cs = self._buf[end + 1:end + 3]
-                    self._buf = self._buf[end + 3:]
-                    if int(cs, 16) != checksum(body):
-                        self._sock.sendall(b"-")
-                        continue
-                    self._sock.sendall(b"+")
-                    return unescape(body).decode("latin-1")
-            self._fill(deadline)
-
-    def _frame(self, payload: str | bytes) -> bytes:
-        return frame(payload)
-
-    def send(self, payload: str | bytes) -> None:
-        """Send a packet without waiting for its reply (acks are skipped when replies are read)."""
-        self._sock.sendall(self._frame(payload))
-
-    def request(self, payload: str | bytes, timeout: float | None = None) -> str:
-        self.send(payload)
-        return self._recv_packet(timeout)
-
     def pipeline(self, payloads: list[str], window: int = 32) -> list[str]:
         """Send requests with up to ``window`` in flight; replies in order."""
         out: list[str] = []
@@ -222,11 +260,8 @@ class GdbStub:
             while sent < len(payloads) and sent - len(out) < window:
                 self.send(payloads[sent])
                 sent += 1
-            out.append(self._recv_packet())
+            out.append(self.recv_packet())
         return out
-
-    def close(self) -> None:
-        self._sock.close()
 
     # --- target description and registers ------------------------------------------------------------
 
@@ -363,7 +398,7 @@ class GdbStub:
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                text = self._recv_packet(left if left is not None else 1e9)
+                text = self.recv_packet(left if left is not None else 1e9)
             except TimeoutError:
                 raise
             if text.startswith(("T", "S", "W", "X")):
@@ -373,7 +408,7 @@ class GdbStub:
             log.debug("ignoring packet while waiting for a stop: %r", text)
 
     def interrupt(self, timeout: float = 2.0) -> StopReply:
-        self._sock.sendall(b"\x03")
+        self.send_break()
         return self.wait_stop(timeout)
 
     def detach(self) -> None:
