@@ -171,7 +171,7 @@ def test_gpa_watch_maps_to_kernel_aliases(guest: VmInstance, vm: VM) -> None:
         gpa = k.gva_to_gpa(gva)
         handles = d.watch_gpa(gpa, 8, "w")
         assert {h.gva for h in handles} == {gva, k.page_offset_base + gpa}
-        assert d.capabilities()["user_aliases_covered"] is False
+        assert d.capabilities().user_aliases_covered is False
         bg = Bg(guest, "/bin/true; echo ok")
         events = collect(d, bg)
         bg.done()
@@ -247,7 +247,7 @@ def test_capabilities_under_tcg(vm: VM) -> None:
     need(vm.qmp.execute("query-kvm").get("enabled") is False, "guest runs under KVM")
     with Dispatcher(vm, supervise=False) as d:
         caps = d.capabilities()
-    assert caps["accelerator"] == "tcg" and caps["watchpoints"] is None and caps["read_watch"] is True
+    assert caps.accelerator == "tcg" and caps.watchpoints is None and caps.read_watch is True
 
 
 def test_context_switches_to_a_process(guest: VmInstance, vm: VM) -> None:

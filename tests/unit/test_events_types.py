@@ -18,7 +18,13 @@ from vmsight.events import (
     Syscall,
     TaskInfo,
 )
-from vmsight.events.dispatcher import Dispatcher, WatchHandle, _norm_thread
+from vmsight.events.dispatcher import (
+    Capabilities,
+    Dispatcher,
+    WatchHandle,
+    _norm_thread,
+    accelerator_capabilities,
+)
 from vmsight.events.linux import PATH_ARGS, Filter, format_syscall
 
 
@@ -108,15 +114,14 @@ def test_thread_ids_are_normalised() -> None:
     assert _norm_thread("p01.02") == "p1.2" and _norm_thread("p1.a") == "p1.a" and _norm_thread("1") == "1"
 
 
-def _bare_dispatcher(caps: dict[str, object]) -> Dispatcher:
+def _bare_dispatcher(caps: Capabilities) -> Dispatcher:
     d = Dispatcher.__new__(Dispatcher)  # capability checks only: no VM behind it
     d._caps = caps
     d._watches = {}
     return d
 
 
-KVM_CAPS = {"accelerator": "kvm", "watchpoints": 4, "watch_lengths": [1, 2, 4, 8], "watch_aligned": True,
-            "read_watch": False}
+KVM_CAPS = accelerator_capabilities(kvm=True)
 
 
 def test_kvm_watch_limits_are_reported_not_silent() -> None:
@@ -136,7 +141,7 @@ def test_kvm_watch_limits_are_reported_not_silent() -> None:
 
 
 def test_tcg_watch_has_no_such_limits() -> None:
-    d = _bare_dispatcher({"accelerator": "tcg", "watchpoints": None, "read_watch": True})
+    d = _bare_dispatcher(accelerator_capabilities(kvm=False))
     d._watches = {i: [WatchHandle(i, i, 8, Access.WRITE, None)] for i in range(100)}
     d._check_watch_caps(0x1003, 2 << 20, Access.READ)
     with pytest.raises(Exception, match=">= 1"):

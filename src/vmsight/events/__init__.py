@@ -11,7 +11,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vmsight.events.dispatcher import BreakpointHandle, Dispatcher, Stats, WatchHandle
+    from vmsight.events.dispatcher import (
+        BreakpointHandle,
+        Capabilities,
+        Dispatcher,
+        RunState,
+        Stats,
+        WatchHandle,
+    )
     from vmsight.events.errors import (
         CapabilityError,
         DispatcherClosed,
@@ -38,7 +45,8 @@ if TYPE_CHECKING:
     )
 
 _WHERE = {
-    **dict.fromkeys(("BreakpointHandle", "Dispatcher", "Stats", "WatchHandle"), "dispatcher"),
+    **dict.fromkeys(("BreakpointHandle", "Capabilities", "Dispatcher", "RunState", "Stats", "WatchHandle"),
+                    "dispatcher"),
     **dict.fromkeys(("CapabilityError", "DispatcherClosed", "EventError", "EventExpired", "WatchAliasError"),
                     "errors"),
     **dict.fromkeys(("Access", "Action", "Breakpoint", "ContextSwitch", "Event", "Lifecycle", "PageAccess",
@@ -57,8 +65,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [  # the same names as _WHERE (tests/unit/test_cli_options.py)
-    "Access", "Action", "Breakpoint", "BreakpointHandle", "CapabilityError", "ContextSwitch", "Dispatcher",
-    "DispatcherClosed", "Event", "EventError", "EventExpired", "Lifecycle", "PageAccess", "ProcessExec",
-    "ProcessExit", "Reply", "SingleStep", "Stats", "Syscall", "TaskInfo", "VcpuPause", "VmLifecycle",
+    "Access", "Action", "Breakpoint", "BreakpointHandle", "Capabilities", "CapabilityError", "ContextSwitch",
+    "Dispatcher", "DispatcherClosed", "Event", "EventError", "EventExpired", "Lifecycle", "PageAccess",
+    "ProcessExec", "ProcessExit", "Reply", "RunState", "SingleStep", "Stats", "Syscall", "TaskInfo", "VcpuPause",
+    "VmLifecycle",
     "WatchAliasError", "WatchHandle",
 ]

@@ -5,6 +5,10 @@ Run loop (its own, over ``vm.gdb``; it never uses ``vm.paused()``): the VM runs 
 :meth:`Dispatcher.listen` waits for a stop reply. A stop is decoded (which vCPU: the reply's thread; which
 breakpoint: the vCPU's ``rip``, which QEMU makes the selected thread), handlers run, their reply is applied,
 and the VM resumes. Outside the dispatcher's own calls the VM is always running, except inside handlers.
+Where the VM is, as the loop sees it, is one :class:`RunState` with its legal transitions; what other
+threads and signal handlers ask for waits in a small request record; what the VM can do is a frozen
+:class:`Capabilities`. All RSP framing is :mod:`vmsight.qemu.rsp`'s (the peer is untrusted: bounded
+packets, checksums checked, a malformed stop reply is an error, not a crash).
 
 Facts this relies on (FIELD-NOTES, QEMU 7.2 TCG, re-measured): breakpoints are by virtual address on all
 vCPUs; QEMU's single step overrides breakpoints, so stepping off a breakpoint needs no remove/reinsert;
@@ -24,6 +28,7 @@ watchdog process (:mod:`vmsight.events.watchdog`) does the same if this process 
 from __future__ import annotations
 
 import atexit
+import enum
 import itertools
 import logging
 import signal
@@ -32,7 +37,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +57,7 @@ from vmsight.events.types import (
 )
 from vmsight.memory.paging import is_kernel_half
 from vmsight.memory.virtual import AddressSpace
-from vmsight.qemu.rsp import GdbStub, StopReply, in_exchange
+from vmsight.qemu.rsp import GdbStub, RspProtocolError, StopReply, in_exchange
 
 if TYPE_CHECKING:
     from vmsight.events.watchdog import WatchdogClient
@@ -77,6 +82,83 @@ _QMP_LIFECYCLE = {"SHUTDOWN": Lifecycle.SHUTDOWN, "RESET": Lifecycle.RESET, "GUE
                   "POWERDOWN": Lifecycle.POWERDOWN}
 _RUN_STATE_LIFECYCLE = {"guest-panicked": Lifecycle.PANIC, "shutdown": Lifecycle.SHUTDOWN,
                         "internal-error": Lifecycle.PANIC}
+
+
+class RunState(enum.Enum):
+    """Where the VM is, as the run loop sees it. Legal transitions are :data:`_TRANSITIONS`; one function,
+    ``Dispatcher._enter``, makes each and checks it::
+
+        RUNNING --^C--> INTERRUPTING --its stop reply, or a trap that beat it--> STOPPED
+        RUNNING --a trap's stop reply (breakpoint, watch, step)--> STOPPED
+        STOPPED --continue--> RUNNING
+        STOPPED --the stop was someone else's (QMP stop, shutdown, panic)--> EXTERNAL
+        EXTERNAL --QMP reports it running again--> RUNNING
+        any open state --close(), or the VM gone--> CLOSING --> CLOSED
+
+    A single step (passing a breakpoint) is one request/reply exchange inside STOPPED."""
+
+    RUNNING = "running"            # runs under our continue: its stop reply is still to be read
+    INTERRUPTING = "interrupting"  # ^C sent while RUNNING: the next stop reply is the one it asked for
+    STOPPED = "stopped"            # its stop reply was read: ours to resume (handlers run now)
+    EXTERNAL = "external"          # paused by someone else, or found so: never resumed by us
+    CLOSING = "closing"            # close() is detaching (re-entry is a no-op)
+    CLOSED = "closed"
+
+
+_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    RunState.RUNNING: frozenset({RunState.INTERRUPTING, RunState.STOPPED, RunState.CLOSING}),
+    RunState.INTERRUPTING: frozenset({RunState.STOPPED, RunState.CLOSING}),
+    RunState.STOPPED: frozenset({RunState.RUNNING, RunState.EXTERNAL, RunState.CLOSING}),
+    RunState.EXTERNAL: frozenset({RunState.RUNNING, RunState.CLOSING}),
+    RunState.CLOSING: frozenset({RunState.CLOSED}),
+    RunState.CLOSED: frozenset(),
+}
+_WAITING = (RunState.RUNNING, RunState.INTERRUPTING)   # a stop reply is due
+_ENDED = (RunState.CLOSING, RunState.CLOSED)
+
+
+@dataclass
+class _Requests:
+    """What other threads and signal handlers ask of the run loop, which acts on it at a safe point (never
+    mid-packet). Repeated requests before that point coalesce."""
+
+    pause: bool = False          # pause_vcpus(): one VcpuPause per vCPU at the next stop
+    stop: bool = False           # stop(): a blocked listen() returns None
+    signal: int | None = None    # SIGINT/SIGTERM/SIGHUP: detach, then KeyboardInterrupt / SystemExit
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this VM's accelerator and gdbstub allow (``None`` = no practical limit). Watches are by
+    guest-virtual address: a gpa watch covers its kernel aliases only, never user mappings of the page."""
+
+    accelerator: str                        # "kvm" or "tcg" (QMP query-kvm)
+    breakpoint_kind: str
+    watchpoints: int | None                 # KVM: the four debug registers
+    watch_lengths: tuple[int, ...] | None   # None: any length >= 1
+    watch_aligned: bool                     # a watch must start at a multiple of its length
+    read_watch: bool                        # read-only watches (KVM watches reads and writes together)
+    nop_skip: bool                          # a breakpoint on endbr64/nop4 is passed by moving rip
+    multiprocess: bool                      # the stub names vCPUs p<pid>.<tid> and takes vCont (qSupported)
+    breakpoints: int | None = None
+    single_step: bool = True
+    watch_by: str = "gva"
+    gpa_watch_aliases: tuple[str, ...] = ("direct_map", "kernel_image")
+    user_aliases_covered: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (tuples as lists)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+
+def accelerator_capabilities(kvm: bool, *, multiprocess: bool = True) -> Capabilities:
+    """The capabilities of QEMU's gdbstub under KVM (hardware debug registers, int3 in guest memory) or
+    TCG (breakpoints and watches in the translator, guest memory untouched)."""
+    if kvm:
+        return Capabilities("kvm", "int3 written to guest memory", watchpoints=4, watch_lengths=(1, 2, 4, 8),
+                            watch_aligned=True, read_watch=False, nop_skip=False, multiprocess=multiprocess)
+    return Capabilities("tcg", "TCG, guest memory untouched", watchpoints=None, watch_lengths=None,
+                        watch_aligned=False, read_watch=True, nop_skip=True, multiprocess=multiprocess)
 
 
 @dataclass(eq=False)
@@ -191,13 +273,9 @@ class Dispatcher:
         self._live: list[_Live] = []
         self._selected: str | None = None
         self._sstep = _SSTEP_QUIET
-        self._closed: str | None = None
-        self._ext_paused = False
-        self._interrupting = False
-        self._pause_requested = False
-        self._stop_requested = False
-        self._signal: int | None = None
-        self._busy = 0
+        self._close_reason = "closed"
+        self._requests = _Requests()
+        self._busy = 0     # dispatcher calls on the stack: a signal waits for the outermost to reach a safe point
         self._old_handlers: dict[int, Any] = {}
         self._io_lock = threading.RLock()
         self._last_qmp_drain = 0.0
@@ -205,9 +283,8 @@ class Dispatcher:
         self._vcpu_of_thread = {_norm_thread(v.gdb_thread): v.index for v in vm.vcpus()}
         self._threads = {v.index: v.gdb_thread for v in vm.vcpus()}
         self._caps = self._probe_capabilities()
-        self._running = vm.status() == "running"
         # Found paused (or prelaunch): not ours to resume, as if someone else had paused it.
-        self._ext_paused = not self._running
+        self._state = RunState.RUNNING if vm.status() == "running" else RunState.EXTERNAL
         self._watchdog: WatchdogClient | None = None
         if supervise:
             from vmsight.events.watchdog import supervise as arm
@@ -230,25 +307,33 @@ class Dispatcher:
 
     # --- capabilities and symbols ------------------------------------------------------------------
 
-    def _probe_capabilities(self) -> dict[str, Any]:
+    def _probe_capabilities(self) -> Capabilities:
         try:
             kvm = bool(self.vm.qmp.execute("query-kvm").get("enabled"))
         except VmsightError:
             kvm = False
-        if kvm:
-            return {"accelerator": "kvm", "breakpoints": None, "breakpoint_kind": "int3 written to guest memory",
-                    "watchpoints": 4, "watch_lengths": [1, 2, 4, 8], "watch_aligned": True,
-                    "read_watch": False, "watch_by": "gva", "nop_skip": False,
-                    "gpa_watch_aliases": ["direct_map", "kernel_image"], "user_aliases_covered": False}
-        return {"accelerator": "tcg", "breakpoints": None, "breakpoint_kind": "TCG, guest memory untouched",
-                "watchpoints": None, "watch_lengths": "any >= 1", "watch_aligned": False, "read_watch": True,
-                "watch_by": "gva", "nop_skip": True, "gpa_watch_aliases": ["direct_map", "kernel_image"],
-                "user_aliases_covered": False}
+        return accelerator_capabilities(kvm, multiprocess=self._stub.multiprocess)
 
-    def capabilities(self) -> dict[str, Any]:
-        """What this VM's accelerator allows (``None`` = no practical limit). Watches are by guest-virtual
-        address: a gpa watch covers its kernel aliases only, never user mappings of the same page."""
-        return dict(self._caps)
+    def capabilities(self) -> Capabilities:
+        """What this VM's accelerator and gdbstub allow (see :class:`Capabilities`)."""
+        return self._caps
+
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    @property
+    def _closed(self) -> str | None:
+        """Why the dispatcher is closed (or closing); None while open."""
+        return self._close_reason if self._state in _ENDED else None
+
+    def _enter(self, new: RunState) -> None:
+        """The one place the run state changes; an illegal transition is a bug in this module."""
+        with self._io_lock:
+            old = self._state
+            if new not in _TRANSITIONS[old]:
+                raise AssertionError(f"dispatcher run state {old.name} -> {new.name} is not a legal transition")
+            self._state = new
 
     @property
     def kernel(self) -> Kernel:
@@ -287,7 +372,7 @@ class Dispatcher:
             raise VmsightError(f"a breakpoint at {gva:#x} is already registered")
         bp = BreakpointHandle(next(self._ids), gva, symbol, handler, decode, with_registers)
         with self._stopped():
-            if self._caps["nop_skip"] and is_kernel_half(gva, la57=self._la57()):
+            if self._caps.nop_skip and is_kernel_half(gva, la57=self._la57()):
                 bp.skip_len = self._nop_length(gva)
             self._stub.insert_breakpoint(_Z_SW, gva, 1)
             self._bps[gva] = bp
@@ -327,16 +412,16 @@ class Dispatcher:
         if length < 1:
             raise VmsightError(f"watch length must be >= 1, not {length}")
         caps = self._caps
-        if caps["watchpoints"] is not None:
+        if caps.watchpoints is not None:
             n = sum(len(v) for v in self._watches.values())
-            if n >= caps["watchpoints"]:
-                raise CapabilityError(f"add watchpoint #{n + 1}", "the number of watchpoints",
-                                      caps["watchpoints"])
-            if length not in caps["watch_lengths"] or (caps["watch_aligned"] and gva % length):
-                raise CapabilityError(f"watch {length} bytes at {gva:#x}", "watch length/alignment",
-                                      caps["watch_lengths"])
-            if acc is Access.READ and not caps["read_watch"]:
-                raise CapabilityError("watch reads only", "read-only watching", "read+write (use rw)")
+            if n >= caps.watchpoints:
+                raise CapabilityError(f"add watchpoint #{n + 1}", "the number of watchpoints", caps.watchpoints)
+        if caps.watch_lengths is not None and (length not in caps.watch_lengths
+                                               or (caps.watch_aligned and gva % length)):
+            raise CapabilityError(f"watch {length} bytes at {gva:#x}", "watch length/alignment",
+                                  list(caps.watch_lengths))
+        if acc is Access.READ and not caps.read_watch:
+            raise CapabilityError("watch reads only", "read-only watching", "read+write (use rw)")
 
     def watch_gpa(self, gpa: int, length: int, access: Access | str = Access.WRITE,
                   handler: Handler | None = None) -> list[WatchHandle]:
@@ -396,12 +481,12 @@ class Dispatcher:
 
     def pause_vcpus(self) -> None:
         """Ask for a :class:`VcpuPause` event per vCPU (all-stop: the whole VM pauses). Thread-safe."""
-        self._pause_requested = True
+        self._requests.pause = True
         self._interrupt_if_running()
 
     def stop(self) -> None:
         """Make a blocked :meth:`listen` return None and iteration end (thread-safe; the VM keeps running)."""
-        self._stop_requested = True
+        self._requests.stop = True
 
     # --- listening ---------------------------------------------------------------------------------
 
@@ -413,14 +498,14 @@ class Dispatcher:
         self._busy += 1
         try:
             while True:
-                if self._signal is not None:
+                if self._requests.signal is not None:
                     self._exit_on_signal()
                 if self._pending:
                     return self._pending.popleft()
-                if self._closed:
-                    raise DispatcherClosed(self._closed)
-                if self._stop_requested:
-                    self._stop_requested = False
+                if self._state in _ENDED:
+                    raise DispatcherClosed(self._close_reason)
+                if self._requests.stop:
+                    self._requests.stop = False
                     return None
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
@@ -429,11 +514,11 @@ class Dispatcher:
                     self._drain_qmp()
                     if self._pending:
                         continue
-                if self._ext_paused:
+                if self._state is RunState.EXTERNAL:
                     self._poll_external_resume()
                     time.sleep(0.02)
                     continue
-                if not self._running:
+                if self._state is RunState.STOPPED:
                     with self._io_lock:
                         self._resume()
                     continue
@@ -442,13 +527,14 @@ class Dispatcher:
                     reply = self._stub.wait_stop(slice_s)
                 except TimeoutError:
                     continue
+                except RspProtocolError:
+                    raise      # out of step: closed below (the watchdog undoes what a detach cannot)
                 except GdbStubError as e:
                     self._vm_gone(str(e))
                     continue
                 with self._io_lock:
-                    self._running = False
-                    self._handle_stop(reply)
-                    if not self._ext_paused and not self._closed:
+                    self._on_stop_reply(reply)
+                    if self._state is RunState.STOPPED:
                         self._resume()
         except BaseException:
             self.close()
@@ -482,39 +568,45 @@ class Dispatcher:
 
     # --- stop handling -----------------------------------------------------------------------------
 
-    def _handle_stop(self, reply: StopReply) -> None:
+    def _on_stop_reply(self, reply: StopReply) -> None:
+        """The stop reply the run state waited for (RUNNING or INTERRUPTING): the VM is stopped now."""
+        interrupted = self._state is RunState.INTERRUPTING
+        self._enter(RunState.STOPPED)
+        self._handle_stop(reply, interrupted)
+
+    def _handle_stop(self, reply: StopReply, interrupted: bool) -> None:
         self.stats.stops += 1
-        if reply.thread:
-            self._selected = _norm_thread(reply.thread)  # QEMU selects the stopping vCPU (gdb_set_stop_cpu)
+        # QEMU selects the stopping vCPU (gdb_set_stop_cpu); a reply without a thread leaves which unknown.
+        self._selected = _norm_thread(reply.thread) if reply.thread else None
         if reply.exited:
             self._vm_gone(f"QEMU reported exit ({reply.raw})")
             return
         thread = _norm_thread(reply.thread) if reply.thread else self._threads[0]
         vcpu = self._vcpu_of_thread.get(thread, 0)
         if reply.signal == 5:
-            self._interrupting = False  # a trap beat our interrupt: this stop is the one we waited for
+            # A trap that beat our ^C is the stop it asked for: QEMU drops a ^C that reaches a stopped VM.
             if reply.kind in _ACCESS_OF_KIND:
                 self._on_watch(reply, thread, vcpu)
             elif thread in self._stepping:
                 self._emit_raw(SingleStep(vcpu=vcpu, rip=0), thread, rip_field="rip")
             else:
                 self._on_breakpoint(thread, vcpu)
-        elif reply.signal == 2 and self._interrupting:
-            self._interrupting = False
+        elif reply.signal == 2 and interrupted:
+            pass
         elif reply.signal == 2:
             status = self._status()
             log.info("VM stopped by someone else (QMP status %s)", status)
-            self._ext_paused = True
+            self._enter(RunState.EXTERNAL)
             if self._watchdog and status == "paused":
                 self._watchdog.want("paused")  # theirs: a dying tracer leaves it paused
             self._queue(VmLifecycle(vcpu=-1, what=Lifecycle.STOP, data={"status": status}))
         else:
             status = self._status()
             what = _RUN_STATE_LIFECYCLE.get(status, Lifecycle.STOP)
-            self._ext_paused = True
+            self._enter(RunState.EXTERNAL)
             self._queue(VmLifecycle(vcpu=-1, what=what, data={"status": status, "signal": reply.signal}))
-        if self._pause_requested:
-            self._pause_requested = False
+        if self._requests.pause and self._state not in _ENDED:
+            self._requests.pause = False
             for index, t in sorted(self._threads.items()):
                 self._emit(VcpuPause(vcpu=index), _Live(self, index, _norm_thread(t)), [])
 
@@ -628,14 +720,19 @@ class Dispatcher:
             return self._kernel.la57
         return self.vm.la57
 
-    def _resume(self) -> None:
-        """Pass the breakpoints vCPUs sit on, then continue (only ever called with the VM stopped)."""
+    def _drop_live_views(self) -> None:
+        """The guest runs (or ran) again: every event's live view expires, and every translation cache of
+        the VM is dropped with them (``vm.address_space()`` spaces and the kernel's, not only this loop's)."""
         for live in self._live:
             live.valid = False
         self._live.clear()
-        self.vm.invalidate()      # every translation cache of the VM, not only this loop's: the guest runs now
+        self.vm.invalidate()
         if self._kernel is not None:
             self._kernel.invalidate()
+
+    def _resume(self) -> None:
+        """Pass the breakpoints vCPUs sit on, then continue (STOPPED -> RUNNING)."""
+        self._drop_live_views()
         while self._step_over:
             thread, bp = self._step_over.popitem()
             if self._bps.get(bp.gva) is not bp:
@@ -653,7 +750,7 @@ class Dispatcher:
             self._stub.send(f"vCont;{actions};c")
         else:
             self._stub.cont()
-        self._running = True
+        self._enter(RunState.RUNNING)
 
     def _step_off(self, thread: str, bp: BreakpointHandle) -> None:
         """Single-step ``thread`` off ``bp``; re-step while it has not moved (a pending debug request of
@@ -668,9 +765,7 @@ class Dispatcher:
             if reply.signal == 5 and reply.kind in _ACCESS_OF_KIND:
                 self._on_watch(reply, self._selected or thread,
                                self._vcpu_of_thread.get(self._selected or thread, 0))
-                for live in self._live:
-                    live.valid = False
-                self._live.clear()
+                self._drop_live_views()
             elif reply.signal != 5:
                 log.warning("single step of %s ended with %s", thread, reply.raw)
             self._select(thread)
@@ -687,9 +782,13 @@ class Dispatcher:
 
     def _interrupt_if_running(self) -> None:
         with self._io_lock:
-            if self._running and not self._interrupting and not self._closed:
-                self._interrupting = True
-                self._stub.send_break()
+            if self._state is RunState.RUNNING:
+                self._interrupt()
+
+    def _interrupt(self) -> None:
+        """RUNNING -> INTERRUPTING: ^C, whose stop reply the run loop reads itself."""
+        self._enter(RunState.INTERRUPTING)
+        self._stub.send_break()
 
     class _StoppedCtx:
         def __init__(self, d: Dispatcher) -> None:
@@ -701,7 +800,7 @@ class Dispatcher:
             d._busy += 1
             d._io_lock.acquire()
             try:
-                if d._running:
+                if d._state in _WAITING:
                     d._stop_now()
                     self.resume = True
             except BaseException:
@@ -712,12 +811,12 @@ class Dispatcher:
         def __exit__(self, *exc: object) -> None:
             d = self.d
             try:
-                if self.resume and not d._closed and not d._ext_paused:
+                if self.resume and d._state is RunState.STOPPED:
                     d._resume()
             finally:
                 d._io_lock.release()
                 d._busy -= 1
-            if d._signal is not None and d._busy == 0 and not d._closed:
+            if d._requests.signal is not None and d._busy == 0 and d._state not in _ENDED:
                 d._exit_on_signal()
 
     def _stopped(self) -> Dispatcher._StoppedCtx:
@@ -725,14 +824,13 @@ class Dispatcher:
         return Dispatcher._StoppedCtx(self)
 
     def _stop_now(self, timeout: float = 3.0) -> None:
-        self._interrupting = True
-        self._stub.send_break()
+        if self._state is RunState.RUNNING:
+            self._interrupt()     # INTERRUPTING already: another thread's ^C is on its way
         try:
             reply = self._stub.wait_stop(timeout)
         except TimeoutError:
             raise TargetError(f"the VM did not stop within {timeout:.0f} s of a gdbstub interrupt") from None
-        self._running = False
-        self._handle_stop(reply)
+        self._on_stop_reply(reply)
 
     def _status(self) -> str:
         try:
@@ -743,8 +841,7 @@ class Dispatcher:
     def _poll_external_resume(self) -> None:
         status = self._status()
         if status == "running":
-            self._ext_paused = False
-            self._running = True
+            self._enter(RunState.RUNNING)
             if self._watchdog:
                 self._watchdog.want("running")
             self._queue(VmLifecycle(vcpu=-1, what=Lifecycle.RESUME, data={"status": status}))
@@ -773,7 +870,6 @@ class Dispatcher:
             self._drain_qmp()
         if not any(isinstance(e, VmLifecycle) and e.what is Lifecycle.SHUTDOWN for e in self._pending):
             self._queue(VmLifecycle(vcpu=-1, what=Lifecycle.SHUTDOWN, data={"reason": why}))
-        self._running = False
         if self._watchdog:     # nothing left to remove: the watchdog need not try
             for p in list(self._watchdog.points):
                 self._watchdog.record(False, *p)
@@ -784,7 +880,7 @@ class Dispatcher:
     # --- signals and closing -----------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signal = signum
+        self._requests.signal = signum
         if self._busy:
             return  # the run loop acts on it at a safe point (never mid-packet)
         if in_exchange(frame):  # e.g. kernel discovery reading registers: try again in a moment
@@ -795,15 +891,15 @@ class Dispatcher:
         self._exit_on_signal()
 
     def _exit_on_signal(self) -> None:
-        signum = self._signal
+        signum = self._requests.signal
         self.close()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + (signum or 0))
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise DispatcherClosed(self._closed)
+        if self._state in _ENDED:
+            raise DispatcherClosed(self._close_reason)
 
     def close(self) -> None:
         """Remove every breakpoint and watchpoint and leave the VM running. Idempotent; never raises
@@ -811,61 +907,65 @@ class Dispatcher:
         self._finish("closed", detach=True)
 
     def _finish(self, reason: str, *, detach: bool) -> None:
-        if self._closed:
-            return
-        self._closed = reason
-        try:
-            if detach:
-                self._clean_stub()
-        finally:
-            for live in self._live:
-                live.valid = False
-            self._live.clear()
-            for sig, old in self._old_handlers.items():
-                try:
-                    signal.signal(sig, old)
-                except (ValueError, TypeError):
-                    pass
-            self._old_handlers.clear()
-            # The watchdog keeps what could not be removed; it is released when the VM closes.
-            self._watchdog = None
-            _open_dispatchers.discard(self)
+        # Under the lock throughout: another thread's pause_vcpus() must not ^C the VM once it is let go.
+        with self._io_lock:
+            if self._state in _ENDED:
+                return
+            was = self._state
+            self._close_reason = reason
+            self._enter(RunState.CLOSING)
+            try:
+                if detach:
+                    self._clean_stub(was)
+            finally:
+                self._release()
+                self._enter(RunState.CLOSED)
 
-    def _clean_stub(self) -> None:
+    def _release(self) -> None:
+        self._drop_live_views()
+        for sig, old in self._old_handlers.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, TypeError):
+                pass
+        self._old_handlers.clear()
+        # The watchdog keeps what could not be removed; it is released when the VM closes.
+        self._watchdog = None
+        _open_dispatchers.discard(self)
+
+    def _clean_stub(self, was: RunState) -> None:
+        """Remove every point and leave the VM as found. ``was``: the run state when closing began."""
         stub = self._stub
         try:
-            with self._io_lock:
-                if self._running:
-                    self._interrupting = True
+            if was in _WAITING:
+                if was is RunState.RUNNING:
                     stub.send_break()
-                    self._drain_until_stopped()
-                    self._running = False
-                for gva in list(self._bps):
+                self._drain_until_stopped()
+            for gva in list(self._bps):
+                try:
+                    stub.remove_breakpoint(_Z_SW, gva, 1)
+                    del self._bps[gva]
+                    if self._watchdog:
+                        self._watchdog.record(False, _Z_SW, gva, 1)
+                except GdbStubError as e:
+                    log.warning("cannot remove breakpoint at %#x: %s", gva, e)
+            for gva, lst in list(self._watches.items()):
+                for w in list(lst):
                     try:
-                        stub.remove_breakpoint(_Z_SW, gva, 1)
-                        del self._bps[gva]
+                        stub.remove_breakpoint(_Z_OF_ACCESS[w.access], w.gva, w.length)
+                        lst.remove(w)
                         if self._watchdog:
-                            self._watchdog.record(False, _Z_SW, gva, 1)
+                            self._watchdog.record(False, _Z_OF_ACCESS[w.access], w.gva, w.length)
                     except GdbStubError as e:
-                        log.warning("cannot remove breakpoint at %#x: %s", gva, e)
-                for gva, lst in list(self._watches.items()):
-                    for w in list(lst):
-                        try:
-                            stub.remove_breakpoint(_Z_OF_ACCESS[w.access], w.gva, w.length)
-                            lst.remove(w)
-                            if self._watchdog:
-                                self._watchdog.record(False, _Z_OF_ACCESS[w.access], w.gva, w.length)
-                        except GdbStubError as e:
-                            log.warning("cannot remove watchpoint at %#x: %s", gva, e)
-                    if not lst:
-                        del self._watches[gva]
-                self._step_over.clear()
-                self._stepping.clear()
-                if self._sstep != _SSTEP_QUIET:
-                    self._set_sstep(_SSTEP_QUIET)  # QEMU's default: the setting outlives this client
-                if not self._ext_paused:
-                    stub.cont()  # vm.close() detaches later (it stops first: a packet to a running stub)
-                    self._running = True
+                        log.warning("cannot remove watchpoint at %#x: %s", gva, e)
+                if not lst:
+                    del self._watches[gva]
+            self._step_over.clear()
+            self._stepping.clear()
+            if self._sstep != _SSTEP_QUIET:
+                self._set_sstep(_SSTEP_QUIET)  # QEMU's default: the setting outlives this client
+            if was is not RunState.EXTERNAL:
+                stub.cont()  # vm.close() detaches later (it stops first: a packet to a running stub)
         except (GdbStubError, OSError, TimeoutError) as e:
             log.warning("clean detach failed (%s); the watchdog detaches instead", e)
 
@@ -906,4 +1006,5 @@ def _close_all() -> None:
             pass
 
 
-__all__ = ["BreakpointHandle", "Dispatcher", "Handler", "Stats", "WatchHandle"]
+__all__ = ["BreakpointHandle", "Capabilities", "Dispatcher", "Handler", "RunState", "Stats", "WatchHandle",
+           "accelerator_capabilities"]
