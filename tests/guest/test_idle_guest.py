@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tests.guest.workload import GuestWorkload
-from vmsight.idle.errors import KernelThread, ProcessGone
 from vmsight.idle import Tracker
+from vmsight.idle.errors import KernelThread, ProcessGone
 from vmsight.idle.guest import GuestIdleTracker
 from vmsight.idle.result import PageState
 from vmsight.memory.paging import walk_range
