@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from vmsight.errors import CorruptData, SymbolNotFound, UnsupportedKernel, VmsightError
+from vmsight.linux.banner import BANNER_MAX, BANNER_RE, Banner, banner_from, parse_banner
 from vmsight.memory.paging import kernel_half_start
 
 log = logging.getLogger(__name__)
@@ -738,22 +739,11 @@ def _token_offset_of_digit0(buf: bytes, tt_off: int) -> int:
 
 # --- banner -------------------------------------------------------------------------------------------
 
-_BANNER_RE = re.compile(rb"Linux version (\d+\.\d+[\x21-\x7e]*) \([\x20-\x7e]{1,400}\n\0")
-
-
-@dataclass(frozen=True)
-class Banner:
-    offset: int     # in the buffer
-    text: str       # without the trailing newline
-    release: str    # e.g. "6.1.0-56-cloud-amd64" (what uname -r says)
-
-
 def find_banners(data: Buffer, start: int = 0, end: int | None = None) -> list[Banner]:
     """Every well-formed ``linux_banner`` ("Linux version R (builder) ... \\n\\0") in data."""
     v = _View(data)
     stop = v.size if end is None else min(end, v.size)
-    return [Banner(m.start(), m.group(0)[:-2].decode("ascii"), m.group(1).decode("ascii"))
-            for m in _BANNER_RE.finditer(v.mv, start, stop)]
+    return [banner_from(m) for m in BANNER_RE.finditer(v.mv, start, stop)]
 
 
 def find_banner(data: Buffer, kallsyms: Kallsyms | None = None, buffer_gva: int | None = None) -> Banner:
@@ -779,10 +769,10 @@ def find_banner(data: Buffer, kallsyms: Kallsyms | None = None, buffer_gva: int 
         v = _View(data)
         if not 0 <= off < v.size:
             raise CorruptData("linux_banner lies outside the buffer", kallsyms.address("linux_banner"))
-        m = _BANNER_RE.match(v.mv[off:off + 1024].tobytes())
-        if m is None:
+        b = parse_banner(v.mv[off:off + BANNER_MAX].tobytes())
+        if b is None:
             raise CorruptData("no 'Linux version' string at linux_banner", kallsyms.address("linux_banner"))
-        return Banner(off, m.group(0)[:-2].decode("ascii"), m.group(1).decode("ascii"))
+        return Banner(off, b.text, b.release)
     banners = find_banners(data)
     if not banners:
         raise CorruptData("no 'Linux version' banner found")

@@ -53,6 +53,7 @@ from vmsight.errors import (
     VmsightError,
 )
 from vmsight.linux import cache as kcache
+from vmsight.linux.banner import BANNER_MAX, parse_banner
 from vmsight.linux.modules import module_at
 from vmsight.memory.paging import (
     dtb_from_cr3,
@@ -88,7 +89,6 @@ DEFAULT_PAGE_OFFSET = {False: 0xFFFF888000000000, True: 0xFF11000000000000}
 DEFAULT_VMEMMAP = {False: 0xFFFFEA0000000000, True: 0xFFD4000000000000}
 
 _BTF_MAGIC = b"\x9f\xeb\x01"
-_BANNER_RE = re.compile(rb"Linux version (\d+\.\d+[\x21-\x7e]*) [\x20-\x7e]{1,500}\n")
 _DIGITS = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00"
 _TT_WINDOW = 24 << 20          # token table lies this close to kallsyms_relative_base in both layouts
 _KALLSYMS_BEFORE = 24 << 20    # bytes before the token table handed to the decoder
@@ -868,11 +868,10 @@ def _validate_image(phys: PhysicalMemory, ks: Kallsyms | SymbolTable, cand: Imag
 
 
 def _banner_at(phys: PhysicalMemory, gpa: int) -> tuple[str, str]:
-    raw = phys.read_gpa(gpa, 1024)
-    m = _BANNER_RE.match(raw)
-    if m is None:
+    b = parse_banner(phys.read_gpa(gpa, BANNER_MAX))
+    if b is None:
         raise CorruptData(f"no 'Linux version' banner at gpa {gpa:#x}")
-    return m.group(0)[:-1].decode("ascii"), m.group(1).decode("ascii")
+    return b.text, b.release
 
 
 def _build_id(banner: str, token_table: bytes) -> str:
