@@ -14,14 +14,13 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vmsight import runtime
 from vmsight.errors import VmsightError
 from vmsight.kvmi import wire
-from vmsight.kvmi.transport import Address, TransportError, parse_address, recv_exact
+from vmsight.kvmi.transport import Address, FrameReader, TransportError, parse_address, recv_exact
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,7 @@ class Introspector:
         self.address: Address = parse_address(address)
         self.hello: wire.GuestHello | None = None
         self.sock: socket.socket | None = None
+        self._reader: FrameReader | None = None
         self.events: collections.deque[wire.Event] = collections.deque()
         self._seq = 0
         self._bound = False  # only a socket file this object made is ever removed
@@ -92,12 +92,14 @@ class Introspector:
             sock.close()
             raise
         self.sock, self.hello = sock, hello
+        self._reader = FrameReader(sock)
         return hello
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+            self._reader = None
         self._listener.close()
         self._remove_socket()
 
@@ -139,14 +141,19 @@ class Introspector:
         seq = self.next_seq()
         return wire.Header(spec.id, len(payload), seq), wire.encode_message(self.dialect, spec.id, seq, payload)
 
-    def _read_message(self, deadline: float) -> tuple[wire.Header, bytes]:
+    def _read_message(self, timeout: float | None) -> tuple[wire.Header, bytes]:
         sock = self._sock()
-        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        assert self._reader is not None
+        if timeout is not None:
+            sock.settimeout(timeout)  # a system call: only for a timeout other than the default
         try:
-            header = wire.decode_header(self.dialect, recv_exact(sock, wire.MSG_HDR.size))
-            return header, recv_exact(sock, header.size) if header.size else b""
+            header = wire.decode_header(self.dialect, self._reader.read(wire.MSG_HDR.size))
+            return header, self._reader.read(header.size) if header.size else b""
         except TimeoutError:
             raise TransportError("the VM side did not answer in time") from None
+        finally:
+            if timeout is not None:
+                sock.settimeout(self.timeout)
 
     def _queue_event(self, header: wire.Header, payload: bytes) -> None:
         if len(self.events) >= MAX_QUEUED_EVENTS:
@@ -157,17 +164,16 @@ class Introspector:
     def wait_reply(self, header: wire.Header, timeout: float | None = None) -> bytes:
         """The reply data to command ``header`` (after its error code), queueing events that come first.
         Raises :class:`CommandError` on a negative code, :class:`wire.ProtocolError` on any other message."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         name = self.dialect.commands[header.id].name if header.id in self.dialect.commands else str(header.id)
-        while True:
-            h, payload = self._read_message(deadline)
+        while True:  # each message within the timeout, as libkvmi waits per read
+            h, payload = self._read_message(timeout)
             if h.id == self.dialect.event_id:
                 self._queue_event(h, payload)
                 continue
             if (h.id, h.seq) != (header.id, header.seq):
                 raise wire.ProtocolError(f"got message {h.id} seq {h.seq} while waiting for {name} seq "
                                          f"{header.seq}", what="kvmi_msg_hdr", msg_id=h.id, seq=h.seq)
-            err = wire.ERROR_CODE.unpack(payload)["err"]
+            err = wire.decode_error(payload)
             if err:
                 if len(payload) != wire.ERROR_CODE.size:
                     raise wire.MalformedMessage(f"{name} error reply carries data", what=name, value=len(payload))
@@ -251,8 +257,7 @@ class Introspector:
         """The next event (queued ones first)."""
         if self.events:
             return self.events.popleft()
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        h, payload = self._read_message(deadline)
+        h, payload = self._read_message(timeout)
         if h.id != self.dialect.event_id:
             raise wire.ProtocolError(f"got message {h.id} seq {h.seq} while waiting for an event",
                                      what="kvmi_msg_hdr", msg_id=h.id, seq=h.seq)

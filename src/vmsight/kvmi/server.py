@@ -21,7 +21,7 @@ from typing import Protocol
 
 from vmsight.errors import PhysicalAddressError, VmsightError
 from vmsight.kvmi import wire
-from vmsight.kvmi.transport import Address, TransportError, parse_address, recv_exact
+from vmsight.kvmi.transport import Address, FrameReader, PeerClosed, TransportError, parse_address, recv_exact
 from vmsight.kvmi.wire import cookie_hash
 from vmsight.memory.layout import RamLayout
 from vmsight.runtime import proc_start_time
@@ -394,25 +394,20 @@ class Session:
         if self.sock is None:
             self.connect()
         assert self.sock is not None
+        reader = FrameReader(self.sock)
         try:
             while True:
                 try:
-                    head = self.sock.recv(wire.MSG_HDR.size, socket.MSG_WAITALL)
-                except OSError as e:
-                    return f"connection error: {e.strerror or e}"
-                if not head:
-                    return "the introspector hung up"
-                if len(head) < wire.MSG_HDR.size:
-                    return f"short message header ({len(head)} bytes): session closed"
-                try:
-                    header = wire.decode_header(self.dialect, head)
-                    payload = recv_exact(self.sock, header.size) if header.size else b""
+                    header = wire.decode_header(self.dialect, reader.read(wire.MSG_HDR.size))
+                    payload = reader.read(header.size) if header.size else b""
                     out = self.layer.handle(header, payload)
+                except PeerClosed as e:
+                    if e.got == 0 and e.wanted == wire.MSG_HDR.size:
+                        return "the introspector hung up"
+                    return f"short message: {e}: session closed"
                 except wire.ProtocolError as e:
                     log.warning("KVMi: %s: closing the session", e)
                     return f"protocol error: {e}"
-                except TransportError as e:
-                    return f"short message: {e}"
                 except OSError as e:
                     return f"connection error: {e.strerror or e}"
                 self.commands += 1

@@ -70,4 +70,36 @@ def recv_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(buf)
 
 
-__all__ = ["Address", "TransportError", "parse_address", "recv_exact"]
+class PeerClosed(TransportError):
+    """The peer hung up; ``got`` bytes of the ``wanted`` had come (0 at a message boundary: a clean end)."""
+
+    def __init__(self, got: int, wanted: int) -> None:
+        super().__init__(f"the peer hung up after {got} of {wanted} bytes")
+        self.got = got
+        self.wanted = wanted
+
+
+class FrameReader:
+    """Buffered exact reads on a stream socket: a header and its payload (and often the next message) come in
+    one recv, not one system call each."""
+
+    CHUNK = 8 << 10  # one whole v6 message and then some
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+
+    def read(self, size: int) -> bytes:
+        """Exactly ``size`` bytes; :class:`PeerClosed` when the peer hangs up first."""
+        buf = self._buf
+        while len(buf) < size:
+            chunk = self.sock.recv(max(self.CHUNK, size - len(buf)))
+            if not chunk:
+                raise PeerClosed(len(buf), size)
+            buf += chunk
+        out = bytes(buf[:size])
+        del buf[:size]
+        return out
+
+
+__all__ = ["Address", "FrameReader", "PeerClosed", "TransportError", "parse_address", "recv_exact"]

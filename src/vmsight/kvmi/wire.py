@@ -12,6 +12,7 @@ answers ``-KVM_EINVAL``)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Mapping, Sequence
@@ -79,28 +80,33 @@ class Layout:
         self._st = struct.Struct("<" + "".join(code for _, code in members))
         self.size = self._st.size
         self.names = tuple(n for n, _ in members if not n.startswith("pad"))
+        self._name_set = frozenset(self.names)
+        # Precomputed once: the per-message work is one struct call plus the checks (the hot path of P7).
+        self._zeros: list[Any] = [bytes(int(c[:-1])) if c.endswith("s") else 0 for _, c in members]
+        self._fields = [(i, n, int(c[:-1]) if c.endswith("s") else -1, *_INT_RANGE.get(c, (0, 0)))
+                        for i, (n, c) in enumerate(members) if not n.startswith("pad")]
+        self._pads = [(i, n) for i, (n, _) in enumerate(members) if n.startswith("pad")]
 
     def pack(self, values: Mapping[str, Any] | None = None, **kw: Any) -> bytes:
-        vals = {**(values or {}), **kw}
-        unknown = set(vals) - set(self.names)
-        if unknown:
-            raise InvalidField(f"{self.name} has no member {sorted(unknown)[0]!r}", what=self.name,
-                               field=sorted(unknown)[0])
-        args: list[Any] = []
-        for name, code in self.members:
-            if code.endswith("s"):
-                v = b"" if name.startswith("pad") else vals.get(name, b"")
-                if not isinstance(v, bytes | bytearray) or len(v) > int(code[:-1]):
-                    raise InvalidField(f"{self.name}.{name} takes at most {code[:-1]} bytes", what=self.name,
-                                       field=name, value=v)
-                args.append(bytes(v))
+        vals = {**values, **kw} if values else kw
+        if not self._name_set.issuperset(vals):
+            bad = sorted(set(vals) - self._name_set)[0]
+            raise InvalidField(f"{self.name} has no member {bad!r}", what=self.name, field=bad)
+        args = self._zeros.copy()
+        for i, name, nbytes, lo, hi in self._fields:
+            if name not in vals:
                 continue
-            v = 0 if name.startswith("pad") else vals.get(name, 0)
-            lo, hi = _INT_RANGE[code]
-            if not isinstance(v, int) or not lo <= v <= hi:
+            v = vals[name]
+            if nbytes >= 0:
+                if not isinstance(v, bytes | bytearray) or len(v) > nbytes:
+                    raise InvalidField(f"{self.name}.{name} takes at most {nbytes} bytes", what=self.name,
+                                       field=name, value=v)
+                args[i] = bytes(v)
+            elif not isinstance(v, int) or not lo <= v <= hi:
                 raise InvalidField(f"{self.name}.{name} = {v!r} is outside {lo}..{hi:#x}", what=self.name,
                                    field=name, value=v)
-            args.append(int(v))
+            else:
+                args[i] = v
         return self._st.pack(*args)
 
     def unpack(self, data: bytes | bytearray | memoryview, offset: int = 0) -> dict[str, Any]:
@@ -108,14 +114,12 @@ class Layout:
         if offset < 0 or len(data) - offset < self.size:
             raise MalformedMessage(f"{self.name} needs {self.size} bytes, got {max(0, len(data) - offset)}",
                                    what=self.name, value=len(data) - offset)
-        out: dict[str, Any] = {}
-        for (name, _code), v in zip(self.members, self._st.unpack_from(data, offset), strict=True):
-            if name.startswith("pad"):
-                if any(v) if isinstance(v, bytes) else v != 0:
-                    raise InvalidField(f"{self.name}.{name} is not zero", what=self.name, field=name, value=v)
-                continue
-            out[name] = v
-        return out
+        raw = self._st.unpack_from(data, offset)
+        for i, name in self._pads:
+            v = raw[i]
+            if v if isinstance(v, int) else any(v):
+                raise InvalidField(f"{self.name}.{name} is not zero", what=self.name, field=name, value=v)
+        return {name: raw[i] for i, name, *_ in self._fields}
 
     def unpack_exact(self, data: bytes | bytearray | memoryview) -> dict[str, Any]:
         if len(data) != self.size:
@@ -288,11 +292,12 @@ class Dialect:
     events: Mapping[int, EventSpec]
     event_size: int                   # kvmi_event.size: common header + arch block
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, CommandSpec]:
+        return {c.name: c for c in self.commands.values()}
+
     def command(self, name: str) -> CommandSpec:
-        for c in self.commands.values():
-            if c.name == name:
-                return c
-        raise KeyError(name)
+        return self._by_name[name]
 
     def event(self, name: str) -> EventSpec:
         for e in self.events.values():
@@ -389,22 +394,44 @@ class Header:
     seq: int
 
 
+_HDR = struct.Struct("<HHI")  # kvmi_msg_hdr, packed directly: every message passes here twice
+
+
 def encode_message(dialect: Dialect, msg_id: int, seq: int, payload: bytes) -> bytes:
     """``kvmi_msg_hdr`` + payload, refusing a payload over the dialect's limit."""
     if len(payload) > dialect.max_message:
         raise InvalidField(f"a {len(payload)}-byte message is over the {dialect.max_message}-byte limit",
                            what="kvmi_msg_hdr", field="size", value=len(payload), msg_id=msg_id, seq=seq)
-    return MSG_HDR.pack(id=msg_id, size=len(payload), seq=seq) + payload
+    if not 0 <= msg_id <= 0xFFFF or not 0 <= seq <= 0xFFFF_FFFF:
+        raise InvalidField(f"message id {msg_id} or seq {seq} out of range", what="kvmi_msg_hdr", msg_id=msg_id,
+                           seq=seq)
+    return _HDR.pack(msg_id, len(payload), seq) + payload
 
 
 def decode_header(dialect: Dialect, data: bytes | bytearray | memoryview) -> Header:
     """A ``kvmi_msg_hdr`` (8 bytes); a size over the dialect's limit is malformed (the kernel closed)."""
-    h = MSG_HDR.unpack_exact(data)
-    if h["size"] > dialect.max_message:
-        raise MalformedMessage(f"message {h['id']} (seq {h['seq']}) declares {h['size']} bytes, over the "
+    if len(data) != _HDR.size:
+        raise MalformedMessage(f"kvmi_msg_hdr is 8 bytes, got {len(data)}", what="kvmi_msg_hdr", value=len(data))
+    msg_id, size, seq = _HDR.unpack(data)
+    if size > dialect.max_message:
+        raise MalformedMessage(f"message {msg_id} (seq {seq}) declares {size} bytes, over the "
                                f"{dialect.max_message}-byte limit", what="kvmi_msg_hdr", field="size",
-                               value=h["size"], msg_id=h["id"], seq=h["seq"])
-    return Header(h["id"], h["size"], h["seq"])
+                               value=size, msg_id=msg_id, seq=seq)
+    return Header(msg_id, size, seq)
+
+
+def decode_error(payload: bytes | bytearray | memoryview) -> int:
+    """The (negative or zero) code of a command reply's ``kvmi_error_code``; its padding must be zero."""
+    if len(payload) < 8:
+        raise MalformedMessage(f"a command reply starts with an 8-byte kvmi_error_code, got {len(payload)} bytes",
+                               what="kvmi_error_code", value=len(payload))
+    err, pad = _ERR.unpack_from(payload)
+    if pad:
+        raise InvalidField("kvmi_error_code.pad is not zero", what="kvmi_error_code", field="pad", value=pad)
+    return int(err)
+
+
+_ERR = struct.Struct("<iI")
 
 
 # --- handshake ---------------------------------------------------------------------------------------------
@@ -564,9 +591,12 @@ def decode_request(spec: CommandSpec, payload: bytes | bytearray | memoryview) -
     return req
 
 
+_ERR_OK = ERROR_CODE.pack(err=0)
+
+
 def encode_error(err: int) -> bytes:
     """``kvmi_error_code`` with ``-err`` (``err`` is a positive KVM_E* code, or 0)."""
-    return ERROR_CODE.pack(err=-abs(err))
+    return _ERR_OK if err == 0 else ERROR_CODE.pack(err=-abs(err))
 
 
 def encode_registers_reply(r: Registers) -> bytes:
@@ -679,7 +709,7 @@ __all__ = [
     "ACTION_CONTINUE", "ACTION_CRASH", "ACTION_RETRY", "Array", "cookie_hash", "CommandSpec", "Dialect", "Event", "EventArch",
     "EventReply", "EventSpec", "GuestHello", "Header", "InvalidField", "KVM_EINVAL", "KVM_EOPNOTSUPP", "Layout",
     "MalformedMessage", "ProtocolError", "Registers", "Request", "Sregs", "V6", "decode_event",
-    "decode_event_reply", "decode_header", "decode_hello", "decode_intro_reply", "decode_registers_reply",
+    "decode_error", "decode_event_reply", "decode_header", "decode_hello", "decode_intro_reply", "decode_registers_reply",
     "decode_request", "encode_error", "encode_event", "encode_event_reply", "encode_hello", "encode_intro_reply",
     "encode_message", "encode_registers_reply", "encode_request",
 ]
