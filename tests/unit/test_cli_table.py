@@ -35,3 +35,18 @@ def test_live_idle_table_shows_hostile_names() -> None:
     out = _render(_table(head, rec))
     assert out.count("[/][bold red]x\\x1b[2J") == 3 and "\x1b" not in out      # title, VMA row, warning
     assert ">=2" in out and "0.0" in out and "1.0" in out
+
+
+def test_text_table_aligns_escapes_and_leaves_the_last_column_unpadded() -> None:
+    from vmsight.cli.common import text_table
+
+    out = text_table(("PID", "S", "COMMAND"), [(1, "S", "/sbin/init"), (12345, "R", "evil\x1b[2J [b]x[/b]")],
+                     right=("PID",))
+    lines = out.split("\n")
+    assert lines[0] == "  PID S COMMAND"
+    assert lines[1] == "    1 S /sbin/init"
+    assert lines[2].startswith("12345 R evil") and "\x1b" not in out and "[b]x[/b]" in lines[2]
+    assert all(not ln.endswith(" ") for ln in lines)
+    # A wide cell widens its column for every row; a right-aligned last column is padded like the others.
+    assert text_table(("A", "N"), [("x", 1), ("yyyy", 100)], right=("N",)).split("\n") == ["A      N", "x      1",
+                                                                                         "yyyy 100"]

@@ -185,6 +185,23 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[object]], *, title: st
     return t
 
 
+def text_table(columns: Sequence[str], rows: Iterable[Sequence[object]], *, right: Container[str] = ()) -> str:
+    """``rows`` under ``columns`` as aligned plain text, the form of ps(1) and lsmod(8) (for pipes and grep;
+    :func:`table` is the rich form). Columns named in ``right`` are right-aligned; the last column is never
+    padded. Every cell is made terminal-safe with :func:`escape`, so widths are those of what is printed."""
+    body = [[escape(str(v)) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(w) if name in right else c.ljust(w)
+               for c, w, name in zip(cells, widths, columns, strict=True)]
+        if columns and columns[-1] not in right:
+            out[-1] = cells[-1]
+        return " ".join(out).rstrip()
+
+    return "\n".join([line(list(columns))] + [line(r) for r in body])
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` with every string valid Unicode, losslessly: a guest string that held invalid UTF-8
     (decoded with 'surrogateescape') is shown with U+FFFD in its field, and its exact bytes go in a sibling

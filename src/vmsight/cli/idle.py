@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from vmsight.cli.common import escape, parse_duration, positive_duration, table
+from vmsight.cli.common import escape, parse_duration, positive_duration, table, text_table
 from vmsight.errors import VmsightError
+from vmsight.memory.paging import user_half_end
 
 if TYPE_CHECKING:
     from vmsight.idle.protocol import Tracker
@@ -35,7 +36,7 @@ DEFAULT_SUBCOMMAND = "live"   # `vmsight idle PID` = `vmsight idle live PID`
 SHADES = " .:-=+*#%@"
 MAX_TEXT_WORDS = 1 << 20      # bitmap text/JSON output: 1 Mi lines (256 GiB of addresses); --raw streams any size
 RAW_CHUNK_WORDS = 1 << 16
-USER_END = 1 << 56            # end of the largest user half (5-level paging)
+USER_END = user_half_end(la57=True)   # the largest user half (5-level paging): a bound that holds for either mode
 MAX_ROWS = 4096
 MAX_HEATMAP_CELLS = 1 << 24   # rows x intervals of float64: 128 MiB
 BACKENDS = ["auto", "page_idle", "damon", "clear_refs", "guest-pte"]
@@ -381,11 +382,10 @@ def _report(args: argparse.Namespace, path: str) -> int:
               + (f"; ended: {end}" if summary["end"] else ""))
         if args.wss:
             top = max(wss, default=0) or 1
-            print(f"{'#':>4} {'elapsed_ms':>10} {'wss_MiB':>9} {'idle_MiB':>9} {'swapped_MiB':>11}")
-            for i in its:
-                bar = "#" * int(40 * i["wss_bytes"] / top)
-                print(f"{i['index']:>4} {i['elapsed_ms']:>10.0f} {_mib(i['wss_bytes']):>9} "
-                      f"{_mib(i['idle_bytes']):>9} {_mib(i['swapped_bytes']):>11} {bar}")
+            cols = ("#", "elapsed_ms", "wss_MiB", "idle_MiB", "swapped_MiB", "")
+            print(text_table(cols, [(i["index"], f"{i['elapsed_ms']:.0f}", _mib(i["wss_bytes"]), _mib(i["idle_bytes"]),
+                                     _mib(i["swapped_bytes"]), "#" * int(40 * i["wss_bytes"] / top)) for i in its],
+                             right=cols[:-1]))
     if args.heatmap:
         if args.rows * len(its) > MAX_HEATMAP_CELLS:
             raise VmsightError(f"--heatmap: {args.rows} rows x {len(its)} intervals is over {MAX_HEATMAP_CELLS} "

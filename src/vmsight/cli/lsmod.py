@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmsight.cli.common import add_dump_options, emit_json, escape, open_machine
+from vmsight.cli.common import add_dump_options, emit_json, open_machine, text_table
 from vmsight.linux import paused_kernel
 from vmsight.linux.modules import lsmod
 
@@ -23,7 +23,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(mods)
         return 0
-    print(f"{'Module':<24} {'Size':>8}  {'Base':<18} State")
-    for m in mods:
-        print(f"{escape(m['name']):<24} {m['size']:>8}  {m['base']:#018x} {escape(str(m['state']))}")
+    print(text_table(("Module", "Size", "Base", "State"),
+                     [(m["name"], m["size"], f"{m['base']:#018x}", m["state"]) for m in mods], right=("Size",)))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmsight.cli.common import add_dump_options, emit_json, escape, open_machine
+from vmsight.cli.common import add_dump_options, emit_json, open_machine, text_table
 from vmsight.linux import processes
 
 NAME = "ps"
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
         emit_json([{key: p[key] for key in ("pid", "tgid", "ppid", "uid", "gid", "state", "comm", "task_comm", "cmdline")}
                    for p in procs])
         return 0
-    print(f"{'PID':>7} {'PPID':>7} {'UID':>5} S COMMAND")
-    for p in procs:
-        print(f"{p['pid']:>7} {p['ppid']:>7} {p['uid']:>5} {p['state']} {escape(p['cmdline'] or '[' + p['comm'] + ']')}")
+    print(text_table(("PID", "PPID", "UID", "S", "COMMAND"),
+                     [(p["pid"], p["ppid"], p["uid"], p["state"], p["cmdline"] or f"[{p['comm']}]") for p in procs],
+                     right=("PID", "PPID", "UID")))
     return 0

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vmsight.cli.common import emit_json, escape
+from vmsight.cli.common import emit_json, escape, text_table
 from vmsight.errors import VmsightError
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(rows)
         return 0
-    print(f"{'TARGET':<32} {'STATE':<10} {'VCPUS':>5} {'MEMORY':>8}  RAM")
-    for r in rows:
-        print(f"{escape(r['target']):<32} {r['state']:<10} {r['vcpus']:>5} {r['memory_bytes'] >> 20:>6}Mi  "
-              f"{r['ram']}")
+    print(text_table(("TARGET", "STATE", "VCPUS", "MEMORY", "RAM"),
+                     [(r["target"], r["state"], r["vcpus"], f"{r['memory_bytes'] >> 20}Mi", r["ram"]) for r in rows],
+                     right=("VCPUS", "MEMORY")))
     return 0

@@ -21,7 +21,7 @@ from vmsight.cli.common import (
 )
 from vmsight.errors import VmsightError
 from vmsight.events import Dispatcher, Event, PageAccess
-from vmsight.memory.paging import is_canonical
+from vmsight.memory.paging import is_canonical, is_kernel_half
 
 NAME = "watch"
 HELP = "report reads/writes of a guest memory range (watchpoints)"
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                 values[ev.seq] = ev.read(ev.gva, min(ev.length, 64))
             except Exception:  # noqa: BLE001 - the value is a courtesy; the access is what counts
                 values[ev.seq] = b""
-            if ev.rip >= 0xFFFF800000000000:
+            if is_kernel_half(ev.rip, la57=vm.la57):
                 try:
                     symbols[ev.seq] = d.kernel.symbolize(ev.rip)
                 except Exception:  # noqa: BLE001 - same
