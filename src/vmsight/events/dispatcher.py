@@ -338,9 +338,12 @@ class Dispatcher:
     @property
     def kernel(self) -> Kernel:
         if self._kernel is None:
-            from vmsight.linux.kernel import discover
+            from vmsight.linux.kernel import kernel_of
 
-            self._kernel = discover(self.vm)
+            # The target's one Kernel (shared with ps, LinuxEvents...), found with the VM stopped by us: the
+            # QMP pause kernel_of would make is skipped, as the VM is not running then.
+            with self._stopped():
+                self._kernel = kernel_of(self.vm)
         return self._kernel
 
     def resolve(self, where: int | str) -> tuple[int, str | None]:
