@@ -173,9 +173,10 @@ def parse_domain_xml(text: str) -> DomainXml:
 def ram_layout(machine: str, ram_bytes: int) -> RamLayout:
     """Guest-physical RAM of a pc (i440fx) or q35 board with ``ram_bytes`` in one block ("pc.ram"):
     RAM below 4 GiB stops at the PCI hole (pc: 3.5 GiB, or 3 GiB when RAM reaches it; q35: 2.75 GiB, or 2 GiB;
-    QEMU's gigabyte_align, hw/i386/pc_piix.c and pc_q35.c), the rest continues at 4 GiB. The legacy VGA
-    window 0xa0000-0xbffff is left out whether or not the domain has a VGA device: Linux never keeps its own
-    data there, and with VGA it is MMIO."""
+    QEMU's gigabyte_align, hw/i386/pc_piix.c and pc_q35.c), the rest continues at 4 GiB. The legacy area
+    0xa0000-0xfffff is left out: the VGA window is MMIO with a VGA device, and what 0xc0000-0xfffff shows
+    depends on the chipset's PAM registers (the BIOS ROM at reset, RAM once the firmware set them); Linux
+    keeps none of its own data there (e820 reserves it)."""
     if ram_bytes <= 0:
         raise TargetError("the domain XML gives no memory size")
     q35 = "q35" in machine
@@ -185,8 +186,8 @@ def ram_layout(machine: str, ram_bytes: int) -> RamLayout:
         lowmem = 0xC0000000 if ram_bytes >= 0xE0000000 else 0xE0000000
     below = min(ram_bytes, lowmem)
     ranges = [RamRange(0, min(below, 0xA0000), 0, "pc.ram")]
-    if below > 0xC0000:
-        ranges.append(RamRange(0xC0000, below - 0xC0000, 0xC0000, "pc.ram"))
+    if below > 0x100000:
+        ranges.append(RamRange(0x100000, below - 0x100000, 0x100000, "pc.ram"))
     if ram_bytes > below:
         ranges.append(RamRange(1 << 32, ram_bytes - below, below, "pc.ram"))
     return RamLayout(ranges)
