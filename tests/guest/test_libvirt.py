@@ -262,6 +262,13 @@ def test_reads_equal_guest_view_without_taint(libvirtd: Libvirtd, domain: Domain
     mods = sorted(m["name"] for m in json.loads(r.stdout))
     assert mods == sorted(line.split()[0] for line in domain.agent.run("cat /proc/modules").check().text.splitlines())
 
+    # sym: the guest's own /proc/kallsyms (the agent runs as root)
+    r = vmsight(libvirtd, "--vm", target, "--json", "sym", "init_task", "_text")
+    assert r.returncode == 0, r.stderr
+    got_syms = {e["name"]: e["address"] for e in json.loads(r.stdout)}
+    kallsyms = domain.agent.run("grep -E ' (init_task|_text)$' /proc/kallsyms").check().text.split()
+    assert got_syms == {kallsyms[i + 2]: int(kallsyms[i], 16) for i in range(0, len(kallsyms), 3)}
+
     # nothing left behind: running, no new taint, no custom-monitor in libvirt's domain log
     assert state(libvirtd, domain.name) == 1  # VIR_DOMAIN_RUNNING
     assert taints(libvirtd, domain.name) == before
