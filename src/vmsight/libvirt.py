@@ -17,9 +17,11 @@ The binding (``libvirt-python``, extra ``vmsight[libvirt]``) is imported on firs
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from types import ModuleType
@@ -37,9 +39,10 @@ BINDING_HINT = ("the libvirt Python binding is not installed: pip install 'vmsig
                 "needs libvirt-dev to build) or apt install python3-libvirt (scripts/setup.sh --test)")
 # What a domain needs in its XML for the fastest, coherent RAM view (printed by `vmsight vm libvirt-xml`).
 SHARED_RAM_XML = "<memoryBacking>\n  <source type='memfd'/>\n  <access mode='shared'/>\n</memoryBacking>"
-TAINT_HINT = ("needs QEMU's monitor or gdbstub, which libvirt owns: using them marks the domain tainted "
-              "(custom-monitor). Add a QMP socket and gdbstub in the domain XML (`vmsight vm libvirt-xml "
-              "--monitor`) and pass --vm QMP_SOCKET, or use the read-only commands (ps, maps, lsmod, sym, uname)")
+TAINT_HINT = ("needs QEMU's monitor or gdbstub, which libvirt owns: pass --allow-taint to reach them through "
+              "libvirt's monitor passthrough (libvirt then reports the domain tainted: custom-monitor), or add a "
+              "QMP socket and gdbstub in the domain XML (`vmsight vm libvirt-xml --monitor DIR`) and pass "
+              "--vm DIR/qmp.sock; the read-only commands (ps, maps, lsmod, sym, uname) need neither")
 
 _STATES = {0: "no state", 1: "running", 2: "running", 3: "paused", 4: "shutting down", 5: "shut off",
            6: "crashed", 7: "pmsuspended"}
@@ -407,6 +410,61 @@ class Domain:
             self.conn.close()
         except Exception:  # noqa: BLE001 - a connection already gone
             pass
+        # the binding's __del__ fails if it runs at interpreter exit, after its module is torn down
+        self.dom = self.conn = None
+
+
+class MonitorPassthrough:
+    """QMP through libvirt's monitor passthrough (``virDomainQemuMonitorCommand``), for ``--allow-taint``: the
+    run-control half of vmsight (gdbstub, registers) on a domain whose only monitor libvirt holds. libvirt marks
+    the domain tainted (custom-monitor) at the first command; that is said once, as a warning. QMP events go
+    to libvirt, not here: :meth:`pull_event` has none."""
+
+    # No QMP socket of our own: the watchdog of a killed tracer resumes the VM through the gdbstub instead
+    # (vmsight.events.watchdog, as for a QEMU on another host).
+    remote = True
+
+    def __init__(self, domain: Domain) -> None:
+        self._domain = domain
+        self.path = f"{PREFIX}{domain.xml.name}"
+        self._warned = False
+
+    def execute(self, name: str, **arguments: Any) -> Any:
+        import libvirt_qemu
+
+        from vmsight.errors import QmpError
+
+        lv = binding()
+        if not self._warned:
+            self._warned = True
+            log.warning("libvirt now reports domain %s as tainted (custom-monitor): --allow-taint sends QMP "
+                        "commands through libvirt's monitor passthrough (for the gdbstub and registers)",
+                        self._domain.xml.name)
+        request = json.dumps({"execute": name, **({"arguments": arguments} if arguments else {})})
+        try:
+            reply = json.loads(libvirt_qemu.qemuMonitorCommand(self._domain.dom, request, 0))
+        except lv.libvirtError as e:
+            raise QmpError(f"QMP {name} through libvirt failed: {_message(e)}") from None
+        except ValueError:
+            raise QmpError(f"QMP {name} through libvirt: the reply is not JSON") from None
+        if not isinstance(reply, dict) or "error" in reply:
+            err = reply.get("error") if isinstance(reply, dict) else None
+            raise QmpError(f"QMP {name} failed: {err.get('desc') if isinstance(err, dict) else reply}")
+        return reply.get("return")
+
+    def hmp(self, command_line: str) -> str:
+        return str(self.execute("human-monitor-command", **{"command-line": command_line}))
+
+    def status(self) -> str:
+        return str(self.execute("query-status")["status"])
+
+    def pull_event(self, timeout: float | None = 0.0) -> dict[str, Any] | None:
+        if timeout:
+            time.sleep(min(timeout, 0.05))  # no events here; callers poll status() as well
+        return None
+
+    def close(self) -> None:
+        """Nothing to close: the connection is the domain's."""
 
 
 def list_domains(uri: str | None = None) -> list[dict[str, Any]]:
@@ -452,5 +510,5 @@ def introspection_xml(*, monitor_dir: str | None = None) -> str:
     return "\n".join(parts) + "\n"
 
 
-__all__ = ["BINDING_HINT", "Domain", "DomainXml", "PREFIX", "connect", "default_uri", "find_qemu_pid",
+__all__ = ["BINDING_HINT", "Domain", "DomainXml", "MonitorPassthrough", "PREFIX", "connect", "default_uri", "find_qemu_pid",
            "introspection_xml", "list_domains", "lookup", "open_ram", "parse_domain_xml", "ram_layout"]

@@ -533,13 +533,19 @@ class LibvirtVM(VM):
     tainted (:mod:`vmsight.libvirt`): RAM through its shared memfd/file or /proc/PID/mem (``backend``), the
     RAM layout from its XML, pause/resume through libvirt. No vCPU state can be had this way:
     :meth:`control_registers` is empty (the kernel is found by scanning RAM) and what needs registers, the
-    gdbstub or QMP raises TargetError naming the alternatives."""
+    gdbstub or QMP raises TargetError naming the alternatives.
 
-    def __init__(self, domain: Domain) -> None:  # noqa: D107 - VM.__init__ needs a QMP monitor: not called
-        from vmsight.libvirt import TAINT_HINT
+    With ``allow_taint`` QMP goes through libvirt's monitor passthrough (libvirt marks the domain tainted):
+    registers, the gdbstub (added at runtime, removed again by :meth:`close`) and run control work as for
+    :class:`VM`; RAM is still read as above."""
+
+    def __init__(self, domain: Domain, *, allow_taint: bool = False) -> None:  # noqa: D107 - no VM.__init__
+        from vmsight.libvirt import TAINT_HINT, MonitorPassthrough
 
         self.domain = domain
-        self.qmp = _NoMonitor(f"libvirt domain {domain.xml.name}: this command {TAINT_HINT}")  # type: ignore[assignment]
+        self.allow_taint = allow_taint
+        self._hint = f"libvirt domain {domain.xml.name}: this command {TAINT_HINT}"
+        self.qmp = MonitorPassthrough(domain) if allow_taint else _NoMonitor(self._hint)  # type: ignore[assignment]
         self.directory = None
         self._gdb_address = None
         self._gdb = None
@@ -552,20 +558,27 @@ class LibvirtVM(VM):
         self._run_control = None
         self._live_warned = False
         self.pid = domain.pid
-        self._cpus = []
         self.layout = domain.layout
         self.phys = domain.phys
         self.backend = self.phys.name
-        self._la57 = False  # unknown without registers; a kernel found by scanning knows its own paging mode
-        self._vcpu_list = [Vcpu(i, tid, f"p1.{i + 1:x}") for i, tid in _vcpu_threads(domain.pid, domain.xml.vcpus)]
+        self._added_stub: str | None = None
+        if allow_taint:
+            self._cpus = self.qmp.execute("query-cpus-fast")
+            self._vcpu_list = super().vcpus()
+        else:
+            self._cpus = []
+            self._la57 = False  # unknown without registers; a kernel found by scanning knows its own paging mode
+            self._vcpu_list = [Vcpu(i, tid, f"p1.{i + 1:x}") for i, tid in _vcpu_threads(domain.pid, domain.xml.vcpus)]
 
     def status(self) -> str:
-        return self.domain.state()
+        state = self.domain.state()
+        return self.qmp.status() if self.allow_taint and state == "paused" else state  # "debug" at a breakpoint
 
     def pause(self) -> None:
         with self._lock:
             if self.status() == "running":
                 self.domain.suspend()
+                self._drain_gdb_stop()
 
     def resume(self) -> None:
         with self._lock:
@@ -581,6 +594,7 @@ class LibvirtVM(VM):
                 self._resume_on_exit = self.status() == "running"
                 if self._resume_on_exit:
                     self.domain.suspend()
+                    self._drain_gdb_stop()  # a QMP stop (libvirt's too) pushes a stop reply to a gdb client
             self._pause_depth += 1
             try:
                 yield self
@@ -592,25 +606,59 @@ class LibvirtVM(VM):
 
     @property
     def gdb(self) -> GdbStub:
-        raise TargetError(self.qmp._hint)  # type: ignore[attr-defined]
+        if not self.allow_taint:
+            raise TargetError(self._hint)
+        with self._lock:
+            had = self._gdb is not None
+            stub = VM.gdb.fget(self)  # type: ignore[attr-defined]
+            if not had and self._gdb_address and self.pid and runtime.listens_on(self.pid, self._gdb_address):
+                self._added_stub = self._gdb_address
+            return stub
 
     def vcpus(self) -> list[Vcpu]:
         return list(self._vcpu_list)
 
     def registers(self, vcpu: int = 0, *, all: bool = False) -> dict[str, int]:  # noqa: A002
-        raise TargetError(self.qmp._hint)  # type: ignore[attr-defined]
+        if not self.allow_taint:
+            raise TargetError(self._hint)
+        return super().registers(vcpu, all=all)
 
     def hmp_registers(self, vcpu: int = 0) -> dict[str, int]:
-        raise TargetError(self.qmp._hint)  # type: ignore[attr-defined]
+        if not self.allow_taint:
+            raise TargetError(self._hint)
+        return super().hmp_registers(vcpu)
 
     def control_registers(self) -> dict[int, dict[str, int]]:
-        return {}  # libvirt reads no registers without the monitor: discovery scans RAM instead
+        if not self.allow_taint:
+            return {}  # libvirt reads no registers without the monitor: discovery scans RAM instead
+        return super().control_registers()
 
     def close(self) -> None:
+        """Detach; a gdbstub added at runtime is removed again (``gdbserver none``), so none remains."""
         with self._lock:
+            if self._gdb is not None:
+                if self.status() == "running":  # a packet to a running VM would stop it: stop first
+                    self.qmp.execute("stop")
+                    self._drain_gdb_stop()
+                    try:
+                        self._gdb.detach()  # D;1 resumes
+                    except VmsightError:
+                        self._gdb.close()
+                else:
+                    self._gdb.close()
+                self._gdb = None
+            if self._added_stub is not None:
+                try:
+                    self.qmp.hmp("gdbserver none")
+                except VmsightError as e:
+                    log.warning("could not remove the gdbstub vmsight added to %s: %s", self.domain.xml.name, e)
+                self._added_stub = None
             for hook in self.close_hooks:
                 hook()
             self.close_hooks.clear()
+            if self._run_control is not None:
+                self._run_control.release()
+                self._run_control = None
             self.domain.close()
 
 
@@ -636,11 +684,13 @@ _VM_JSON_MAX = 1 << 20
 
 
 def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, backend: str = "auto",
-           writable: bool = True, purpose: str = "a vmsight command", uri: str | None = None) -> VM:
+           writable: bool = True, purpose: str = "a vmsight command", uri: str | None = None,
+           allow_taint: bool = False) -> VM:
     """Attach to a VM: ``target`` is a ``vmsight vm launch`` directory or a QMP socket path. A directory's
     VM has spare QMP monitors: the first free one is used (``purpose`` names this command to others).
     ``libvirt:DOMAIN`` (name, UUID or id) attaches to a libvirt domain at ``uri`` (default as virsh's),
-    read-only and without tainting it (:class:`LibvirtVM`)."""
+    read-only and without tainting it (:class:`LibvirtVM`; ``allow_taint`` adds run control through libvirt's
+    monitor passthrough)."""
     if target.startswith("libvirt:"):
         from vmsight.libvirt import Domain
 
@@ -650,7 +700,7 @@ def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, 
         if gdb or ram_file or backend != "auto":
             raise TargetError("a libvirt domain is read through libvirt (no --gdb, RAM file or backend choice): "
                               "for a QMP socket of your own, pass --vm QMP_SOCKET")
-        return LibvirtVM(Domain(ref, uri))
+        return LibvirtVM(Domain(ref, uri), allow_taint=allow_taint)
     if uri is not None:
         raise TargetError(f"a libvirt URI (-c/--connect) applies to --vm libvirt:DOMAIN, not to {target}")
     directory = None

@@ -31,7 +31,7 @@ import pytest
 
 from tests.conftest import need
 from tests.guest.workload import norm_maps
-from vmsight.libvirt import SHARED_RAM_XML
+from vmsight.libvirt import SHARED_RAM_XML, find_qemu_pid
 from vmsight.qemu.agent import GuestAgent
 from vmsight.qemu.initramfs import build_initramfs
 from vmsight.qemu.kernels import cached_kernel, kernel_path
@@ -151,6 +151,7 @@ def domain_xml(name: str, d: Path, kernel: str, *, memfd: bool, persistent_only:
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel_path(kernel)}</kernel><initrd>{build_initramfs()}</initrd>
     <cmdline>console=ttyS0 panic=-1</cmdline></os>
+  <features><acpi/></features>
   <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model>{CPU}
     <topology sockets='2' cores='1' threads='1'/></cpu>
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
@@ -188,6 +189,7 @@ def _start(libvirtd: Libvirtd, name: str, kernel: str, memfd: bool) -> Iterator[
         with contextlib.suppress(Exception):
             dom.destroy()
         conn.close()
+        del dom, conn  # the binding's __del__ fails at interpreter exit
 
 
 @pytest.fixture(scope="module", params=[("anon", "debian-6.1", False), ("memfd", "debian-6.12", True)],
@@ -323,9 +325,72 @@ def test_bad_input(libvirtd: Libvirtd, domain: Domain) -> None:
         gone = f"qemu+unix:///system?socket={libvirtd.dir / 'nowhere' / 'libvirt-sock'}"
         _one_line_error(vmsight(libvirtd, "--vm", f"libvirt:{domain.name}", "ps", uri=gone), "libvirtd is not running")
         # run control needs the monitor: refused before anything is sent, naming the XML alternative
-        _one_line_error(vmsight(libvirtd, "--vm", f"libvirt:{domain.name}", "regs"), "libvirt-xml")
+        _one_line_error(vmsight(libvirtd, "--vm", f"libvirt:{domain.name}", "regs"), "--allow-taint", "libvirt-xml")
         assert sorted((d.name(), d.state()[0]) for d in conn.listAllDomains(0)) == before
         assert "custom-monitor" not in domain.log.read_text()
     finally:
         off.undefine()
         conn.close()
+        del off, conn
+
+
+def qemu_sockets(pid: int) -> set[str]:
+    """Paths of the unix sockets QEMU ``pid`` holds (its fds matched against the namespace's socket table)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    out = set()
+    for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 8 and f[6] in inodes:
+            out.add(f[7])
+    return out
+
+
+def test_allow_taint_trace(libvirtd: Libvirtd) -> None:
+    """--allow-taint: registers and `trace syscalls` of a known guest command work through libvirt's monitor
+    passthrough, stderr says once that libvirt now reports the domain tainted, and after detach no gdbstub
+    remains and the guest runs. A domain of its own: the taint lasts as long as the domain."""
+    for dom in _start(libvirtd, "vmsight-taint", "debian-6.1", memfd=False):
+        target = f"libvirt:{dom.name}"
+        conn = libvirtd.conn()
+        qemu = find_qemu_pid(conn.lookupByName(dom.name).UUIDString().lower(), [])
+        conn.close()
+        sockets_before = qemu_sockets(qemu)
+        r = vmsight(libvirtd, "--allow-taint", "--vm", target, "--json", "regs")
+        assert r.returncode == 0, r.stderr
+        assert "tainted (custom-monitor)" in r.stderr and r.stderr.count("tainted") == 1, r.stderr
+        regs = json.loads(r.stdout)
+        assert sorted(regs) == ["0", "1"] and dom.agent.run("nproc").check().text.strip() == "2"
+        assert all(v["cr3"] and v["cr0"] >> 31 & 1 and v["efer"] >> 10 & 1 for v in regs.values()), json.dumps(regs)
+        assert any("custom monitor" in t or "custom-monitor" in t for t in taints(libvirtd, dom.name)), taints(libvirtd, dom.name)
+
+        env = {"PYTHONUNBUFFERED": "1"}
+        p = subprocess.Popen([sys.executable, "-m", "vmsight.cli.main", "-c", libvirtd.uri, "--allow-taint",
+                              "--vm", target, "--json", "trace", "syscalls", "--comm", "uname", "--duration", "40"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env}, text=True)
+        try:
+            assert p.stderr is not None
+            line = p.stderr.readline()
+            while "tracing" not in line and line:
+                line = p.stderr.readline()
+            assert "tracing" in line, line
+            for _ in range(3):
+                dom.agent.run("uname -a >/dev/null", timeout=30).check()
+            time.sleep(1.0)
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=60)
+        finally:
+            p.kill()
+            p.wait()
+        assert p.returncode in (0, 130), err
+        events = [json.loads(x) for x in out.splitlines()]
+        assert events and all(e.get("comm") == "uname" for e in events), out[-1500:]
+        assert any("uname" in str(e.get("syscall", e.get("name", ""))) for e in events), out[-1500:]
+
+        assert qemu_sockets(qemu) == sockets_before, "a gdbstub socket remains"  # gdbserver none on detach
+        assert state(libvirtd, dom.name) == 1
+        assert dom.agent.run("echo alive", timeout=10).check().text.strip() == "alive"

@@ -106,7 +106,8 @@ def open_vm(args: argparse.Namespace) -> VM:
     libvirt = target.startswith("libvirt:")
     vm = attach(target, gdb=getattr(args, "gdb", None),
                 purpose=f"vmsight {getattr(args, 'command_name', None) or 'command'}",
-                uri=getattr(args, "connect", None) if libvirt else None)
+                uri=getattr(args, "connect", None) if libvirt else None,
+                allow_taint=libvirt and bool(getattr(args, "allow_taint", False)))
     # a libvirt domain is paused only inside paused() and resumed by its unwinding; the watchdog speaks QMP
     if not getattr(args, "no_watchdog", False) and not libvirt:
         try:

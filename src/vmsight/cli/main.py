@@ -131,6 +131,9 @@ def add_global_options(p: argparse.ArgumentParser, level: str = "") -> None:
     add("-c", "--connect", metavar="URI", default=None,
         help="libvirt URI for --vm libvirt:DOMAIN, as virsh -c (default $LIBVIRT_DEFAULT_URI, else qemu:///system "
              "as root, qemu:///session otherwise)")
+    add("--allow-taint", action="store_true", default=False,
+        help="with --vm libvirt:DOMAIN: allow run control (regs, trace, watch) through libvirt's monitor "
+             "passthrough; libvirt then reports the domain tainted (custom-monitor)")
     add("--gdb", metavar="SOCKET|tcp:HOST:PORT", default=os.environ.get("VMSIGHT_GDB"),
         help="the VM's gdbstub, when --vm is a bare QMP socket or a remote tcp:HOST:PORT (env VMSIGHT_GDB)")
     add("--json", action="store_true", default=False, help="machine-readable output (JSON lines for streams)")
