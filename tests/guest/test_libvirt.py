@@ -350,6 +350,39 @@ def qemu_sockets(pid: int) -> set[str]:
     return out
 
 
+def test_no_permission_as_normal_user(libvirtd: Libvirtd, domain: Domain) -> None:
+    """A user who may not use the daemon's sockets (0700 root here, as qemu:///system's rw socket) gets one
+    PermissionDenied line naming the fix. In a forked child that drops to nobody: the venv's interpreter and
+    its standard library sit under /root, so a fresh `vmsight` process cannot run as nobody here; the child
+    uses only what is already imported (the CLI turns the error into its one line, as for every error)."""
+    from vmsight.errors import PermissionDenied
+    from vmsight.libvirt import connect
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        out = "no error"
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            connect(libvirtd.uri)
+        except PermissionDenied as e:
+            out = f"PermissionDenied {e.exit_code} {e}"
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            out = f"{type(e).__name__} {e}"
+        finally:
+            os.write(w, out.encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        got = f.read()
+    os.waitpid(pid, 0)
+    assert got.startswith("PermissionDenied 2 no permission on ") and "\n" not in got, got
+    assert "qemu:///session" in got and "libvirt group" in got, got
+    assert state(libvirtd, domain.name) == 1
+
+
 def test_allow_taint_trace(libvirtd: Libvirtd) -> None:
     """--allow-taint: registers and `trace syscalls` of a known guest command work through libvirt's monitor
     passthrough, stderr says once that libvirt now reports the domain tainted, and after detach no gdbstub
