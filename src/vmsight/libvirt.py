@@ -319,7 +319,7 @@ def _fd_of(pid: int, m: _Mapping) -> str | None:
     return None
 
 
-def open_ram(pid: int, layout: RamLayout, block_bytes: int, xml: DomainXml) -> PhysicalMemory:
+def open_ram(pid: int, layout: RamLayout, block_bytes: int, xml: DomainXml, *, writable: bool = False) -> PhysicalMemory:
     """The fastest read path into the domain's RAM: its shared memfd/file mapped (``mapped-ram-file``), else
     ``/proc/PID/mem`` at QEMU's anonymous mapping of the block's size (``proc-pid-mem``)."""
     maps = _maps(pid)
@@ -331,7 +331,7 @@ def open_ram(pid: int, layout: RamLayout, block_bytes: int, xml: DomainXml) -> P
             def same_file(st: os.stat_result) -> None:
                 if st.st_ino != m.inode:  # the fd was reused between listing and opening
                     raise TargetError(f"{path} is no longer QEMU pid {pid}'s guest RAM")
-            return MappedRam(path, layout, writable=False, verify=same_file)
+            return MappedRam(path, layout, writable=writable, verify=same_file)
         log.warning("QEMU pid %s maps its RAM shared but the file is not reachable: reading /proc/%s/mem", pid, pid)
     elif xml.ram_shared and xml.ram_source in ("memfd", "file"):
         log.warning("the domain XML asks for shared %s RAM, but QEMU pid %s maps %d shared %d MiB blocks: "
@@ -360,7 +360,9 @@ def ram_path_summary(xml: DomainXml) -> str:
 class Domain:
     """A running libvirt domain, reached without its monitor: the QEMU pid, the RAM layout and RAM."""
 
-    def __init__(self, ref: str, uri: str | None = None) -> None:
+    def __init__(self, ref: str, uri: str | None = None, *, writable: bool = False) -> None:
+        """``writable``: map a shared RAM file for writing too (explicit writes, idle tracking's accessed-bit
+        clearing); reading never needs it."""
         self.uri = uri or default_uri()
         self.conn = connect(self.uri)
         try:
@@ -379,7 +381,7 @@ class Domain:
                                   "DIMMs): vmsight reads single-block domains only")
             self.pid = find_qemu_pid(self.xml.uuid, pidfile_candidates(self.uri, self.xml.name))
             self.layout = ram_layout(self.xml.machine, self.xml.memory_bytes)
-            self.phys = open_ram(self.pid, self.layout, self.xml.memory_bytes, self.xml)
+            self.phys = open_ram(self.pid, self.layout, self.xml.memory_bytes, self.xml, writable=writable)
         except BaseException:
             self.conn.close()
             raise

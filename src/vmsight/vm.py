@@ -650,6 +650,8 @@ class LibvirtVM(VM):
             if self._added_stub is not None:
                 try:
                     self.qmp.hmp("gdbserver none")
+                    if self.pid is not None and not runtime.listens_on(self.pid, self._added_stub):
+                        runtime.forget_runtime_stub(self.pid, self._added_stub)  # its private directory
                 except VmsightError as e:
                     log.warning("could not remove the gdbstub vmsight added to %s: %s", self.domain.xml.name, e)
                 self._added_stub = None
@@ -700,7 +702,7 @@ def attach(target: str, *, gdb: str | None = None, ram_file: str | None = None, 
         if gdb or ram_file or backend != "auto":
             raise TargetError("a libvirt domain is read through libvirt (no --gdb, RAM file or backend choice): "
                               "for a QMP socket of your own, pass --vm QMP_SOCKET")
-        return LibvirtVM(Domain(ref, uri), allow_taint=allow_taint)
+        return LibvirtVM(Domain(ref, uri, writable=writable), allow_taint=allow_taint)
     if uri is not None:
         raise TargetError(f"a libvirt URI (-c/--connect) applies to --vm libvirt:DOMAIN, not to {target}")
     directory = None
