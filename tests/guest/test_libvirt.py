@@ -290,6 +290,18 @@ def test_python_attach_backend(libvirtd: Libvirtd, domain: Domain) -> None:
             release = uname(kernel_of(vm))["release"]
         assert vm.status() == "running"
     assert release == domain.agent.run("uname -r").check().text.strip()
+    # a domain the user paused is read as it is and left paused
+    conn = libvirtd.conn()
+    d = conn.lookupByName(domain.name)
+    d.suspend()
+    try:
+        r = vmsight(libvirtd, "--vm", f"libvirt:{domain.name}", "--json", "uname")
+        assert r.returncode == 0 and json.loads(r.stdout)["release"] == release, r.stderr
+        assert state(libvirtd, domain.name) == 3
+    finally:
+        d.resume()
+        conn.close()
+        del d, conn
     assert "custom-monitor" not in domain.log.read_text()
 
 
