@@ -343,7 +343,7 @@ def open_ram(pid: int, layout: RamLayout, block_bytes: int, xml: DomainXml, *, w
                           f"of RAM ({len(anon)} candidates): give the domain shared memfd RAM "
                           "(`vmsight vm libvirt-xml`)")
     base = anon[0].start
-    return ProcMemRam(pid, layout, {r.gpa: base + r.offset for r in layout})
+    return ProcMemRam(pid, layout, {r.gpa: base + r.offset for r in layout}, writable=writable)
 
 
 def ram_path_summary(xml: DomainXml) -> str:

@@ -110,7 +110,7 @@ class VM:
                 if self.pid is None:
                     raise TargetError("QEMU is remote: no /proc/<pid>/mem")
                 hvas = {r.gpa: self._gpa2hva(r.gpa) for r in self.layout}
-                return ProcMemRam(self.pid, self.layout, hvas)
+                return ProcMemRam(self.pid, self.layout, hvas, writable=writable)
             except VmsightError as e:
                 why.append(str(e))
         if backend in ("auto", "gdbstub-physical"):

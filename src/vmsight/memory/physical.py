@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
-from vmsight.errors import PermissionDenied, PhysicalAddressError
+from vmsight.errors import PermissionDenied, PhysicalAddressError, TargetError
 from vmsight.memory.layout import RamLayout, RamRange
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ class BufferRam:
         return int.from_bytes(self._buf[off:off + 8], "little")
 
     def write_gpa(self, gpa: int, data: bytes) -> None:
+        if self._buf.readonly:
+            raise TargetError(f"guest RAM is mapped read-only: not writing {len(data)} bytes at gpa {gpa:#x}; "
+                              "attach with writable=True to write")
         pos = 0
         for rr, p, n in self.layout.pieces(gpa, len(data)):
             off = rr.offset + p - rr.gpa
@@ -128,13 +131,16 @@ class ProcMemRam:
 
     name = "proc-pid-mem"
 
-    def __init__(self, qemu_pid: int, layout: RamLayout, hva_of_range: dict[int, int]) -> None:
-        """``hva_of_range`` maps each range's gpa to the host virtual address of its first byte."""
+    def __init__(self, qemu_pid: int, layout: RamLayout, hva_of_range: dict[int, int], *,
+                 writable: bool = False) -> None:
+        """``hva_of_range`` maps each range's gpa to the host virtual address of its first byte. Read-only
+        unless ``writable``: a write then fails in the kernel, not only in our code."""
         self.layout = layout
         self._hva = hva_of_range
+        self.writable = writable
         path = f"/proc/{qemu_pid}/mem"
         try:
-            self._fd = os.open(path, os.O_RDWR)
+            self._fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         except PermissionError as e:
             raise PermissionDenied(f"cannot open {path}: {e.strerror}; run as root (ptrace access to QEMU "
                                    "is needed) or give QEMU a shared RAM file") from e
@@ -146,6 +152,9 @@ class ProcMemRam:
         return b"".join(os.pread(self._fd, n, self._hva_of(rr, p)) for rr, p, n in self.layout.pieces(gpa, size))
 
     def write_gpa(self, gpa: int, data: bytes) -> None:
+        if not self.writable:
+            raise TargetError(f"guest RAM was opened read-only (/proc/PID/mem): not writing {len(data)} bytes at "
+                              f"gpa {gpa:#x}; attach with writable=True to write")
         pos = 0
         for rr, p, n in self.layout.pieces(gpa, len(data)):
             os.pwrite(self._fd, data[pos:pos + n], self._hva_of(rr, p))
