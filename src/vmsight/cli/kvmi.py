@@ -1,12 +1,13 @@
 """``vmsight --vm X kvmi ADDRESS [--secret FILE]``: play the VM side of KVMi for an introspector that
-listens on ADDRESS (``unix:PATH``, a path, or ``vsock:CID:PORT``), until it hangs up (issue 12). Events are
-not served yet: CHECK_EVENT says so."""
+listens on ADDRESS (``unix:PATH``, a path, or ``vsock:CID:PORT``), until it hangs up (issue 12). Events come
+from the event dispatcher (all-stop); SIGINT/SIGTERM send UNHOOK and give the introspector time to close."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import stat
 
 from vmsight.cli.common import emit_json, open_vm
@@ -46,16 +47,27 @@ def read_secret(path: str) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vmsight.events.dispatcher import Dispatcher
     from vmsight.kvmi.server import Session, VmGuest, vm_hello
     from vmsight.kvmi.transport import parse_address
 
     address = parse_address(args.address)  # a bad address fails before the VM is touched
     secret = read_secret(args.secret) if args.secret else None
     with open_vm(args) as vm:
-        session = Session(address, VmGuest(vm), vm_hello(vm), secret=secret)
-        session.connect()
-        log.info("KVMi session with %s", address)
-        reason = session.serve()
+        guest = VmGuest(vm)
+        hello = vm_hello(vm)
+        # our own signal handling: the session sends UNHOOK before the dispatcher detaches
+        with Dispatcher(vm, handle_signals=False) as d:
+            session = Session(address, guest, hello, secret=secret, dispatcher=d)
+            old = {sig: signal.signal(sig, lambda signum, _f: session.request_unhook(signum))
+                   for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                session.connect()
+                log.info("KVMi session with %s", address)
+                reason = session.serve()
+            finally:
+                for sig, h in old.items():
+                    signal.signal(sig, h)
     if args.json:
         emit_json({"address": str(address), "commands": session.commands, "ended": reason})
     else:

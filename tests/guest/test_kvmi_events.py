@@ -1,0 +1,182 @@
+"""KVMi events (issue 12, events core) on a real 2-vCPU TCG guest: a Session with the event dispatcher on its
+own VM object serves :class:`vmsight.kvmi.Introspector`. hookguest's exact sequence first, then CR3 write
+events, SET_REGISTERS, RETRY/CONTINUE, CRASH. Ground truth: QEMU's HMP on the test's own monitor (taken while
+an event holds the VM stopped), guest RAM, and the guest agent."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from vmsight.events.dispatcher import Dispatcher
+from vmsight.kvmi import CommandError, Introspector, wire
+from vmsight.kvmi.server import Session, VmGuest, vm_hello
+from vmsight.qemu.launch import VmInstance
+from vmsight.vm import VM, attach, parse_info_registers
+
+pytestmark = pytest.mark.guest
+STAR = 0xC000_0081
+CR, MSR, PF = 1, 2, 6
+
+
+@dataclass
+class Bridge:
+    intro: Introspector
+    thread: threading.Thread
+    out: dict[str, object]
+
+    def end(self) -> str:
+        self.intro.close()
+        self.thread.join(20.0)
+        assert not self.thread.is_alive(), "the session did not end when the introspector hung up"
+        return str(self.out["reason"])
+
+
+@pytest.fixture()
+def bridge(guest: VmInstance, vm: VM) -> Iterator[Bridge]:
+    intro = Introspector()
+    out: dict[str, object] = {}
+
+    def side() -> None:
+        try:
+            with attach(guest.dir, purpose="kvmi events test") as svm, Dispatcher(svm, handle_signals=False) as d:
+                s = Session(str(intro.address), VmGuest(svm), vm_hello(svm), timeout=10.0, dispatcher=d)
+                out["session"] = s
+                s.connect()
+                out["reason"] = s.serve()
+                out["bps"] = dict(d._bps)  # noqa: SLF001 - what close left behind
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            out["reason"] = f"exception {e!r}"
+
+    thread = threading.Thread(target=side, daemon=True)
+    thread.start()
+    intro.accept(20.0)
+    b = Bridge(intro, thread, out)
+    try:
+        yield b
+    finally:
+        if thread.is_alive():
+            b.end()
+        intro.close()
+    assert out.get("bps") == {}, "every breakpoint is removed when the session ends"
+    assert vm.status() == "running"
+    assert guest.agent.run("echo alive").check().text == "alive\n", "the guest runs after the session"
+
+
+def _hmp_regs(vm: VM, index: int) -> dict[str, int]:
+    return parse_info_registers(vm.qmp.hmp("info registers -a"), index)
+
+
+def _hookguest_start(b: Bridge, vm: VM) -> list[wire.Event]:
+    """hookguest's exact opening; returns the two PAUSE_VCPU events (answered CONTINUE)."""
+    intro = b.intro
+    assert intro.get_version() == 1
+    n = intro.get_guest_info()
+    assert n == 2
+    frames = [intro.frame("CONTROL_CMD_RESPONSE", fields={"enable": 0, "now": 1})]
+    frames += [intro.frame("PAUSE_VCPU", vcpu=i, fields={"wait": 1}) for i in range(n)]
+    frames.append(intro.frame("CONTROL_CMD_RESPONSE", fields={"enable": 1, "now": 1}))
+    intro.send_raw(b"".join(m for _, m in frames))
+    assert intro.wait_reply(frames[-1][0], 10.0) == b""  # only the last is answered (an error raises)
+    intro.get_max_gfn()  # hookguest exits if this fails; the first PAUSE event may arrive meanwhile
+    seen = []
+    for _ in range(n):
+        ev = intro.wait_event(20.0)
+        assert ev.spec.name == "PAUSE_VCPU"
+        assert vm.status() != "running", "the VM stays stopped while an event is unanswered"
+        index = vm.vcpus()[ev.vcpu].index
+        hmp = _hmp_regs(vm, index)
+        assert ev.arch.sregs.cr3 == hmp["cr3"] != 0 and ev.arch.regs["rip"] == hmp["rip"]
+        assert ev.arch.mode == 8 and ev.arch.msrs["efer"] == hmp["efer"]
+        # while it is unanswered: CONTROL_EVENTS CR/MSR(/PF), CONTROL_CR 3 (vCPU 0) and 4, CONTROL_MSR STAR
+        intro.call("CONTROL_EVENTS", vcpu=ev.vcpu, fields={"event_id": CR, "enable": 1})
+        intro.call("CONTROL_EVENTS", vcpu=ev.vcpu, fields={"event_id": MSR, "enable": 1})
+        if intro.check_event(PF):
+            intro.call("CONTROL_EVENTS", vcpu=ev.vcpu, fields={"event_id": PF, "enable": 1})
+        else:
+            with pytest.raises(CommandError):
+                intro.call("CONTROL_EVENTS", vcpu=ev.vcpu, fields={"event_id": PF, "enable": 1})
+        if ev.vcpu == 0:
+            intro.call("CONTROL_CR", vcpu=ev.vcpu, fields={"enable": 1, "cr": 3})
+        intro.call("CONTROL_CR", vcpu=ev.vcpu, fields={"enable": 1, "cr": 4})
+        intro.call("CONTROL_MSR", vcpu=ev.vcpu, fields={"enable": 1, "msr": STAR})
+        seen.append(ev)
+        intro.reply_event(ev)
+    assert sorted(e.vcpu for e in seen) == [0, 1]
+    assert len({e.seq for e in seen}) == 2
+    return seen
+
+
+def _kernel_half(intro: Introspector, cr3: int) -> bytes:
+    return intro.read_physical((cr3 & ~0xFFF & (1 << 52) - 1) + 2048, 2048)
+
+
+def test_hookguest_sequence_then_cr3_events(bridge: Bridge, vm: VM, guest: VmInstance) -> None:
+    intro = bridge.intro
+    pauses = _hookguest_start(bridge, vm)
+    assert intro.check_event(wire.V6.event("CR").id) and intro.check_event(10)
+    assert not intro.check_event(wire.V6.event("CREATE_VCPU").id)
+    # the guest agent runs while CR3 write events flow (context switches on vCPU 0)
+    agent: list[str] = []
+    t = threading.Thread(target=lambda: agent.append(guest.agent.run("echo during").check().text))
+    t.start()
+    crs = []
+    while t.is_alive() or len(crs) < 5:
+        ev = intro.wait_event(20.0)
+        assert ev.spec.name == "CR", ev.spec.name
+        if ev.data["cr"] == 3:
+            assert ev.vcpu == 0, "CR3 is controlled on vCPU 0 only"
+            hmp = _hmp_regs(vm, vm.vcpus()[0].index)
+            assert ev.data["old_value"] == hmp["cr3"] == ev.arch.sregs.cr3
+            crs.append(ev)
+        intro.reply_event(ev, data={"new_val": ev.data["new_value"]})
+        if len(crs) > 200:
+            break
+    t.join(30.0)
+    assert agent == ["during\n"]
+    ref = _kernel_half(intro, pauses[0].arch.sregs.cr3)
+    for ev in crs[:5]:
+        # the new value is a real page-table root: the kernel half of every task's PGD is the same
+        assert _kernel_half(intro, ev.data["new_value"]) == ref
+    assert any(ev.data["new_value"] & ~0xFFF != ev.data["old_value"] & ~0xFFF for ev in crs)
+    assert bridge.end() == "the introspector hung up"
+
+
+def test_retry_set_registers_and_crash(bridge: Bridge, vm: VM, guest: VmInstance) -> None:
+    intro = bridge.intro
+    _hookguest_start(bridge, vm)
+    ev = intro.wait_event(20.0)
+    while not (ev.spec.name == "CR" and ev.data["cr"] == 3):
+        intro.reply_event(ev, data={"new_val": ev.data["new_value"]})
+        ev = intro.wait_event(20.0)
+    # RETRY: the write is not done; the vCPU runs the same mov again and the same event comes back
+    intro.reply_event(ev, wire.ACTION_RETRY, data={"new_val": ev.data["new_value"]})
+    again = intro.wait_event(20.0)
+    assert (again.spec.name, again.vcpu, again.data, again.arch.regs["rip"]) == (
+        "CR", ev.vcpu, ev.data, ev.arch.regs["rip"])
+    assert again.seq != ev.seq
+    # SET_REGISTERS is applied when the event is answered: a PAUSE_VCPU asked meanwhile follows in the
+    # same stop and shows it; its own SET_REGISTERS puts the value back
+    rbx = again.arch.regs["rbx"]
+    regs = dict(again.arch.regs, rbx=rbx ^ 0x5A5A)
+    intro.call("SET_REGISTERS", vcpu=again.vcpu, fields=regs)
+    intro.call("PAUSE_VCPU", vcpu=again.vcpu, fields={"wait": 0})
+    assert _hmp_regs(vm, vm.vcpus()[again.vcpu].index)["rbx"] == rbx, "not applied before the reply"
+    intro.reply_event(again, data={"new_val": again.data["new_value"]})
+    pause = intro.wait_event(20.0)
+    assert pause.spec.name == "PAUSE_VCPU" and pause.vcpu == again.vcpu
+    assert pause.arch.regs["rbx"] == rbx ^ 0x5A5A == _hmp_regs(vm, vm.vcpus()[pause.vcpu].index)["rbx"]
+    assert pause.arch.regs["rip"] == again.arch.regs["rip"], "the same stop: the vCPU did not run"
+    intro.call("SET_REGISTERS", vcpu=pause.vcpu, fields=dict(pause.arch.regs, rbx=rbx))
+    with pytest.raises(CommandError):  # only a vCPU with an outstanding event takes SET_REGISTERS
+        intro.call("SET_REGISTERS", vcpu=1 - pause.vcpu, fields=dict(pause.arch.regs))
+    intro.reply_event(pause)
+    # CRASH: the session refuses and detaches; the guest runs on as before
+    ev = intro.wait_event(20.0)
+    intro.reply_event(ev, wire.ACTION_CRASH, data={"new_val": ev.data.get("new_value", 0)})
+    bridge.thread.join(20.0)
+    assert "CRASH" in str(bridge.out["reason"])
+    assert guest.agent.run("echo after").check().text == "after\n"
