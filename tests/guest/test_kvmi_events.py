@@ -62,6 +62,9 @@ def bridge(guest: VmInstance, vm: VM) -> Iterator[Bridge]:
             b.end()
         intro.close()
     assert out.get("bps") == {}, "every breakpoint is removed when the session ends"
+    # a breakpoint left on a CR3 write site would stop the VM at the first context switch, with nobody
+    # to resume it: the processes below would hang and the status be "debug"
+    guest.agent.run("for i in $(seq 20); do /bin/true; done").check()
     assert vm.status() == "running"
     assert guest.agent.run("echo alive").check().text == "alive\n", "the guest runs after the session"
 
@@ -148,6 +151,8 @@ def test_hookguest_sequence_then_cr3_events(bridge: Bridge, vm: VM, guest: VmIns
 def test_retry_set_registers_and_crash(bridge: Bridge, vm: VM, guest: VmInstance) -> None:
     intro = bridge.intro
     _hookguest_start(bridge, vm)
+    busy = threading.Thread(target=lambda: guest.agent.run("for i in $(seq 20); do /bin/true; done"), daemon=True)
+    busy.start()  # an idle guest writes no CR3 (lazy TLB): processes make it switch
     ev = intro.wait_event(20.0)
     while not (ev.spec.name == "CR" and ev.data["cr"] == 3):
         intro.reply_event(ev, data={"new_val": ev.data["new_value"]})
@@ -178,5 +183,38 @@ def test_retry_set_registers_and_crash(bridge: Bridge, vm: VM, guest: VmInstance
     ev = intro.wait_event(20.0)
     intro.reply_event(ev, wire.ACTION_CRASH, data={"new_val": ev.data.get("new_value", 0)})
     bridge.thread.join(20.0)
+    busy.join(30.0)
     assert "CRASH" in str(bridge.out["reason"])
     assert guest.agent.run("echo after").check().text == "after\n"
+
+
+def test_cli_sigterm_sends_unhook(vm: VM, guest: VmInstance) -> None:
+    """`vmsight kvmi` with events: SIGTERM while the introspector enabled UNHOOK sends it, commands are still
+    served while the introspector cleans up, its hang-up ends the process (128 + SIGTERM), the guest runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with Introspector() as intro:
+        proc = subprocess.Popen([sys.executable, "-m", "vmsight.cli.main", "--vm", guest.dir, "kvmi",
+                                 str(intro.address)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        try:
+            intro.accept(60.0)
+            intro.call("CONTROL_VM_EVENTS", fields={"event_id": 0, "enable": 1})
+            assert intro.check_event(0) and intro.check_event(10)
+            proc.send_signal(signal.SIGTERM)
+            ev = intro.wait_event(30.0)
+            assert (ev.spec.name, ev.vcpu) == ("UNHOOK", 0)
+            assert intro.read_physical(0x1000000, 64) == vm.read_gpa(0x1000000, 64)  # still served
+            intro.close()
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert b"UNHOOK sent" in out and b"1 events sent" in out
+    assert vm.status() == "running"
+    assert guest.agent.run("echo alive").check().text == "alive\n"

@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
                 for sig, h in old.items():
                     signal.signal(sig, h)
     if args.json:
-        emit_json({"address": str(address), "commands": session.commands, "ended": reason})
+        emit_json({"address": str(address), "commands": session.commands, "events": session.events_sent,
+                   "ended": reason})
     else:
-        print(f"KVMi session with {address} ended: {reason} ({session.commands} commands served)")
-    return 0
+        print(f"KVMi session with {address} ended: {reason} ({session.commands} commands served, "
+              f"{session.events_sent} events sent)")
+    return 128 + session.ended_by_signal if session.ended_by_signal else 0

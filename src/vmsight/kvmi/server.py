@@ -579,6 +579,11 @@ class Session:
         finally:
             self.close()
 
+    @property
+    def ended_by_signal(self) -> int | None:
+        """The signal that ended the session (:meth:`request_unhook`), or None."""
+        return self._signal
+
     def request_unhook(self, signum: int = signal.SIGTERM) -> None:
         """Ask the session to end with UNHOOK (thread-safe and signal-safe: SIGINT/SIGTERM handlers call it)."""
         self._signal = signum
