@@ -208,17 +208,24 @@ class VM:
     def status(self) -> str:
         return self.qmp.status()
 
+    def _stop_vm(self) -> None:
+        """Stop a running VM (the one primitive pause and paused use; a libvirt domain suspends instead)."""
+        self.qmp.execute("stop")
+        self._drain_gdb_stop()
+
+    def _cont_vm(self) -> None:
+        self.qmp.execute("cont")
+
     def pause(self) -> None:
         with self._lock:
             if self.status() == "running":
-                self.qmp.execute("stop")
-                self._drain_gdb_stop()
+                self._stop_vm()
 
     def resume(self) -> None:
         with self._lock:
             self.invalidate()
             if self.status() != "running":
-                self.qmp.execute("cont")
+                self._cont_vm()
 
     @contextmanager
     def paused(self) -> Iterator[VM]:
@@ -237,8 +244,7 @@ class VM:
             if self._pause_depth == 0:
                 self._resume_on_exit = self.status() == "running"
                 if self._resume_on_exit:
-                    self.qmp.execute("stop")
-                    self._drain_gdb_stop()
+                    self._stop_vm()
             self._pause_depth += 1
             try:
                 yield self
@@ -246,7 +252,7 @@ class VM:
                 self._pause_depth -= 1
                 if self._pause_depth == 0 and self._resume_on_exit:
                     self.invalidate()
-                    self.qmp.execute("cont")
+                    self._cont_vm()
 
     def _drain_gdb_stop(self) -> None:
         # A QMP stop pushes a T02 stop reply to a connected gdb client; consume it so replies stay in step.
@@ -574,35 +580,14 @@ class LibvirtVM(VM):
         state = self.domain.state()
         return self.qmp.status() if self.allow_taint and state == "paused" else state  # "debug" at a breakpoint
 
-    def pause(self) -> None:
-        with self._lock:
-            if self.status() == "running":
-                self.domain.suspend()
-                self._drain_gdb_stop()
+    def _stop_vm(self) -> None:
+        # Through libvirt's own API: no monitor passthrough, so no taint. A QMP stop (libvirt's too) pushes a
+        # stop reply to a connected gdb client.
+        self.domain.suspend()
+        self._drain_gdb_stop()
 
-    def resume(self) -> None:
-        with self._lock:
-            self.invalidate()
-            if self.status() != "running":
-                self.domain.resume()
-
-    @contextmanager
-    def paused(self) -> Iterator[VM]:
-        """Suspend the domain through libvirt inside the block; resume afterwards only if it was running."""
-        with self._lock:
-            if self._pause_depth == 0:
-                self._resume_on_exit = self.status() == "running"
-                if self._resume_on_exit:
-                    self.domain.suspend()
-                    self._drain_gdb_stop()  # a QMP stop (libvirt's too) pushes a stop reply to a gdb client
-            self._pause_depth += 1
-            try:
-                yield self
-            finally:
-                self._pause_depth -= 1
-                if self._pause_depth == 0 and self._resume_on_exit:
-                    self.invalidate()
-                    self.domain.resume()
+    def _cont_vm(self) -> None:
+        self.domain.resume()
 
     @property
     def gdb(self) -> GdbStub:
