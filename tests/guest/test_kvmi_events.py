@@ -233,3 +233,41 @@ def test_cli_sigterm_sends_unhook(vm: VM, guest: VmInstance) -> None:
     assert b"UNHOOK sent" in out and b"1 events sent" in out
     assert vm.status() == "running"
     assert guest.agent.run("echo alive").check().text == "alive\n"
+
+
+def test_cli_sigkill_with_armed_sites_leaves_guest_running(vm: VM, guest: VmInstance) -> None:
+    """SIGKILL of `vmsight kvmi` while its CR3/CR4/MSR sites are armed and an event is unanswered: the
+    watchdog removes every breakpoint and resumes the VM; processes (which write CR3) run afterwards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with Introspector() as intro:
+        proc = subprocess.Popen([sys.executable, "-m", "vmsight.cli.main", "--vm", guest.dir, "kvmi",
+                                 str(intro.address)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        try:
+            intro.accept(60.0)
+            intro.call("PAUSE_VCPU", vcpu=0, fields={"wait": 1})
+            ev = intro.wait_event(30.0)
+            assert ev.spec.name == "PAUSE_VCPU"
+            for vcpu in (0, 1):
+                intro.call("CONTROL_EVENTS", vcpu=vcpu, fields={"event_id": CR, "enable": 1})
+                intro.call("CONTROL_CR", vcpu=vcpu, fields={"enable": 1, "cr": 3})
+                intro.call("CONTROL_MSR", vcpu=vcpu, fields={"enable": 1, "msr": STAR})
+            intro.reply_event(ev)
+            busy = threading.Thread(target=lambda: guest.agent.run("/bin/true"), daemon=True)
+            busy.start()
+            ev = intro.wait_event(30.0)   # a CR3 write, unanswered: the VM is stopped at a breakpoint
+            assert ev.spec.name == "CR" and vm.status() != "running"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+            busy.join(60.0)
+            assert not busy.is_alive()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    guest.agent.run("for i in $(seq 20); do /bin/true; done").check()
+    assert vm.status() == "running"
