@@ -321,8 +321,9 @@ class PageRestrictions:
         if kind == ACCESS_W:
             now = self.kernel.phys.read_gpa(gpa, PAGE)
             old = self._shadow.get(gpa)
-            if old is not None:
-                offset = next((i for i, (a, b) in enumerate(zip(old, now, strict=True)) if a != b), 0)
+            if old is not None and old != now:
+                x = int.from_bytes(old, "little") ^ int.from_bytes(now, "little")
+                offset = ((x & -x).bit_length() - 1) // 8     # the lowest byte that changed
             self._shadow[gpa] = now
         self.hits += 1
         action = self.on_pf(PfHit(ev.vcpu, page_gva + offset, gpa + offset, kind, ev))
