@@ -27,6 +27,8 @@ from vmsight.events.dispatcher import BreakpointHandle, Dispatcher
 from vmsight.events.errors import DispatcherClosed
 from vmsight.events.types import Action, Event, VcpuPause
 from vmsight.kvmi import wire
+from vmsight.kvmi.int3 import SessionBreakpoints
+from vmsight.kvmi.pages import SessionPages
 from vmsight.kvmi.sites import WriteSite, decode_site, find_write_sites
 from vmsight.kvmi.transport import Address, FrameReader, PeerClosed, TransportError, parse_address, recv_exact
 from vmsight.kvmi.wire import cookie_hash
@@ -87,12 +89,17 @@ class CommandLayer:
     EVENT_COMMANDS = ("PAUSE_VCPU", "CONTROL_EVENTS", "CONTROL_VM_EVENTS", "CONTROL_CR", "CONTROL_MSR",
                       "SET_REGISTERS")
 
-    def __init__(self, guest: Guest, dialect: wire.Dialect = wire.V6, events: EventControl | None = None) -> None:
+    PAGE_COMMANDS = ("GET_PAGE_ACCESS", "SET_PAGE_ACCESS")
+
+    def __init__(self, guest: Guest, dialect: wire.Dialect = wire.V6, events: EventControl | None = None,
+                 pages: SessionPages | None = None) -> None:
         self.guest = guest
         self.dialect = dialect
         self.events = events
+        self.pages = pages
         self.replies_enabled = True
-        names = self.SERVED + (self.EVENT_COMMANDS if events is not None else ())
+        names = self.SERVED + (self.EVENT_COMMANDS if events is not None else ()) + (
+            self.PAGE_COMMANDS if pages is not None else ())
         self._handlers: dict[int, _Handler] = {
             dialect.command(n).id: getattr(CommandLayer, f"_do_{n.lower()}") for n in names}
 
@@ -264,6 +271,18 @@ class CommandLayer:
     def _do_set_registers(self, req: wire.Request) -> bytes:
         assert req.vcpu is not None and self.events is not None
         return wire.encode_error(self.events.set_registers(req.vcpu, dict(req.fields)))
+
+    # --- page access (vmsight.kvmi.pages): only with a dispatcher
+
+    def _do_get_page_access(self, req: wire.Request) -> bytes:
+        assert self.pages is not None
+        err, rights = self.pages.get_page_access(req.fields["view"], [int(g) for g in req.items])
+        return wire.encode_error(err) + (bytes(rights) if not err else b"")
+
+    def _do_set_page_access(self, req: wire.Request) -> bytes:
+        assert self.pages is not None
+        entries = [(int(e["gpa"]), int(e["access"])) for e in req.items]   # type: ignore[index]
+        return wire.encode_error(self.pages.set_page_access(req.fields["view"], entries))
 
 
 class EventControl(Protocol):
@@ -464,7 +483,9 @@ class Session:
                  dispatcher: Dispatcher | None = None) -> None:
         self.address = parse_address(address) if isinstance(address, str) else address
         self.dispatcher = dispatcher
-        self.layer = CommandLayer(guest, dialect, _EventSide(self) if dispatcher is not None else None)
+        self.layer = CommandLayer(guest, dialect, _EventSide(self) if dispatcher is not None else None,
+                                  SessionPages(self) if dispatcher is not None else None)
+        self.arch_override: dict[str, int] | None = None   # BREAKPOINT: the registers at the int3
         self.guest = guest
         self.dialect = dialect
         self.hello = hello
@@ -491,6 +512,9 @@ class Session:
         if dispatcher is not None:
             self._vcpu_of_index = {v.index: i for i, v in enumerate(dispatcher.vm.vcpus())}
             dispatcher.on(VcpuPause, self._on_vcpu_pause)
+            self.breakpoints = SessionBreakpoints(self)
+            self.event_providers[dialect.event("BREAKPOINT").id] = self.breakpoints.control
+            self.event_providers[dialect.event("PF").id] = lambda vcpu, enable: 0  # hits of SET_PAGE_ACCESS
             if isinstance(guest, VmGuest):
                 guest.pause_for_registers = False  # the dispatcher owns the run state: never QMP stop/cont
 
@@ -661,6 +685,12 @@ class Session:
 
     def _arch(self, vcpu: int, live: Event | None) -> wire.EventArch:
         r = self.guest.registers(vcpu, [])   # the VM is stopped: HMP's view is this instant's
+        for name, value in (self.arch_override or {}).items():
+            if name in ("cs", "ss"):
+                seg = r.sregs.segments[name]
+                seg.update(selector=value, dpl=value & 3)
+            else:
+                r.regs[name] = value
         msrs = dict.fromkeys(wire.EVENT_MSR_NAMES, 0)
         msrs["efer"] = r.sregs.efer
         if live is not None:
@@ -750,8 +780,9 @@ class CrMsrSites:
     register (found once in kernel text by :mod:`vmsight.kvmi.sites`), armed on the first CONTROL_CR /
     CONTROL_MSR that needs it. A hit of a register nobody controls continues silently (the dispatcher
     steps over it). The reply's ``new_val`` is what gets written: for a CR, through the gdbstub (QEMU's
-    own CR update path) with rip moved past the mov, so no register changes; for wrmsr, edx:eax are set to
-    it before the step (they then hold new_val afterwards: wrmsr has no other way in)."""
+    own CR update path) with rip moved past the mov, so no register changes; for wrmsr of FS/GS/kernel-GS
+    base likewise; for other MSRs edx:eax are set to it before the step (they then hold new_val
+    afterwards: the gdbstub cannot write those MSRs)."""
 
     def __init__(self, session: Session, dispatcher: Dispatcher) -> None:
         self.s = session
@@ -813,35 +844,47 @@ class CrMsrSites:
         return 0
 
     def _hit(self, ev: Event, site: WriteSite) -> Action | None:
+        """A vCPU at a write site. Writes are emulated through the gdbstub where it can write the target
+        register (CR0/3/4, FS/GS/kernel-GS base: the same QEMU update paths as the instructions) and rip
+        is moved past the instruction: no single step, which under TCG flushes every translated block
+        (~40 ms a hit). Other MSRs are stepped over by the dispatcher."""
         s = self.s
         vcpu = s.kvmi_vcpu(ev.vcpu)
         regs = ev.registers()
         if site.cr is not None and site.reg is not None:
-            if site.cr not in s._crs[vcpu] or not s.event_enabled(vcpu, s.dialect.event("CR").id):
-                return None
-            new, old = regs[site.reg], regs.get(f"cr{site.cr}", 0)
-            reply = s.send_event(ev, "CR", {"cr": site.cr, "old_value": old, "new_value": new})
-            if reply.action == wire.ACTION_RETRY:
-                return Action.RETRY
-            if reply.data["new_val"] != new:
-                ev.set_register(f"cr{site.cr}", reply.data["new_val"])
-                ev.set_register("rip", site.gva + site.length)
+            new = regs[site.reg]
+            value = new
+            if site.cr in s._crs[vcpu] and s.event_enabled(vcpu, s.dialect.event("CR").id):
+                reply = s.send_event(ev, "CR", {"cr": site.cr, "old_value": regs.get(f"cr{site.cr}", 0),
+                                                "new_value": new})
+                if reply.action == wire.ACTION_RETRY:
+                    return Action.RETRY
+                value = reply.data["new_val"]
+            ev.set_register(f"cr{site.cr}", value)
+            ev.set_register("rip", site.gva + site.length)
             return None
         msr = regs["rcx"] & 0xFFFF_FFFF
-        if msr not in s._msrs[vcpu] or not s.event_enabled(vcpu, s.dialect.event("MSR").id):
-            return None
         new = (regs["rdx"] & 0xFFFF_FFFF) << 32 | regs["rax"] & 0xFFFF_FFFF
-        gdb_name = {MSR_EFER: "efer", MSR_FS_BASE: "fs_base", MSR_GS_BASE: "gs_base", 0xC000_0102: "k_gs_base"}
-        old = regs.get(gdb_name.get(msr, ""), self._last_msr.get(msr, 0))
-        reply = s.send_event(ev, "MSR", {"msr": msr, "old_value": old, "new_value": new})
-        if reply.action == wire.ACTION_RETRY:
-            return Action.RETRY
-        value = reply.data["new_val"]
-        if value != new:
+        value = new
+        gdb_name = _GDB_MSRS.get(msr)
+        if msr in s._msrs[vcpu] and s.event_enabled(vcpu, s.dialect.event("MSR").id):
+            old = regs.get(gdb_name or "", self._last_msr.get(msr, 0))
+            reply = s.send_event(ev, "MSR", {"msr": msr, "old_value": old, "new_value": new})
+            if reply.action == wire.ACTION_RETRY:
+                return Action.RETRY
+            value = reply.data["new_val"]
+            self._last_msr[msr] = value
+        if gdb_name is not None and gdb_name in regs:
+            ev.set_register(gdb_name, value)
+            ev.set_register("rip", site.gva + site.length)
+        elif value != new:  # stepped by the dispatcher: wrmsr takes edx:eax
             ev.set_register("rax", value & 0xFFFF_FFFF)
             ev.set_register("rdx", value >> 32)
-        self._last_msr[msr] = value
         return None
+
+
+# MSRs the gdbstub writes through QEMU's own wrmsr paths (context switches write these: emulated, not stepped)
+_GDB_MSRS = {MSR_FS_BASE: "fs_base", MSR_GS_BASE: "gs_base", 0xC000_0102: "k_gs_base"}
 
 
 class _EventSide:
