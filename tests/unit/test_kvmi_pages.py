@@ -4,6 +4,8 @@ on cyclic and huge trees; the v6 access-bit semantics; what each accelerator can
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from tests.unit.pagetables import GB1, KB4, MB2, RW, P, PageTables
@@ -129,3 +131,19 @@ def test_access_table_semantics() -> None:
 def test_what_each_accelerator_enforces(kvm: bool, access: int, supported: bool) -> None:
     reason = unsupported_reason(accelerator_capabilities(kvm), access)
     assert (reason is None) is supported, reason
+
+
+def test_idt_gate_frame_and_idtr_decoding() -> None:
+    from vmsight.kvmi.int3 import Frame, Gate, idt_bases
+
+    # asm_exc_int3 at 0xffffffff81a01234, selector 0x10, IST 0, present DPL-3 interrupt gate (0xee)
+    off = 0xFFFF_FFFF_81A0_1234
+    raw = struct.pack("<HHBBHII", off & 0xFFFF, 0x10, 0, 0xEE, off >> 16 & 0xFFFF, off >> 32, 0)
+    assert Gate.decode(raw) == Gate(off, 0x10, 0, 0xE, 3, True)
+    assert Gate.decode(raw[:4] + b"\x02" + raw[5:]).ist == 2
+    with pytest.raises(ValueError):
+        Gate.decode(raw[:15])
+    f = Frame.decode(struct.pack("<5Q", 0x401001, 0x33, 0x246, 0x7FFF_0000, 0x2B))
+    assert f == Frame(0x401001, 0x33, 0x246, 0x7FFF_0000, 0x2B)
+    text = "CPU#0\nIDT=     fffffe0000000000 00000fff\nCPU#1\nIDT=     fffffe0000000000 00000fff\n"
+    assert idt_bases(text) == [0xFFFF_FE00_0000_0000] * 2

@@ -32,6 +32,7 @@ from vmsight.memory.paging import gva_to_gpa, kernel_pgd
 
 if TYPE_CHECKING:
     from vmsight.events.dispatcher import BreakpointHandle, Dispatcher
+    from vmsight.kvmi.server import Session
     from vmsight.linux.kernel import Kernel
 
 log = logging.getLogger(__name__)
@@ -175,4 +176,56 @@ class Int3Engine:
         return None   # CONTINUE: the guest's handler runs
 
 
-__all__ = ["BreakpointHit", "Frame", "Gate", "Int3Engine", "Int3Unsupported", "idt_bases"]
+
+
+# --- KVMi session glue -------------------------------------------------------------------------------
+
+class SessionBreakpoints:
+    """BREAKPOINT events of a :class:`vmsight.kvmi.server.Session`: the handler breakpoint is in place
+    while any vCPU has the event enabled (CONTROL_EVENTS). A #BP of a vCPU without it goes to the guest."""
+
+    def __init__(self, session: Session) -> None:
+        self.s = session
+        self.engine: Int3Engine | None = None
+        self._on: set[int] = set()
+
+    def control(self, vcpu: int, enable: bool) -> int:
+        """The session's event provider for BREAKPOINT: 0 or a positive v6 error."""
+        d = self.s.dispatcher
+        assert d is not None
+        try:
+            if enable and self.engine is None:
+                self.engine = Int3Engine(d, d.kernel, self._on_hit)
+            if enable:
+                self.engine.enable()        # type: ignore[union-attr]
+                self._on.add(vcpu)
+            else:
+                self._on.discard(vcpu)
+                if not self._on and self.engine is not None:
+                    self.engine.disable()
+        except VmsightError as e:
+            log.warning("KVMi BREAKPOINT events: %s", e)
+            return 95    # KVM_EOPNOTSUPP
+        return 0
+
+    def _on_hit(self, hit: BreakpointHit) -> Action:
+        from vmsight.kvmi import wire
+
+        s = self.s
+        vcpu = s.kvmi_vcpu(hit.vcpu)
+        if vcpu not in self._on or not s.event_enabled(vcpu, s.dialect.event("BREAKPOINT").id):
+            return Action.CONTINUE
+        r = hit.registers
+        s.arch_override = {"rip": r["rip"], "rsp": r["rsp"], "rflags": r["eflags"], "cs": r["cs"], "ss": r["ss"]}
+        try:
+            reply = s.send_event(hit.event, "BREAKPOINT", {"gpa": max(hit.gpa, 0), "insn_len": hit.insn_len})
+        finally:
+            s.arch_override = None
+        return Action.RETRY if reply.action == wire.ACTION_RETRY else Action.CONTINUE
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.disable()
+
+
+__all__ = ["BreakpointHit", "Frame", "Gate", "Int3Engine", "Int3Unsupported", "SessionBreakpoints", "idt_bases"]

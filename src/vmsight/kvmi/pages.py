@@ -50,6 +50,7 @@ from vmsight.memory.physical import PhysicalMemory
 
 if TYPE_CHECKING:
     from vmsight.events.dispatcher import Capabilities, Dispatcher, WatchHandle
+    from vmsight.kvmi.server import Session
     from vmsight.linux.kernel import Kernel
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,13 @@ class PageRestrictions:
             self.refresh()
 
     def refresh(self) -> ReverseMap:
-        """Walk again and make the watches match the restricted pages' aliases."""
+        """Walk again and make the watches match the restricted pages' aliases, with the VM stopped: the
+        walk is consistent and the shadow copies are taken when every watch is in (a write after them
+        traps, so the first hit's offset is exact)."""
+        with self.d._stopped():   # noqa: SLF001 - the dispatcher's re-entrant stop block (no public one)
+            return self._refresh()
+
+    def _refresh(self) -> ReverseMap:
         rights = self.table.restricted()
         la57 = self.kernel.la57
         try:
@@ -272,6 +279,8 @@ class PageRestrictions:
                     dtbs[page_gva] = None
                 elif page_gva not in dtbs or dtbs[page_gva] is not None:
                     dtbs.setdefault(page_gva, set()).add(a.dtb)  # type: ignore[union-attr]
+        self._alias_dtbs = {**self._alias_dtbs, **dtbs}
+        self._shadow = {g: self._shadow.get(g) or self.kernel.phys.read_gpa(g, PAGE) for g in rights}
         for key in [k for k in self._watches if k not in want]:
             self.d.remove(self._watches.pop(key))
         for key in want:
@@ -281,7 +290,6 @@ class PageRestrictions:
                 except CapabilityError as e:   # SET_PAGE_ACCESS checked this: a changed VM
                     log.warning("cannot watch alias %#x: %s", key[0], e)
         self._alias_dtbs = dtbs
-        self._shadow = {g: self._shadow.get(g) or self.kernel.phys.read_gpa(g, PAGE) for g in rights}
         self.last = rmap
         self._last_walk = time.monotonic()
         return rmap
@@ -346,5 +354,61 @@ def task_dtbs(kernel: Kernel) -> list[int]:
     return list(dict.fromkeys(out))
 
 
+
+# --- KVMi session glue -------------------------------------------------------------------------------
+
+class SessionPages:
+    """SET/GET_PAGE_ACCESS and PF events of a :class:`vmsight.kvmi.server.Session` with a dispatcher: the
+    engine is made on the first SET (the kernel is found then); hits send PF events while PF is enabled
+    for the hitting vCPU (else the access just completes). The aliases are refreshed at every SET that
+    changes rights and at a hit once ``refresh_s`` passed since the last walk."""
+
+    def __init__(self, session: Session) -> None:
+        self.s = session
+        self.engine: PageRestrictions | None = None
+
+    def _engine(self) -> PageRestrictions:
+        if self.engine is None:
+            d = self.s.dispatcher
+            assert d is not None
+            self.engine = PageRestrictions(d, d.kernel, self._on_pf)
+        return self.engine
+
+    def get_page_access(self, view: int, gpas: Sequence[int]) -> tuple[int, list[int]]:
+        if view != 0:
+            return KVM_EINVAL, []
+        if self.engine is None:
+            return 0, [ACCESS_ALL] * len(gpas)
+        return 0, self.engine.get_page_access(gpas)
+
+    def set_page_access(self, view: int, entries: Sequence[tuple[int, int]]) -> int:
+        if view != 0:
+            return KVM_EINVAL
+        try:
+            return self._engine().set_page_access(entries)
+        except VmsightError as e:
+            log.warning("KVMi SET_PAGE_ACCESS: %s", e)
+            return KVM_EOPNOTSUPP
+
+    def _on_pf(self, hit: PfHit) -> Action:
+        from vmsight.kvmi import wire
+
+        s = self.s
+        eng = self._engine()
+        vcpu = s.kvmi_vcpu(hit.vcpu)
+        if not s.event_enabled(vcpu, s.dialect.event("PF").id):
+            return Action.CONTINUE
+        reply = s.send_event(hit.event, "PF", {"gva": hit.gva, "gpa": hit.gpa, "access": hit.access, "view": 0})
+        if reply.data.get("singlestep"):
+            log.info("KVMi PF reply asks for a single step: not supported here, the access completed")
+        if time.monotonic() - eng._last_walk >= eng.refresh_s:  # noqa: SLF001 - our own engine
+            eng.refresh()
+        return Action.RETRY if reply.action == wire.ACTION_RETRY else Action.CONTINUE
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
 __all__ = ["ACCESS_ALL", "ACCESS_R", "ACCESS_W", "ACCESS_X", "AccessTable", "Alias", "PageRestrictions", "PfHit",
-           "ReverseMap", "find_aliases", "task_dtbs", "unsupported_reason"]
+           "ReverseMap", "SessionPages", "find_aliases", "task_dtbs", "unsupported_reason"]
