@@ -405,6 +405,12 @@ class VM:
             out[cpu.index] = {k: regs[k] for k in CONTROL_REGISTERS if k in regs}
         return out
 
+    @property
+    def can_flush_tlb(self) -> bool:
+        """Whether :meth:`flush_tlb` can work here (it needs the gdbstub): idle tracking without it counts
+        accessed pages as lower bounds."""
+        return True
+
     def flush_tlb(self, vcpu: int | None = None) -> None:
         """Flush the TLB of one vCPU (default: all) by writing CR3 back unchanged through the gdbstub.
 
@@ -602,6 +608,10 @@ class LibvirtVM(VM):
 
     def vcpus(self) -> list[Vcpu]:
         return list(self._vcpu_list)
+
+    @property
+    def can_flush_tlb(self) -> bool:
+        return self.allow_taint  # CR3 write-back through a gdbstub, which only the monitor passthrough adds
 
     def registers(self, vcpu: int = 0, *, all: bool = False) -> dict[str, int]:  # noqa: A002
         if not self.allow_taint:

@@ -15,7 +15,13 @@ What it can see, honestly:
   ``restore_accessed`` (default) sets them back after each read, which biases the guest towards
   "referenced", never the other way. The page tables are written: attach with a writable RAM backend.
 * If this process dies (SIGKILL included), the VM's watchdog (:mod:`vmsight.events.watchdog`) gives the
-  bits back: each mark journals the entries it is about to clear (gpa and value) to it first."""
+  bits back: each mark journals the entries it is about to clear (gpa and value) to it first. Without a
+  gdbstub (a libvirt domain without --allow-taint) it does so through the RAM file, with the domain
+  suspended through libvirt, and leaves the run state as it was found.
+* A target that cannot flush TLBs (``vm.can_flush_tlb`` false: a libvirt domain without --allow-taint has
+  no gdbstub) is still tracked, but its counts are lower bounds: a page touched through a translation
+  cached before the mark is not seen (as clear_refs without its flush). The tracker and its snapshots are
+  then ``approximate``, say so in a warning, and mark idle pages APPROXIMATE."""
 
 from __future__ import annotations
 
@@ -42,6 +48,11 @@ log = logging.getLogger(__name__)
 BACKEND = "guest-pte"
 KNOWN = (PageState.PRESENT | PageState.SWAPPED | PageState.FILE | PageState.HUGE | PageState.TRACKED
          | PageState.NEW)
+LOWER_BOUND = ("guest accessed counts are lower bounds: the target cannot flush the vCPUs' TLBs (no gdbstub: "
+               "a libvirt domain without --allow-taint), so a page touched through a translation still cached "
+               "in a vCPU's TLB does not set its accessed bit again and reads idle; idle pages are APPROXIMATE")
+REASON = ("guest page-table accessed bits, harvested from the host (no guest kernel support needed; "
+          "A bits are given back after each read)")
 
 
 def guest_vmas(proc: linux.Process) -> list[Vma]:
@@ -57,8 +68,7 @@ class GuestIdleTracker:
     backend_name = BACKEND
     granularity = "page"
     approximate = False
-    reason = ("guest page-table accessed bits, harvested from the host (no guest kernel support needed; "
-              "A bits are given back after each read)")
+    reason = REASON
 
     def __init__(self, vm: VM, pid: int, *, restore_accessed: bool = True,
                  guest: linux.Guest | None = None, supervise_vm: bool = True) -> None:
@@ -70,6 +80,13 @@ class GuestIdleTracker:
         vm.take_run_control("guest idle tracking (vmsight idle --vm)")
         self.pid = pid
         self.restore_accessed = restore_accessed
+        self.flushes_tlb = bool(getattr(vm, "can_flush_tlb", True))  # a target that does not say has a gdbstub
+        self.warnings: tuple[str, ...] = ()
+        if not self.flushes_tlb:
+            self.approximate = True
+            self.reason = f"{REASON}; counts are lower bounds (no TLB flush)"
+            self.warnings = (LOWER_BOUND,)
+            log.warning("%s", LOWER_BOUND)
         self._watchdog: WatchdogClient | None = None
         if supervise_vm and restore_accessed:
             self._watchdog = supervise(vm)
@@ -79,7 +96,8 @@ class GuestIdleTracker:
                             "bits cleared (give QEMU a shared RAM file)", vm.backend)
             else:
                 self._watchdog.ram(ram)
-            self._watchdog.gdb(vm.gdb.address)  # the stub it will clean up through (connects it now)
+            if self.flushes_tlb:
+                self._watchdog.gdb(vm.gdb.address)  # the stub it will clean up through (connects it now)
         self.guest = guest or linux.Guest(vm)
         with vm.paused():
             self.guest.kernel.invalidate()
@@ -139,7 +157,8 @@ class GuestIdleTracker:
                 self._watchdog.accessed(self._cleared)
             done = clear_accessed(self.vm.phys, gpas, [lf.pte_value for lf in leaves])
             self._cleared = {g: lf.pte_value for g, lf, ok in zip(gpas, leaves, done, strict=True) if ok}
-            self.vm.flush_tlb()
+            if self.flushes_tlb:
+                self.vm.flush_tlb()
             self._marked = vfn_ranges
             self._mark_time_ns = now_ns()
         log.debug("pid %d: cleared %d accessed bits", self.pid, len(self._cleared))
@@ -153,7 +172,7 @@ class GuestIdleTracker:
 
     def _read(self, ranges: Ranges) -> tuple[BackendResult, list[Vma], list[VfnRange]]:
         """The backend half of :meth:`read`: the page tables' A bits of the ranges, the VMAs, the ranges."""
-        warnings: list[str] = []
+        warnings = list(self.warnings)
         with self.vm.paused():
             proc = self._process("read")
             vmas = guest_vmas(proc)
@@ -167,7 +186,8 @@ class GuestIdleTracker:
         file_vfns = [(v.start_gva >> PAGE_SHIFT, v.end_gva >> PAGE_SHIFT) for v in vmas if v.kind == "file"]
         for lo, hi in vfn_ranges:
             self._fill_range(segments, lo, hi, leaves, file_vfns)
-        return BackendResult(segments, KNOWN, self._mark_time_ns, warnings=tuple(warnings)), vmas, vfn_ranges
+        known = KNOWN | PageState.APPROXIMATE if self.approximate else KNOWN
+        return BackendResult(segments, known, self._mark_time_ns, warnings=tuple(warnings)), vmas, vfn_ranges
 
     def read_and_mark(self, ranges: Ranges = None) -> IdleSnapshot:
         """``read()`` then ``mark_idle(ranges)``: end this interval and start the next."""
@@ -200,6 +220,8 @@ class GuestIdleTracker:
                 st = PageState.PRESENT | PageState.TRACKED
                 if lf.page_size > 4096:
                     st |= PageState.HUGE
+                if self.approximate and not lf.accessed:
+                    st |= PageState.APPROXIMATE  # read idle, but may have been used through a cached translation
                 state[a:b] = st
                 idle[a:b] = not lf.accessed
                 first = (lf.gpa >> PAGE_SHIFT) + ((lo + a) - (lf.gva >> PAGE_SHIFT))
