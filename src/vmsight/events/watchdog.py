@@ -16,6 +16,8 @@ over the watchdog's stdin what it must undo:
 * ``ram JSON`` (where guest RAM is: a file and, per range, gpa, size, file offset) and ``accessed PATH`` /
   ``accessed -``: a private journal file of (pte gpa, entry value) pairs whose A bits are being cleared,
   written *before* the bits are cleared, and dropped once they were given back;
+* ``libvirt JSON`` (``uri``, ``uuid``): the VM is a libvirt domain, whose run state libvirt sets
+  (virDomainSuspend/Resume: no monitor, so no taint);
 * ``bye``: everything is as it was found.
 
 End of input without ``bye`` means the parent died. With points or a journal to undo, the watchdog
@@ -23,7 +25,11 @@ connects to the gdbstub (free once the dead client's socket is closed; connectin
 bits are given back on a stopped guest), ORs the accessed bits back (:func:`restore_accessed`, the same
 check the tracker uses), removes the points and detaches with ``D;1`` (QEMU drops every gdb point and
 resumes) when the VM should run, or just hangs up when it should stay stopped (``D`` would start a paused
-or ``-S`` VM). Otherwise it puts the run state right over QMP (``cont`` or ``stop``)."""
+or ``-S`` VM). Otherwise it puts the run state right over QMP (``cont`` or ``stop``).
+
+A libvirt domain without a gdbstub (no --allow-taint) has neither: the watchdog suspends it through libvirt
+(unless it is already paused), gives the accessed bits back through the RAM file alone, and leaves it in
+the run state found at attach (resumed, unless it was paused then)."""
 
 from __future__ import annotations
 
@@ -199,6 +205,10 @@ class WatchdogClient:
     def ram(self, desc: Mapping[str, Any]) -> None:
         self._send("ram " + json.dumps(desc))
 
+    def libvirt(self, uri: str, uuid: str) -> None:
+        """The VM is libvirt domain ``uuid`` at ``uri``: its run state is set through libvirt."""
+        self._send("libvirt " + json.dumps({"uri": uri, "uuid": uuid}))
+
     def accessed(self, cleared: Mapping[int, int] | None) -> None:
         """Journal the entries whose A bits are about to be cleared (call *before* clearing), or, with
         None or nothing, say they were all given back."""
@@ -250,10 +260,10 @@ class WatchdogClient:
             status = vm.status()
             if self.wanted == "running" and status in ("paused", "debug"):
                 log.warning("the VM was left %s: resuming it (vmsight found it running)", status)
-                vm.qmp.execute("cont")
+                vm.resume()   # QMP cont, or libvirt's resume for a domain
             elif self.wanted != "running" and status == "running":
                 log.warning("the VM was left running: pausing it (vmsight found it %s)", self.wanted)
-                vm.qmp.execute("stop")
+                vm.pause()
         except Exception as e:  # noqa: BLE001 - an interrupted exchange: the watchdog does it after exit
             log.warning("cannot check the VM's run state (%s): the watchdog will", e)
             ok = False
@@ -265,8 +275,12 @@ def supervise(vm: VM) -> WatchdogClient:
     now, and settles at ``vm.close()``."""
     wd = _BY_VM.get(vm)
     if wd is None:
-        wd = WatchdogClient.start(qmp=None if vm.qmp.remote else vm.qmp.path, want=vm.status())
+        domain = getattr(vm, "domain", None)   # a LibvirtVM: libvirt holds its only monitor
+        qmp = None if domain is not None or vm.qmp.remote else vm.qmp.path
+        wd = WatchdogClient.start(qmp=qmp, want=vm.status())
         _BY_VM[vm] = wd
+        if domain is not None:
+            wd.libvirt(domain.uri, domain.xml.uuid)
         if vm.directory is not None:
             wd.vm_dir(vm.directory)
         vm.close_hooks.append(lambda: wd.settle(vm))
@@ -291,6 +305,7 @@ class _State:
         self.ram: dict[str, Any] | None = None
         self.journal: str | None = None
         self.dir: str | None = None
+        self.libvirt: dict[str, str] | None = None
 
 
 def read_until_eof(stream: IO[bytes]) -> _State:
@@ -320,7 +335,15 @@ def read_until_eof(stream: IO[bytes]) -> _State:
                 import vmsight.memory.paging  # noqa: F401 - preloaded for restore_accessed
             elif word == "accessed":
                 st.journal = None if rest == "-" else rest
-        except ValueError:
+            elif word == "libvirt":
+                desc = json.loads(rest)
+                st.libvirt = {"uri": str(desc["uri"]), "uuid": str(desc["uuid"])}
+                import vmsight.libvirt  # noqa: F401 - preloaded (and the binding with it, below)
+                try:
+                    import libvirt  # noqa: F401
+                except ImportError:
+                    pass  # reported when it is needed
+        except (ValueError, KeyError, TypeError):
             continue
     return st
 
@@ -438,13 +461,68 @@ def settle_qmp(qmp_path: str, want: str, deadline_s: float = QMP_DEADLINE_S) -> 
             time.sleep(0.1)
 
 
+def _libvirt_domain(desc: Mapping[str, str]) -> tuple[Any, Any]:
+    """(connection, domain) of a libvirt domain by URI and UUID."""
+    from vmsight.libvirt import binding, connect
+
+    lv = binding()
+    conn = connect(desc["uri"])
+    try:
+        return conn, conn.lookupByUUIDString(desc["uuid"])
+    except lv.libvirtError:
+        conn.close()
+        raise
+
+
+def settle_libvirt(desc: Mapping[str, str], want: str, journal: str | None = None,
+                   ram: Mapping[str, Any] | None = None) -> bool:
+    """A libvirt domain without a gdbstub: with a journal, suspend it (unless paused already) and give the
+    accessed bits back through the RAM file; then leave it in the ``want`` run state (libvirt's own
+    suspend/resume: no monitor, so no taint)."""
+    from vmsight.libvirt import binding
+
+    try:
+        lv = binding()
+        conn, dom = _libvirt_domain(desc)
+    except Exception as e:  # noqa: BLE001 - VmsightError, or libvirtError (its binding is imported lazily)
+        log.error("watchdog: cannot reach libvirt domain %s: %s", desc.get("uuid"), e)
+        return False
+    ok = True
+    try:
+        state = int(dom.state()[0])
+        if journal:
+            if state == lv.VIR_DOMAIN_RUNNING:
+                dom.suspend()   # the entries are rewritten whole: a vCPU must not change them meanwhile
+                state = lv.VIR_DOMAIN_PAUSED
+            ok = _give_back(ram, journal)
+        if want == "running" and state == lv.VIR_DOMAIN_PAUSED:
+            dom.resume()
+            log.info("watchdog: resumed libvirt domain %s", dom.name())
+        elif want != "running" and state == lv.VIR_DOMAIN_RUNNING:
+            dom.suspend()
+            log.info("watchdog: paused libvirt domain %s again (found %s)", dom.name(), want)
+    except Exception as e:  # noqa: BLE001 - libvirtError
+        log.error("watchdog: libvirt domain %s: %s", desc.get("uuid"), e)
+        return False
+    finally:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - a connection already gone
+            pass
+    return ok
+
+
 def undo(st: _State, qmp_path: str | None) -> bool:
     """Everything a dead parent left (see the module docstring)."""
     if st.points or st.journal:
         if st.gdb and cleanup(st.gdb, st.points, resume=st.want == "running", ram=st.ram, journal=st.journal):
             return True
         if st.journal and os.path.exists(st.journal):
+            if st.libvirt is not None:
+                return settle_libvirt(st.libvirt, st.want, st.journal, st.ram)
             _give_back(st.ram, st.journal)  # without the stub: the VM may run meanwhile (racy, but better)
+    if st.libvirt is not None:
+        return settle_libvirt(st.libvirt, st.want)
     if st.dir is not None:
         from vmsight.qemu.monitors import run_control_owner
 
