@@ -16,9 +16,10 @@ the first error. What this VM can catch (:func:`unsupported_reason`), as CHECK-a
 
 Limits, documented rather than hidden:
 
-* Mappings are found when the reverse map is refreshed: at every SET_PAGE_ACCESS that changes restrictions
-  and, while any restriction exists, by :meth:`PageRestrictions.poll` once ``refresh_s`` (default 1 s) passed
-  since the last walk. A mapping created in between is not watched until that refresh.
+* Mappings are found when the reverse map is refreshed (with the VM stopped): at every SET_PAGE_ACCESS that
+  changes restrictions and, while any restriction exists, by :meth:`PageRestrictions.poll` (the KVMi session:
+  at a PF hit) once ``refresh_s`` (default 1 s) passed since the last walk. A mapping created in between is
+  not watched until that refresh; in a session whose restricted pages see no hit and no SET, not at all.
 * The watch traps *after* the access (QEMU, TCG): the access has completed when the PF event is sent.
   CONTINUE and RETRY both let it stand exactly once (what a KVM guest sees once the introspector gave the right
   back and retried); a RETRY without giving the right back leaves the restriction for the next access.
