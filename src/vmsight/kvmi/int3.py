@@ -9,8 +9,11 @@ no error code), rip moved back over the int3 (KVM reported the int3's own addres
 
 Relied on, checked at :meth:`Int3Engine.enable` on the running kernel (both Debian kernels, 6.1 and 6.12):
 vector 3 is a present 64-bit interrupt/trap gate with IST 0 (Linux: ``SYSG(X86_TRAP_BP, asm_exc_int3)`` in
-arch/x86/kernel/idt.c, #BP off the IST since v5.8) whose target is ``asm_exc_int3``; every vCPU has the same
-IDT. Under FRED (v6.9+, CPUs with FRED) the IDT is not used: then :meth:`enable` refuses.
+arch/x86/kernel/idt.c; #BP left the IST with commit d8ba61ba58c8 "x86/entry/64: Don't use IST entry for #BP
+stack") whose target is ``asm_exc_int3``; every vCPU has the same IDT; at the handler's first instruction
+HMP's rsp + 40 is the frame's rsp rounded down to 16 (kernel-mode int3; the CPU aligns before pushing). The
+guest tests check each on 6.1 and 6.12. Under FRED (v6.9+, CPUs with FRED) the IDT is not used: a kernel
+that enabled it has no gate to break on (not handled: no TCG CPU model offers FRED in QEMU 7.2).
 
 CONTINUE gives the #BP to the guest (the vCPU goes on in its handler, as a re-injected #BP would: the
 kernel's do_int3, which oopses on an int3 it does not own, or SIGTRAP for user space). RETRY undoes the
