@@ -6,7 +6,9 @@
   vmsight idle bitmap PID --start GVA --end GVA [--mark] [--wait 1s] [--raw]       proposed /proc/PID/page_idle
 
 ``vmsight idle PID ...`` (no command) is ``vmsight idle live PID ...``, as before the group existed. With --vm the
-process is one inside that VM (its page tables' accessed bits); otherwise a host process.
+process is one inside that VM (its page tables' accessed bits); otherwise a host process. A libvirt domain
+(--vm libvirt:DOMAIN, -c URI) is tracked without taint, but without a gdbstub to flush its vCPUs' TLBs the counts
+are lower bounds (marked approximate); --allow-taint adds the stub and makes them exact.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def with_default_subcommand(args: list[str]) -> list[str]:
         elif tok in ("--", "-h", "--help"):
             return args
         elif tok.startswith("-"):
-            skip = tok in ("--vm", "--gdb")
+            skip = tok in ("--vm", "--gdb", "-c", "--connect")
         else:
             return args if tok in SUBCOMMANDS else [DEFAULT_SUBCOMMAND, *args]
     return args
@@ -222,10 +224,11 @@ def _tracker(args: argparse.Namespace, pid: int) -> Iterator[Tracker]:
     if args.backend not in ("auto", "guest-pte"):
         raise VmsightError(f"--backend {args.backend} runs on the host; a process in a VM (--vm) is tracked "
                            "through its page tables: --backend guest-pte (or auto)")
+    from vmsight.cli.common import open_vm
     from vmsight.idle.guest import GuestIdleTracker
-    from vmsight.vm import attach
 
-    with attach(args.vm, gdb=getattr(args, "gdb", None)) as vm, GuestIdleTracker(vm, pid) as t:
+    # as every --vm command: -c/--connect and --allow-taint reach a libvirt domain
+    with open_vm(args) as vm, GuestIdleTracker(vm, pid) as t:
         yield t
 
 
