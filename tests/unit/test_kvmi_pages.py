@@ -147,3 +147,49 @@ def test_idt_gate_frame_and_idtr_decoding() -> None:
     assert f == Frame(0x401001, 0x33, 0x246, 0x7FFF_0000, 0x2B)
     text = "CPU#0\nIDT=     fffffe0000000000 00000fff\nCPU#1\nIDT=     fffffe0000000000 00000fff\n"
     assert idt_bases(text) == [0xFFFF_FE00_0000_0000] * 2
+
+
+class _FakePages:
+    """What CommandLayer asks of vmsight.kvmi.pages.SessionPages, recording the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, list[object]]] = []
+
+    def get_page_access(self, view: int, gpas: list[int]) -> tuple[int, list[int]]:
+        self.calls.append(("get", view, list(gpas)))
+        return (22, []) if view else (0, [5] * len(gpas))
+
+    def set_page_access(self, view: int, entries: list[tuple[int, int]]) -> int:
+        self.calls.append(("set", view, list(entries)))
+        return 95 if any(a & ~3 == 0 and not a & 4 for _, a in entries) else 0
+
+
+def test_command_layer_page_access_commands() -> None:
+    from tests.unit.test_kvmi_wire import FakeGuest, _reply
+    from vmsight.kvmi import wire
+    from vmsight.kvmi.server import CommandLayer
+
+    plain = CommandLayer(FakeGuest())   # no dispatcher: not served, and CHECK_COMMAND says so
+    assert not plain.supported(20) and not plain.supported(21)
+    fake = _FakePages()
+    layer = CommandLayer(FakeGuest(), pages=fake)
+    assert layer.supported(20) and layer.supported(21)
+    err, data = _reply(layer, "GET_PAGE_ACCESS", fields={"view": 0}, items=[0x1000, 0x2000])
+    assert (err, data) == (0, bytes([5, 5]))
+    assert _reply(layer, "GET_PAGE_ACCESS", fields={"view": 1}, items=[0x1000]) == (-wire.KVM_EINVAL, b"")
+    assert _reply(layer, "SET_PAGE_ACCESS", fields={"view": 0},
+                  items=[{"gpa": 0x1000, "access": 5}, {"gpa": 0x3000, "access": 7}]) == (0, b"")
+    assert _reply(layer, "SET_PAGE_ACCESS", fields={"view": 0}, items=[{"gpa": 0x1000, "access": 3}])[0] == -95
+    assert fake.calls == [("get", 0, [0x1000, 0x2000]), ("get", 1, [0x1000]),
+                          ("set", 0, [(0x1000, 5), (0x3000, 7)]), ("set", 0, [(0x1000, 3)])]
+
+
+def test_session_pages_without_restrictions() -> None:
+    from types import SimpleNamespace
+
+    from vmsight.kvmi.pages import SessionPages
+
+    sp = SessionPages(SimpleNamespace(dispatcher=None))
+    assert sp.get_page_access(0, [0x1000, 0x2000]) == (0, [ACCESS_ALL, ACCESS_ALL])   # no engine made
+    assert sp.get_page_access(1, [0x1000])[0] == 22 and sp.set_page_access(2, [(0x1000, 5)]) == 22
+    assert sp.engine is None
