@@ -636,7 +636,7 @@ class Session:
         try:
             while True:
                 if self._signal is not None:
-                    reason = f"signal {self._signal}: UNHOOK sent"
+                    reason = f"signal {self._signal}"
                     break
                 while self._readable(0.0):
                     self._serve_message(*self._read_message())
@@ -654,25 +654,29 @@ class Session:
             d.close()  # every breakpoint removed, the VM running as before
             watcher.join(1.0)
         if self._signal is not None:
-            self._unhook()
+            reason += self._unhook()
         self.close()
         return reason
 
-    def _unhook(self) -> None:
+    def _unhook(self) -> str:
         """UNHOOK (when enabled, as the kernel did), then serve commands until the introspector closes (it
-        may undo its changes first) or UNHOOK_LINGER passes. Events are over: the dispatcher is closed."""
+        may undo its changes first) or UNHOOK_LINGER passes. Events are over: the dispatcher is closed.
+        Returns what happened, for the session's end reason."""
         if self.sock is None:
-            return
+            return ""
         spec = self.dialect.event("UNHOOK")
+        sent = spec.id in self._vm_enabled
         try:
-            if spec.id in self._vm_enabled:
+            if sent:
                 self._send_event_message(0, spec, None, {})
             deadline = time.monotonic() + UNHOOK_LINGER
             while (left := deadline - time.monotonic()) > 0:
                 if self._readable(left):
                     self._serve_message(*self._read_message())
         except (PeerClosed, wire.ProtocolError, OSError, SessionEnded, TransportError):
-            pass
+            return ": UNHOOK sent, the introspector closed" if sent else ": the introspector closed"
+        return f": UNHOOK sent, closed after {UNHOOK_LINGER:.0f} s" if sent else (
+            f": UNHOOK not enabled, closed after {UNHOOK_LINGER:.0f} s")
 
     # --- events
 
@@ -730,7 +734,7 @@ class Session:
             while True:
                 while not self._readable(0.1):
                     if self._signal is not None:
-                        raise SessionEnded(f"signal {self._signal}: UNHOOK sent")
+                        raise SessionEnded(f"signal {self._signal}")
                 header, payload = self._read_message()
                 if header.id != self.dialect.event_reply_id:
                     self._serve_message(header, payload)
