@@ -42,7 +42,8 @@ SHARED_RAM_XML = "<memoryBacking>\n  <source type='memfd'/>\n  <access mode='sha
 TAINT_HINT = ("needs QEMU's monitor or gdbstub, which libvirt owns: pass --allow-taint to reach them through "
               "libvirt's monitor passthrough (libvirt then reports the domain tainted: custom-monitor), or add a "
               "QMP socket and gdbstub in the domain XML (`vmsight vm libvirt-xml --monitor DIR`) and pass "
-              "--vm DIR/qmp.sock; the read-only commands (ps, maps, lsmod, sym, uname) need neither")
+              "--vm DIR/qmp.sock; the read-only commands (ps, maps, lsmod, sym, uname) need neither, nor does idle "
+              "(whose counts are then lower bounds: no TLB flush)")
 
 _STATES = {0: "no state", 1: "running", 2: "running", 3: "paused", 4: "shutting down", 5: "shut off",
            6: "crashed", 7: "pmsuspended"}
