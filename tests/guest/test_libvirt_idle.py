@@ -194,18 +194,40 @@ def _cli(libvirtd: lv.Libvirtd, *args: str) -> list[str]:
     return [sys.executable, "-m", "vmsight.cli.main", "-c", libvirtd.uri, *args]
 
 
+def signal_while_marked(libvirtd: lv.Libvirtd, dom: lv.Domain, wl: GuestWorkload, pt: PageTables,
+                        sig: signal.Signals) -> None:
+    """`vmsight idle live` (no taint) sent ``sig`` once its mark cleared the bits: they all come back."""
+    before = pt.entries()
+    p = subprocess.Popen(_cli(libvirtd, "--vm", f"libvirt:{dom.name}", "--json", "idle", "live", str(wl.pid),
+                              "--range", f"{wl.addr:#x}-{wl.addr + wl.size:#x}", "--interval", "60s"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("the mark", lambda: not any(v & PAGE_ACCESSED for v in pt.entries().values()), 60)
+        p.send_signal(sig)
+        out_text, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == (-9 if sig == signal.SIGKILL else 128 + sig), err
+    head = json.loads(out_text.splitlines()[0])
+    assert head["backend"] == "guest-pte" and head["approximate"] is True
+    # SIGKILL: the watchdog suspends the domain, ORs the bits back through the RAM file, resumes it
+    wait_for(f"the bits back after {sig.name}", lambda: pt.entries() == before, 20)
+    wait_for("the domain running", lambda: lv.state(libvirtd, dom.name) == 1, 10)
+
+
 def test_cli_connect_and_signals_give_bits_back(libvirtd: lv.Libvirtd, domain: lv.Domain) -> None:
     """`vmsight idle` takes -c (also after `idle`, before its command word): bitmap marks and reads; live
     killed by SIGTERM (the unwinding) and by SIGKILL (the watchdog, with no gdbstub: through the RAM file)
     leaves every entry as it found it, and the domain running."""
     taints = lv.taints(libvirtd, domain.name)
     wl = GuestWorkload(domain, PAGES)
-    target = f"libvirt:{domain.name}"
     start, end = wl.addr, wl.addr + wl.size
     try:
         with page_tables(libvirtd, domain, wl) as pt:
             before = pt.entries()
-            r = subprocess.run([sys.executable, "-m", "vmsight.cli.main", "--vm", target, "--json", "idle", "-c",
+            r = subprocess.run([sys.executable, "-m", "vmsight.cli.main", "--vm", f"libvirt:{domain.name}", "--json",
+                                "idle", "-c",
                                 libvirtd.uri, "bitmap", str(wl.pid), "--start", hex(start), "--end", hex(end),
                                 "--mark", "--wait", "0.2s"], capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, r.stderr
@@ -214,31 +236,19 @@ def test_cli_connect_and_signals_give_bits_back(libvirtd: lv.Libvirtd, domain: l
             assert out["words"] == [f"{(1 << 64) - 1:#018x}"] * (PAGES // 64)  # nothing touched: all idle
             assert pt.entries() == before
             for sig in (signal.SIGTERM, signal.SIGKILL):
-                p = subprocess.Popen(_cli(libvirtd, "--vm", target, "--json", "idle", "live", str(wl.pid),
-                                          "--range", f"{start:#x}-{end:#x}", "--interval", "60s"),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                try:
-                    wait_for("the mark", lambda: not any(v & PAGE_ACCESSED for v in pt.entries().values()), 60)
-                    p.send_signal(sig)
-                    out_text, err = p.communicate(timeout=30)
-                finally:
-                    p.kill()
-                    p.wait()
-                assert p.returncode == (-9 if sig == signal.SIGKILL else 128 + sig), err
-                head = json.loads(out_text.splitlines()[0])
-                assert head["backend"] == "guest-pte" and head["approximate"] is True
-                # SIGKILL: the watchdog suspends the domain, ORs the bits back through the RAM file, resumes
-                wait_for(f"the bits back after {sig.name}", lambda: pt.entries() == before, 20)
-                wait_for("the domain running", lambda: lv.state(libvirtd, domain.name) == 1, 10)
+                signal_while_marked(libvirtd, domain, wl, pt, sig)
+            assert pt.entries() == before
     finally:
         wl.stop()
     assert lv.taints(libvirtd, domain.name) == taints
     assert "custom-monitor" not in domain.log.read_text()
 
 
-def test_allow_taint_is_exact(libvirtd: lv.Libvirtd) -> None:
-    """--allow-taint: the mark flushes every vCPU's TLB through the gdbstub libvirt's monitor passthrough
-    added, so the WARM pages are seen too. Anonymous RAM: the accessed bits go through /proc/PID/mem."""
+def test_proc_mem_domain_then_allow_taint_is_exact(libvirtd: lv.Libvirtd) -> None:
+    """A domain with anonymous RAM: the accessed bits are written through /proc/PID/mem, without taint
+    (lower bounds; the watchdog gives them back through /proc/PID/mem after a SIGKILL), then with
+    --allow-taint, where the mark flushes every vCPU's TLB through the gdbstub libvirt's monitor
+    passthrough added, so the WARM pages are seen too."""
     for dom in start(libvirtd, "vmsight-idle-taint", "debian-6.1", memfd=False):
         conn = libvirtd.conn()
         qemu = lv.find_qemu_pid(conn.lookupByName(dom.name).UUIDString().lower(), [])
@@ -250,6 +260,14 @@ def test_allow_taint_is_exact(libvirtd: lv.Libvirtd) -> None:
             pin(dom, wl)
             with page_tables(libvirtd, dom, wl) as pt:
                 before = pt.entries()
+                with attach(f"libvirt:{dom.name}", uri=libvirtd.uri) as vm:
+                    assert vm.backend == "proc-pid-mem" and not vm.can_flush_tlb
+                    with GuestIdleTracker(vm, wl.pid) as tr:
+                        rounds(dom, wl, tr, pt, exact=False)
+                assert pt.entries() == before
+                signal_while_marked(libvirtd, dom, wl, pt, signal.SIGKILL)
+                assert pt.entries() == before
+                assert not any("custom" in t for t in lv.taints(libvirtd, dom.name))
                 with attach(f"libvirt:{dom.name}", uri=libvirtd.uri, allow_taint=True) as vm:
                     assert vm.backend == "proc-pid-mem" and vm.can_flush_tlb
                     with GuestIdleTracker(vm, wl.pid) as tr:
