@@ -304,20 +304,25 @@ class VM:
         with self.paused():
             yield self.gdb
 
+    def _detach_gdb(self) -> None:
+        """Hang up the gdbstub connection, the VM's run state left as it was (caller holds the lock)."""
+        if self._gdb is None:
+            return
+        if self.status() == "running":  # a packet to a running VM would stop it: stop first
+            self.qmp.execute("stop")
+            self._drain_gdb_stop()
+            try:
+                self._gdb.detach()  # D;1 resumes
+            except VmsightError:
+                self._gdb.close()
+        else:
+            self._gdb.close()  # D would start a paused or -S (prelaunch) VM; hanging up leaves it be
+        self._gdb = None
+
     def close(self) -> None:
         """Detach from the gdbstub (VM left as it was) and close QMP. Idempotent."""
         with self._lock:
-            if self._gdb is not None:
-                if self.status() == "running":  # a packet to a running VM would stop it: stop first
-                    self.qmp.execute("stop")
-                    self._drain_gdb_stop()
-                    try:
-                        self._gdb.detach()  # D;1 resumes
-                    except VmsightError:
-                        self._gdb.close()
-                else:
-                    self._gdb.close()  # D would start a paused or -S (prelaunch) VM; hanging up leaves it be
-                self._gdb = None
+            self._detach_gdb()
             for hook in self.close_hooks:
                 hook()
             self.close_hooks.clear()
@@ -631,17 +636,7 @@ class LibvirtVM(VM):
     def close(self) -> None:
         """Detach; a gdbstub added at runtime is removed again (``gdbserver none``), so none remains."""
         with self._lock:
-            if self._gdb is not None:
-                if self.status() == "running":  # a packet to a running VM would stop it: stop first
-                    self.qmp.execute("stop")
-                    self._drain_gdb_stop()
-                    try:
-                        self._gdb.detach()  # D;1 resumes
-                    except VmsightError:
-                        self._gdb.close()
-                else:
-                    self._gdb.close()
-                self._gdb = None
+            self._detach_gdb()
             if self._added_stub is not None:
                 try:
                     self.qmp.hmp("gdbserver none")
