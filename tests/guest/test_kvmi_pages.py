@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import need
 from vmsight.events import Action, Dispatcher, VcpuPause
 from vmsight.events.types import Event
+from vmsight.kvmi import Introspector
 from vmsight.kvmi.int3 import BreakpointHit, Int3Engine
 from vmsight.kvmi.pages import ACCESS_ALL, ACCESS_R, ACCESS_W, ACCESS_X, PageRestrictions, PfHit
 from vmsight.linux.tasks import find_task
@@ -333,19 +334,15 @@ def test_breakpoint_continue_gives_the_guest_its_int3(writer: Writer, disp: Disp
     assert vm.read_gpa(code_gpa & ~(PAGE - 1), PAGE) == page_before
 
 
-def test_session_pf_events_through_the_introspector(writer: Writer, vm: VM, guest: VmInstance) -> None:
-    """The same user page through vmsight.kvmi.Introspector and the Session (SET_PAGE_ACCESS, PF events,
-    W given back while the event is outstanding, RETRY with a zeroed pf reply), as hookguest does."""
-    from vmsight.kvmi import CommandError, Introspector, wire
+def _serve_in_thread(guest: VmInstance, intro: Introspector, out: dict[str, object], purpose: str) -> threading.Thread:
+    """The VM side of a KVMi session in a thread (its own VM object and dispatcher), serving ``intro`` until
+    it hangs up; ``out`` gets the end reason and the points the dispatcher still held when it closed."""
     from vmsight.kvmi.server import Session, VmGuest, vm_hello
     from vmsight.vm import attach
 
-    intro = Introspector()
-    out: dict[str, object] = {}
-
     def side() -> None:
         try:
-            with attach(guest.dir, purpose="kvmi pages test") as svm, Dispatcher(svm, handle_signals=False) as d:
+            with attach(guest.dir, purpose=purpose) as svm, Dispatcher(svm, handle_signals=False) as d:
                 s = Session(str(intro.address), VmGuest(svm), vm_hello(svm), timeout=10.0, dispatcher=d)
                 s.connect()
                 out["reason"] = s.serve()
@@ -355,6 +352,18 @@ def test_session_pf_events_through_the_introspector(writer: Writer, vm: VM, gues
 
     thread = threading.Thread(target=side, daemon=True)
     thread.start()
+    return thread
+
+
+def test_session_pf_events_through_the_introspector(writer: Writer, vm: VM, guest: VmInstance) -> None:
+    """The same user page through vmsight.kvmi.Introspector and the Session (SET_PAGE_ACCESS, PF events,
+    W given back while the event is outstanding, RETRY with a zeroed pf reply), as hookguest does."""
+    from vmsight.kvmi import CommandError, wire
+
+    intro = Introspector()
+    out: dict[str, object] = {}
+
+    thread = _serve_in_thread(guest, intro, out, "kvmi pages test")
     try:
         intro.accept(20.0)
         pf = wire.V6.event("PF").id
@@ -399,10 +408,8 @@ def test_session_breakpoint_event_retry(vm: VM, guest: VmInstance) -> None:
     `ionice -p 1` calls and nothing else here: its code is not translated yet, see the report on TCG and
     WRITE_PHYSICAL), the event's gpa/insn_len and arch block = the registers at the int3, the byte restored
     with WRITE_PHYSICAL while the event is outstanding, RETRY: the syscall runs and answers."""
-    from vmsight.kvmi import Introspector, wire
-    from vmsight.kvmi.server import Session, VmGuest, vm_hello
+    from vmsight.kvmi import wire
     from vmsight.linux.kernel import kernel_of
-    from vmsight.vm import attach
 
     k = kernel_of(vm)
     fn = k.symbol("__x64_sys_ioprio_get")
@@ -411,18 +418,7 @@ def test_session_breakpoint_event_retry(vm: VM, guest: VmInstance) -> None:
     intro = Introspector()
     out: dict[str, object] = {}
 
-    def side() -> None:
-        try:
-            with attach(guest.dir, purpose="kvmi int3 test") as svm, Dispatcher(svm, handle_signals=False) as d:
-                s = Session(str(intro.address), VmGuest(svm), vm_hello(svm), timeout=10.0, dispatcher=d)
-                s.connect()
-                out["reason"] = s.serve()
-                out["points"] = (dict(d._bps), dict(d._watches))  # noqa: SLF001 - what close left behind
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            out["reason"] = f"exception {e!r}"
-
-    thread = threading.Thread(target=side, daemon=True)
-    thread.start()
+    thread = _serve_in_thread(guest, intro, out, "kvmi int3 test")
     bg: threading.Thread | None = None
     res: list[AgentResult] = []
     try:

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,10 +172,13 @@ class Domain:
     log: Path
 
 
-def _start(libvirtd: Libvirtd, name: str, kernel: str, memfd: bool) -> Iterator[Domain]:
+def start_domain(libvirtd: Libvirtd, name: str, kernel: str, memfd: bool,
+           edit: Callable[[str], str] | None = None) -> Iterator[Domain]:
+    """A transient TCG domain booted and its agent ready; ``edit`` may change its XML first."""
     need(cached_kernel(kernel) is not None, f"kernel {kernel} not cached (scripts/setup.sh fetches it)")
+    xml = domain_xml(name, libvirtd.dir, kernel, memfd=memfd)
     conn = libvirtd.conn()
-    dom = conn.createXML(domain_xml(name, libvirtd.dir, kernel, memfd=memfd), 0)  # transient: gone when destroyed
+    dom = conn.createXML(edit(xml) if edit else xml, 0)  # transient: gone when destroyed
     try:
         agent_path = str(libvirtd.dir / f"{name}.agent")
         deadline = time.monotonic() + 10
@@ -196,7 +199,7 @@ def _start(libvirtd: Libvirtd, name: str, kernel: str, memfd: bool) -> Iterator[
                 ids=["anonymous-6.1", "memfd-6.12"])
 def domain(request: pytest.FixtureRequest, libvirtd: Libvirtd) -> Iterator[Domain]:
     kind, kernel, memfd = request.param
-    yield from _start(libvirtd, f"vmsight-{kind}", kernel, memfd)
+    yield from start_domain(libvirtd, f"vmsight-{kind}", kernel, memfd)
 
 
 def vmsight(libvirtd: Libvirtd, *args: str, uri: str | None = None,
@@ -399,7 +402,7 @@ def test_allow_taint_trace(libvirtd: Libvirtd) -> None:
     """--allow-taint: registers and `trace syscalls` of a known guest command work through libvirt's monitor
     passthrough, stderr says once that libvirt now reports the domain tainted, and after detach no gdbstub
     remains and the guest runs. A domain of its own: the taint lasts as long as the domain."""
-    for dom in _start(libvirtd, "vmsight-taint", "debian-6.1", memfd=False):
+    for dom in start_domain(libvirtd, "vmsight-taint", "debian-6.1", memfd=False):
         target = f"libvirt:{dom.name}"
         conn = libvirtd.conn()
         qemu = find_qemu_pid(conn.lookupByName(dom.name).UUIDString().lower(), [])

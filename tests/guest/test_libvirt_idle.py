@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -39,7 +38,6 @@ from tests.guest.workload import GuestWorkload
 from vmsight.idle.guest import LOWER_BOUND, GuestIdleTracker
 from vmsight.idle.result import IdleSnapshot, PageState
 from vmsight.memory.paging import PAGE_ACCESSED, walk_range
-from vmsight.qemu.agent import GuestAgent
 from vmsight.qemu.initramfs import build_initramfs, build_workload, with_extra_files
 from vmsight.qemu.kernels import cached_kernel
 from vmsight.vm import VM, attach
@@ -57,25 +55,13 @@ def start(libvirtd: lv.Libvirtd, name: str, kernel: str, memfd: bool) -> Iterato
     need(cached_kernel(kernel) is not None, f"kernel {kernel} not cached (scripts/setup.sh fetches it)")
     base = build_initramfs()
     initrd = with_extra_files(base, {WORKLOAD: str(build_workload())}, libvirtd.dir / f"{name}.initrd")
-    xml = lv.domain_xml(name, libvirtd.dir, kernel, memfd=memfd).replace(f"<initrd>{base}</initrd>",
-                                                                         f"<initrd>{initrd}</initrd>")
-    assert str(initrd) in xml
-    conn = libvirtd.conn()
-    dom = conn.createXML(xml, 0)
-    try:
-        agent_path = str(libvirtd.dir / f"{name}.agent")
-        deadline = time.monotonic() + 10
-        while not os.path.exists(agent_path) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        agent = GuestAgent(agent_path)
-        agent.wait_ready(120)
-        yield lv.Domain(name, agent, libvirtd.dir / "log" / "qemu" / f"{name}.log")
-        agent.close()
-    finally:
-        with contextlib.suppress(Exception):
-            dom.destroy()
-        conn.close()
-        del dom, conn  # the binding's __del__ fails at interpreter exit
+
+    def edit(xml: str) -> str:
+        xml = xml.replace(f"<initrd>{base}</initrd>", f"<initrd>{initrd}</initrd>")
+        assert str(initrd) in xml
+        return xml
+
+    yield from lv.start_domain(libvirtd, name, kernel, memfd, edit)
 
 
 @pytest.fixture(scope="module")
